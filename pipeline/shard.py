@@ -1,0 +1,614 @@
+"""ImageNet (or any class-per-folder tree) to WebDataset tar shards plus a manifest.
+
+    python pipeline/shard.py /data/imagenet            # -> shards/imagenet/{train,val}/
+    python pipeline/shard.py /data/imagenet --verify   # re-check what was written
+    python pipeline/shard.py --verify shards/imagenet
+
+Layout written, one directory per split::
+
+    <out>/<split>/<split>-000000.tar ...   samples: <key>.jpg, <key>.cls, <key>.json
+    <out>/<split>/manifest.json            sizes, sha256, classes, options, skipped inputs
+    <out>/<split>/build.json               options fingerprint (refuses mixing builds)
+    <out>/<split>/.records/<shard>.json    per-shard record: how resume knows a shard is done
+
+How it works: the split's files are listed and sorted, shuffled with a seed, and cut
+into shards by count and by *source* byte size. The plan depends only on the inputs
+and the options, so a shard is a pure function of them: shards are built in parallel
+processes, by several machines (``--task-index/--num-tasks``, shard ``i`` belongs to
+task ``i % num_tasks``), re-built after a crash, and always come out byte-identical
+(tar members carry fixed mtime/owner). Each shard is written to ``<name>.tmp-<pid>``,
+fsynced and renamed; its record is written after the rename. A re-run verifies the
+sha256 of every shard that has a record and skips it, so ``kill -9`` then re-run
+gives the same bytes as an uninterrupted run.
+
+Images: a valid RGB or grayscale JPEG is stored as its original bytes (checked by a
+cheap DCT-scaled decode, which still reads the whole entropy-coded stream and so
+catches truncation). CMYK JPEGs, PNGs named .JPEG and other formats are decoded and
+re-encoded to RGB JPEG (listed under ``converted`` in the manifest); files that
+cannot be decoded are skipped and listed under ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import sys
+import tarfile
+import time
+from collections import Counter
+
+if __package__ in (None, ""):  # run as a script: `python pipeline/shard.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if sys.path[1] == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[1]  # don't let pipeline/*.py shadow top-level modules
+
+from pipeline.imagenet import Entry, InputError, list_split, synset_mapping_names, synset_names
+
+FORMAT = "tntpipe-shards/1"
+DEFAULT_SPLITS = ("train", "val", "validation", "test")
+# Options that change the bytes written; anything else (workers, task split) does not.
+FINGERPRINT_OPTIONS = ("seed", "shard_size", "shard_bytes", "resize_max_side", "quality", "limit_per_class", "check")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    seed: int = 0
+    shard_size: int = 1000
+    shard_bytes: int = 1 << 30
+    resize_max_side: int = 0
+    quality: int = 95
+    limit_per_class: int = 0
+    check: str = "draft"
+
+    def fingerprint(self) -> dict:
+        return {k: getattr(self, k) for k in FINGERPRINT_OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    key: str
+    path: str
+    rel: str
+    label: int
+    cls: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    index: int
+    path: str
+    samples: tuple[Sample, ...]
+    options: Options
+
+
+class SkipImage(Exception):
+    """This input cannot become a sample; the message is the reason recorded."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def encode_image(data: bytes, options: Options) -> tuple[bytes, int, int, str | None]:
+    """Return (jpeg bytes, width, height, conversion reason or None if stored as-is)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise SkipImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt, mode, (width, height) = img.format, img.mode, img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise SkipImage(f"not a readable image: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise SkipImage(f"image too large: {e}") from None
+    is_jpeg = fmt in ("JPEG", "MPO")  # MPO: camera JPEG with extra frames; plain JPEG to decoders
+    too_big = options.resize_max_side and max(width, height) > options.resize_max_side
+    reason = None
+    if not is_jpeg:
+        reason = f"{fmt} {mode} re-encoded to JPEG"
+    elif mode not in ("RGB", "L"):
+        reason = f"{mode} JPEG converted to RGB"
+    elif too_big:
+        reason = f"resized from {width}x{height}"
+    try:
+        if reason is None:
+            if options.check != "header":
+                if options.check == "draft":
+                    img.draft(mode, (1, 1))  # decode at 1/8 scale: reads all data, cheaply
+                img.load()
+            elif not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                raise SkipImage("truncated JPEG (no end-of-image marker)")
+            return data, width, height, None
+        img.load()
+        if img.mode not in ("RGB", "L"):
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")
+            elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))  # flatten onto white
+            else:
+                img = img.convert("RGB")
+        if too_big:
+            scale = options.resize_max_side / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=options.quality)
+        return out.getvalue(), img.width, img.height, reason
+    except SkipImage:
+        raise
+    except Exception as e:  # a decoder error of any kind: never crash on one image
+        raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class _HashingWriter:
+    """File wrapper that hashes what is written through it (avoids a re-read)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+_progress = None  # shared sample counter, set in each worker process
+
+
+def _init_worker(counter):
+    global _progress
+    _progress = counter
+
+
+def _tick():
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += 1
+
+
+def _record_path(shard_path: str) -> str:
+    return os.path.join(os.path.dirname(shard_path), ".records", os.path.basename(shard_path) + ".json")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_shard(job: ShardJob) -> dict:
+    """Write one shard atomically and its record; return the record."""
+    import webdataset as wds
+
+    tmp = f"{job.path}.tmp-{os.getpid()}"
+    written, converted, skipped, labels = 0, [], [], Counter()
+    with open(tmp, "wb") as f:
+        out = _HashingWriter(f)
+        # Fixed owner and mtime: the same inputs give byte-identical tars.
+        with wds.TarWriter(out, user="", group="", mtime=0, encoder=False) as tar:
+            for s in job.samples:
+                try:
+                    with open(s.path, "rb") as src:
+                        data = src.read()
+                    jpg, width, height, reason = encode_image(data, job.options)
+                except SkipImage as e:
+                    skipped.append({"path": s.rel, "reason": str(e)})
+                except OSError as e:
+                    skipped.append({"path": s.rel, "reason": f"cannot read: {e.strerror or e}"})
+                else:
+                    meta = {"path": s.rel, "class": s.cls, "width": width, "height": height}
+                    if reason:
+                        meta["converted"] = reason
+                        converted.append({"path": s.rel, "reason": reason})
+                    tar.write(
+                        {
+                            "__key__": s.key,
+                            "jpg": jpg,
+                            "cls": str(s.label).encode(),
+                            "json": json.dumps(meta, sort_keys=True).encode(),
+                        }
+                    )
+                    written += 1
+                    labels[s.label] += 1
+                _tick()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, job.path)
+    record = {
+        "name": os.path.basename(job.path),
+        "samples": written,
+        "bytes": out.size,
+        "sha256": out.sha.hexdigest(),
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "converted": converted,
+        "skipped": skipped,
+    }
+    _write_atomic(_record_path(job.path), json.dumps(record, indent=1, sort_keys=True))
+    return record
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def load_complete_record(shard_path: str) -> dict | None:
+    """The shard's record if the shard on disk is complete and matches it, else None."""
+    try:
+        with open(_record_path(shard_path), encoding="utf-8") as f:
+            record = json.load(f)
+        if os.path.getsize(shard_path) != record["bytes"] or sha256_file(shard_path) != record["sha256"]:
+            return None
+        return record
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def find_splits(src: str, wanted: list[str] | None, single_name: str) -> list[tuple[str, str]]:
+    """[(split name, directory)]: ``src/<split>/`` folders, or ``src`` itself as one split."""
+    present = [s for s in (wanted or DEFAULT_SPLITS) if os.path.isdir(os.path.join(src, s))]
+    if wanted and len(present) < len(wanted):
+        missing = sorted(set(wanted) - set(present))
+        raise InputError(f"split folder(s) not found under {src}: {', '.join(missing)}")
+    if present:
+        return [(s, os.path.join(src, s)) for s in present]
+    return [(single_name, src)]
+
+
+def class_list(splits: list[tuple[str, str]], listings: dict[str, list[Entry]]) -> list[str]:
+    """Sorted class folder names of the training split (WNID order for ImageNet)."""
+    from pipeline.imagenet import has_class_folders
+
+    for name, directory in sorted(splits, key=lambda s: s[0] != "train"):
+        if has_class_folders(directory):
+            return sorted({e.cls for e in listings[name]})
+    return sorted({e.cls for entries in listings.values() for e in entries})
+
+
+def plan_split(split: str, entries: list[Entry], classes: list[str], options: Options, out_dir: str):
+    """Deterministic shard plan: (jobs, samples not placed with their reasons)."""
+    index = {c: i for i, c in enumerate(classes)}
+    rejected = [{"path": e.rel, "reason": f"class {e.cls!r} is not in the class list"} for e in entries if e.cls not in index]
+    entries = sorted((e for e in entries if e.cls in index), key=lambda e: e.rel)
+    if options.limit_per_class:
+        seen = Counter()
+        kept = []
+        for e in entries:
+            seen[e.cls] += 1
+            if seen[e.cls] <= options.limit_per_class:
+                kept.append(e)
+        entries = kept
+    random.Random(f"{options.seed}:{split}").shuffle(entries)
+    jobs, current, current_bytes = [], [], 0
+
+    def close():
+        path = os.path.join(out_dir, f"{split}-{len(jobs):06d}.tar")
+        jobs.append(ShardJob(len(jobs), path, tuple(current), options))
+
+    for i, e in enumerate(entries):
+        size = os.path.getsize(e.path)
+        if current and (len(current) >= options.shard_size or current_bytes + size > options.shard_bytes):
+            close()
+            current, current_bytes = [], 0
+        current.append(Sample(f"{split}_{i:08d}", e.path, e.rel, index[e.cls], e.cls))
+        current_bytes += size
+    if current:
+        close()
+    return jobs, rejected
+
+
+def inputs_digest(entries: list[Entry]) -> str:
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.rel):
+        h.update(f"{e.rel}\0{e.cls}\0{os.path.getsize(e.path)}\n".encode())
+    return h.hexdigest()
+
+
+def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
+    """Refuse to mix shards of different inputs/options in one directory."""
+    path = os.path.join(out_dir, "build.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        old = None
+    except ValueError:
+        old = {}
+    if old is not None and old != build:
+        if not overwrite:
+            diff = sorted(k for k in set(old.get("options", {})) | set(build["options"]) if old.get("options", {}).get(k) != build["options"].get(k))
+            what = f"options differ: {', '.join(diff)}" if diff else "inputs differ"
+            raise InputError(f"{out_dir} holds shards from another build ({what}); pass --overwrite to replace them")
+        for pattern in ("*.tar", "*.tar.tmp-*", ".records/*.json", "manifest.json"):
+            for p in glob.glob(os.path.join(out_dir, pattern)):
+                os.remove(p)
+    _write_atomic(path, json.dumps(build, indent=1, sort_keys=True))
+
+
+def ensure_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(os.path.join(out_dir, ".records"), exist_ok=True)
+        probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"cannot write to output directory {out_dir}: {e.strerror or e}") from None
+
+
+def write_manifest(out_dir: str, split: str, jobs, records, classes, names, options, source, extra_skipped) -> dict:
+    counts = Counter()
+    for r in records:
+        counts.update({int(k): v for k, v in r["labels"].items()})
+    manifest = {
+        "format": FORMAT,
+        "split": split,
+        "source": source,
+        "num_samples": sum(r["samples"] for r in records),
+        "num_shards": len(records),
+        "total_bytes": sum(r["bytes"] for r in records),
+        "num_classes": len(classes),
+        "classes": [{"index": i, "id": c, "name": names.get(c, c), "count": counts.get(i, 0)} for i, c in enumerate(classes)],
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "options": options.fingerprint(),
+        "converted": [c for r in records for c in r["converted"]],
+        "skipped": extra_skipped + [s for r in records for s in r["skipped"]],
+    }
+    _write_atomic(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    return manifest
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tuple[list[dict], int]:
+    """Build the shards in ``jobs`` (skipping complete ones); return (records, images built)."""
+    from tqdm import tqdm
+
+    records, todo = {}, []
+    for job in jobs:
+        for stale in glob.glob(glob.escape(job.path) + ".tmp-*"):
+            os.remove(stale)  # left by a killed run: this task owns this shard
+        record = load_complete_record(job.path)
+        if record is not None:
+            records[job.index] = record
+        else:
+            todo.append(job)
+    total = sum(len(j.samples) for j in todo)
+    done_before = sum(len(j.samples) for j in jobs) - total
+    if done_before and not quiet:
+        print(f"{desc}: {len(records)} shard(s) already complete and verified, {len(todo)} to build")
+    bar = tqdm(total=total, desc=desc, unit="img", disable=quiet or not todo, dynamic_ncols=True, smoothing=0.1)
+    counter = mp.Value("q", 0)
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker(counter)
+        try:
+            for job in todo:
+                records[job.index] = build_shard(job)
+                bar.update(counter.value - bar.n)
+        finally:
+            _init_worker(None)
+    elif todo:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(counter,)) as pool:
+            pending = {job.index: pool.apply_async(build_shard, (job,)) for job in todo}
+            while pending:
+                for index in [i for i, r in pending.items() if r.ready()]:
+                    records[index] = pending.pop(index).get()
+                bar.update(counter.value - bar.n)
+                if pending:
+                    next(iter(pending.values())).wait(0.25)
+    bar.update(counter.value - bar.n)
+    bar.close()
+    return [records[j.index] for j in jobs if j.index in records], total
+
+
+def shard_dataset(args) -> list[dict]:
+    src = os.path.abspath(args.src)
+    if not os.path.isdir(src):
+        raise InputError(f"input directory not found: {args.src}")
+    name = args.name or os.path.basename(src.rstrip(os.sep))
+    out_root = args.out or os.path.join("shards", name)
+    options = Options(
+        seed=args.seed,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        resize_max_side=args.resize_max_side,
+        quality=args.quality,
+        limit_per_class=args.limit_per_class,
+        check=args.check,
+    )
+    splits = find_splits(src, args.splits.split(",") if args.splits else None, args.split_name)
+    listings, ignored = {}, {}
+    for split, directory in splits:
+        listing = list_split(directory, src)
+        if not listing.entries:
+            raise InputError(f"no images found in {directory}")
+        listings[split], ignored[split] = listing.entries, listing.ignored
+    classes = class_list(splits, listings)
+    names = {**synset_names(), **synset_mapping_names(src)}
+    summaries = []
+    for split, _ in splits:
+        out_dir = os.path.join(out_root, split)
+        ensure_writable(out_dir)
+        jobs, rejected = plan_split(split, listings[split], classes, options, out_dir)
+        build = {"format": FORMAT, "options": options.fingerprint(), "classes": classes, "inputs_sha256": inputs_digest(listings[split]), "num_shards": len(jobs)}
+        check_build_dir(out_dir, build, args.overwrite)
+        mine = [] if args.merge else [j for j in jobs if j.index % args.num_tasks == args.task_index]
+        t0 = time.perf_counter()
+        task = f" task {args.task_index}/{args.num_tasks}" if args.num_tasks > 1 else ""
+        records, built = run_jobs(mine, args.workers, f"{name}/{split}{task}", args.quiet)
+        elapsed = time.perf_counter() - t0
+        extra = [{"path": p, "reason": r} for p, r in ignored[split]] + rejected
+        if len(mine) < len(jobs):  # other tasks own shards: merge once all are complete
+            records = [load_complete_record(j.path) for j in jobs]
+            missing = [j for j, r in zip(jobs, records) if r is None]
+            if missing and args.merge:
+                raise InputError(f"cannot merge {split}: {len(missing)} shard(s) missing or incomplete, e.g. {os.path.basename(missing[0].path)}; re-run the task that owns it")
+            if missing:
+                print(f"{name}/{split}: task {args.task_index} done; {len(missing)} shard(s) of other tasks pending: the last task or `--merge` writes the manifest")
+                continue
+        manifest = write_manifest(out_dir, split, jobs, records, classes, names, options, src, extra)
+        manifest["_elapsed"] = elapsed
+        manifest["_built"] = built
+        manifest["_dir"] = out_dir
+        summaries.append(manifest)
+    return summaries
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def find_manifests(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    direct = os.path.join(path, "manifest.json")
+    if os.path.isfile(direct):
+        return [direct]
+    return sorted(glob.glob(os.path.join(path, "*", "manifest.json")))
+
+
+def verify(path: str, quiet: bool = False) -> list[str]:
+    """Re-check sizes, checksums and readability of every shard; return the problems."""
+    from tqdm import tqdm
+
+    manifests = find_manifests(path)
+    if not manifests:
+        raise InputError(f"no manifest.json found in {path} or its split folders")
+    problems = []
+    for mpath in manifests:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+        directory = os.path.dirname(mpath)
+        total = 0
+        for shard in tqdm(manifest["shards"], desc=f"verify {manifest['split']}", unit="shard", disable=quiet):
+            p = os.path.join(directory, shard["name"])
+            if not os.path.isfile(p):
+                problems.append(f"{p}: missing")
+                continue
+            if os.path.getsize(p) != shard["bytes"]:
+                problems.append(f"{p}: size {os.path.getsize(p)} != {shard['bytes']} in manifest")
+                continue
+            if sha256_file(p) != shard["sha256"]:
+                problems.append(f"{p}: sha256 does not match the manifest")
+                continue
+            keys = Counter()
+            try:
+                with tarfile.open(p) as tar:
+                    for member in tar:
+                        key, _, ext = member.name.partition(".")
+                        keys[key] += 1
+            except (tarfile.TarError, OSError) as e:
+                problems.append(f"{p}: unreadable tar: {e}")
+                continue
+            if len(keys) != shard["samples"] or any(n != 3 for n in keys.values()):
+                problems.append(f"{p}: {len(keys)} samples (expected {shard['samples']}, each jpg+cls+json)")
+            total += len(keys)
+        if total != manifest["num_samples"] and not problems:
+            problems.append(f"{mpath}: {total} samples != num_samples {manifest['num_samples']}")
+    return problems
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pipeline/shard.py",
+        description="Convert an ImageNet-style image tree into WebDataset tar shards plus a manifest.json per split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("src", nargs="?", help="data root: holds train/ val/ ... split folders, or is itself one class-per-folder split")
+    p.add_argument("--out", help="output directory (default: shards/<name>)")
+    p.add_argument("--name", help="data set name used for the default output directory (default: basename of src)")
+    p.add_argument("--splits", help="comma-separated split folders to convert (default: those of train,val,validation,test present)")
+    p.add_argument("--split-name", default="train", help="split name when src itself is a class-per-folder tree")
+    p.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard")
+    p.add_argument("--shard-bytes", type=_size, default=1 << 30, help="maximum source bytes per shard (e.g. 500M, 1G)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (one shard each at a time)")
+    p.add_argument("--resize-max-side", type=int, default=0, help="re-encode images whose longer side exceeds this many pixels (0: keep sizes)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for every re-encoded image")
+    p.add_argument("--limit-per-class", type=int, default=0, help="keep only the first N images of each class (sorted by path; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample-to-shard shuffle")
+    p.add_argument("--check", choices=("draft", "full", "header"), default="draft",
+                   help="how JPEGs kept as-is are validated: draft=decode at 1/8 scale (reads all data), full=full decode, header=header + end marker only")
+    p.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), help="this task's index when several tasks share the work (default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)), help="number of tasks sharing the work (default: $SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--merge", action="store_true", help="only merge the per-shard records of all tasks into manifest.json")
+    p.add_argument("--overwrite", action="store_true", help="replace shards built from other inputs or options instead of refusing")
+    p.add_argument("--verify", nargs="?", const=True, metavar="DIR", help="re-check sizes, sha256 and tar readability of shards in DIR (default: the output of src)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def print_summary(summaries: list[dict]) -> None:
+    for m in summaries:
+        rate = m["_built"] / m["_elapsed"] if m["_elapsed"] > 0 else 0.0
+        reasons = Counter(s["reason"].split(":")[0] for s in m["skipped"])
+        print(f"\n== {m['_dir']}  ({m['split']})")
+        print(f"   samples   {m['num_samples']:>10,}  in {m['num_shards']} shard(s), {m['total_bytes'] / 1e6:,.1f} MB")
+        print(f"   classes   {m['num_classes']:>10,}")
+        print(f"   converted {len(m['converted']):>10,}  (re-encoded to RGB JPEG)")
+        print(f"   skipped   {len(m['skipped']):>10,}" + (f"  ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(4))})" if reasons else ""))
+        print(f"   processed {m['_built']:>10,}  images in {m['_elapsed']:.1f}s ({rate:,.0f} img/s)" + ("; the rest were already complete" if m["_built"] < m["num_samples"] else ""))
+        print(f"   manifest  {os.path.join(m['_dir'], 'manifest.json')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verify is not None:
+            target = args.verify if isinstance(args.verify, str) else None
+            if target is None:
+                if not args.src:
+                    raise InputError("--verify needs a directory (or the src whose shards to check)")
+                target = args.out or os.path.join("shards", args.name or os.path.basename(os.path.abspath(args.src)))
+            problems = verify(target, args.quiet)
+            for line in problems:
+                print(line, file=sys.stderr)
+            print(f"verify {target}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        if not args.src:
+            raise InputError("missing input directory (see --help)")
+        if not 0 <= args.task_index < args.num_tasks:
+            raise InputError(f"--task-index {args.task_index} is outside 0..{args.num_tasks - 1}")
+        summaries = shard_dataset(args)
+        print_summary(summaries)
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed shards are kept; re-run the same command to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

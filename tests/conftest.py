@@ -1,0 +1,84 @@
+"""Shared fixtures: small ImageNet-like trees made of real photographs.
+
+The pixels come from the real photos scikit-learn ships (china.jpg, flower.jpg);
+each test image is a different crop, so every class folder holds distinct images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
+
+
+def photo_crops(n: int, size=(64, 48), seed: int = 0):
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        cw, ch = int(rng.integers(w // 4, w - 1)), int(rng.integers(h // 4, h - 1))
+        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+        yield Image.fromarray(photo[y : y + ch, x : x + cw]).resize(size, Image.BICUBIC)
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write(path, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def make_imagenet_tree(root, per_class: int = 6, val_per_class: int = 2, odd: bool = True, size=(64, 48)):
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; with ``odd``, the ImageNet oddities.
+
+    Returns {"valid": n decodable train images, "odd": {name: relpath}}.
+    """
+    crops = photo_crops(len(WNIDS) * (per_class + val_per_class), size)
+    for wnid in WNIDS:
+        for i in range(per_class):
+            write(os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG"), jpeg_bytes(next(crops)))
+        for i in range(val_per_class):
+            write(os.path.join(root, "val", wnid, f"ILSVRC2012_val_{wnid}_{i}.JPEG"), jpeg_bytes(next(crops)))
+    odd_files = {}
+    valid = len(WNIDS) * per_class
+    if odd:
+        base = next(photo_crops(1, size, seed=1))
+        cmyk = io.BytesIO()
+        base.convert("CMYK").save(cmyk, "JPEG", quality=90)
+        png = io.BytesIO()
+        base.save(png, "PNG")
+        full = jpeg_bytes(base)
+        files = {
+            "cmyk": ("n01440764", "n01440764_cmyk.JPEG", cmyk.getvalue()),
+            "png": ("n01443537", "n01443537_png.JPEG", png.getvalue()),
+            "gray": ("n01484850", "n01484850_gray.JPEG", jpeg_bytes(base.convert("L"))),
+            "truncated": ("n01440764", "n01440764_trunc.JPEG", full[: len(full) // 2]),
+            "empty": ("n01443537", "n01443537_empty.JPEG", b""),
+            "text": ("n01484850", "notes.txt", b"not an image"),
+        }
+        for name, (wnid, fname, data) in files.items():
+            write(os.path.join(root, "train", wnid, fname), data)
+            odd_files[name] = os.path.join("train", wnid, fname)
+        valid += 3  # cmyk, png, gray decode; truncated, empty, text do not
+    return {"valid": valid, "odd": odd_files}
+
+
+@pytest.fixture
+def imagenet_tree(tmp_path):
+    root = tmp_path / "imagenet"
+    info = make_imagenet_tree(str(root))
+    info["root"] = str(root)
+    return info

@@ -1,0 +1,310 @@
+"""pipeline/shard.py on small ImageNet-like trees of real encoded JPEGs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import WNIDS, jpeg_bytes, make_imagenet_tree, photo_crops, write
+from pipeline import shard
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return shard.main([str(a) for a in args] + ["--quiet"])
+
+
+def digests(directory) -> dict[str, str]:
+    """sha256 of every shard and manifest under ``directory`` (relative names)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*", "*.tar")) + glob.glob(os.path.join(directory, "*", "manifest.json"))):
+        with open(path, "rb") as f:
+            out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def load_manifest(out, split="train"):
+    with open(os.path.join(out, split, "manifest.json")) as f:
+        return json.load(f)
+
+
+def urls(out, split="train"):
+    return [os.path.join(out, split, s["name"]) for s in load_manifest(out, split)["shards"]]
+
+
+def read_samples(out, split="train"):
+    return list(wds.WebDataset(urls(out, split), shardshuffle=False, empty_check=False).decode("pil"))
+
+
+def test_manifest_counts_odd_images_and_every_sample_decodes(imagenet_tree, tmp_path):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 4, "--workers", 2) == 0
+    m = load_manifest(out)
+    assert m["num_samples"] == imagenet_tree["valid"]
+    assert m["num_shards"] == -(-imagenet_tree["valid"] // 4)
+    assert sum(s["samples"] for s in m["shards"]) == m["num_samples"]
+    assert [c["id"] for c in m["classes"]] == sorted(WNIDS)
+    assert m["classes"][0]["name"].startswith("tench")  # names from timm's synset list
+    odd = imagenet_tree["odd"]
+    converted = {c["path"]: c["reason"] for c in m["converted"]}
+    assert set(converted) == {odd["cmyk"], odd["png"]}
+    assert "CMYK" in converted[odd["cmyk"]] and "PNG" in converted[odd["png"]]
+    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == {odd["truncated"], odd["empty"], odd["text"]}
+    assert "truncated" in skipped[odd["truncated"]]
+    assert "empty" in skipped[odd["empty"]]
+    # every input is accounted for: samples + skipped = files in the tree
+    files = [p for p in glob.glob(os.path.join(imagenet_tree["root"], "train", "*", "*"))]
+    assert m["num_samples"] + len(m["skipped"]) == len(files)
+    for s in m["shards"]:
+        path = os.path.join(out, "train", s["name"])
+        assert os.path.getsize(path) == s["bytes"]
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == s["sha256"]
+
+    samples = read_samples(out)
+    assert len(samples) == m["num_samples"]
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    for s in samples:
+        assert s["jpg"].mode in ("RGB", "L")
+        assert s["jpg"].size == (s["json"]["width"], s["json"]["height"])
+        assert WNIDS.index(s["json"]["class"]) == s["cls"]
+        assert s["json"]["path"].split(os.sep)[1] == s["json"]["class"]
+    raw = {s["json"]["path"]: s for s in wds.WebDataset(urls(out), shardshuffle=False, empty_check=False).decode()}
+    gray = raw[odd["gray"]]
+    assert Image.open(io.BytesIO(gray["jpg"])).mode == "L" and "converted" not in gray["json"]  # stored as-is
+    assert Image.open(io.BytesIO(raw[odd["cmyk"]]["jpg"])).mode == "RGB"
+    # shards mix classes (seeded shuffle), not one class per shard
+    first = [s["cls"] for s in samples[:8]]
+    assert len(set(first)) > 1
+
+
+def test_original_bytes_kept_for_valid_jpegs(imagenet_tree, tmp_path):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out) == 0
+    for s in wds.WebDataset(glob.glob(str(out / "train" / "*.tar")), shardshuffle=False, empty_check=False).decode():
+        if "converted" not in s["json"]:
+            with open(os.path.join(imagenet_tree["root"], s["json"]["path"]), "rb") as f:
+                assert f.read() == s["jpg"]
+
+
+def test_resize_and_quality_reencode(imagenet_tree, tmp_path):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--resize-max-side", 32, "--quality", 80) == 0
+    samples = read_samples(out)
+    assert samples and all(max(s["jpg"].size) == 32 for s in samples)
+    assert all("converted" in s["json"] for s in samples)
+
+
+def test_deterministic_byte_identical(imagenet_tree, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert run(imagenet_tree["root"], "--out", a, "--shard-size", 5, "--workers", 2) == 0
+    assert run(imagenet_tree["root"], "--out", b, "--shard-size", 5, "--workers", 1) == 0
+    assert digests(a) == digests(b) and len(digests(a)) > 4
+    assert run(imagenet_tree["root"], "--out", c, "--shard-size", 5, "--seed", 1) == 0
+    assert digests(c) != digests(a)  # the seed changes the shard assignment
+
+
+def test_limit_per_class(imagenet_tree, tmp_path):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--limit-per-class", 2) == 0
+    m = load_manifest(out)
+    assert all(c["count"] <= 2 for c in m["classes"]) and m["num_samples"] <= 6
+
+
+def test_resume_after_damage_rebuilds_only_what_is_missing(imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 3) == 0
+    want = digests(out)
+    shards = sorted(glob.glob(str(out / "train" / "*.tar")))
+    os.remove(shards[0])  # lost
+    with open(shards[1], "r+b") as f:  # corrupted after completion
+        f.seek(600)
+        f.write(b"XXXX")
+    write(shards[2] + ".tmp-99999", b"partial")  # left by a killed run
+    os.remove(out / "train" / "manifest.json")
+    capsys.readouterr()
+    assert shard.main([imagenet_tree["root"], "--out", str(out), "--shard-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(shards) - 2} shard(s) already complete and verified, 2 to build" in printed
+    assert digests(out) == want
+    assert not glob.glob(str(out / "train" / "*.tmp-*"))
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    src = tmp_path / "big"
+    crops = photo_crops(240, size=(500, 375))
+    for i, img in enumerate(crops):
+        write(str(src / "train" / WNIDS[i % 3] / f"img_{i:04d}.JPEG"), jpeg_bytes(img))
+    opts = ["--shard-size", "8", "--workers", "1", "--check", "full", "--resize-max-side", "300", "--quiet"]
+    ref = tmp_path / "ref"
+    assert shard.main([str(src), "--out", str(ref)] + opts) == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "shard.py"), str(src), "--out", str(out)] + opts)
+    records = out / "train" / ".records"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(glob.glob(str(records / "*.json"))) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(glob.glob(str(records / "*.json")))
+    assert 2 <= done < 30, "the kill must land mid-run"
+    assert not (out / "train" / "manifest.json").exists()
+    assert shard.main([str(src), "--out", str(out)] + opts) == 0
+    assert digests(out) == digests(ref)
+
+
+def test_multi_task_then_merge_equals_single_run(imagenet_tree, tmp_path, capsys):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert run(imagenet_tree["root"], "--out", single, "--shard-size", 2) == 0
+    args = [imagenet_tree["root"], "--out", multi, "--shard-size", 2]
+    assert run(*args, "--task-index", 0, "--num-tasks", 3) == 0
+    assert not (multi / "train" / "manifest.json").exists()
+    assert run(*args, "--merge") == 2  # task 1 and 2 have not run
+    assert "cannot merge" in capsys.readouterr().err
+    assert run(*args, "--task-index", 2, "--num-tasks", 3) == 0
+    assert run(*args, "--task-index", 1, "--num-tasks", 3) == 0
+    assert (multi / "train" / "manifest.json").exists()  # the last task merged
+    os.remove(multi / "train" / "manifest.json")
+    assert run(*args, "--merge") == 0
+    assert digests(multi) == digests(single)
+
+
+def _flat_val(tmp_path, per_class=3):
+    root = tmp_path / "flat"
+    truth = []
+    crops = photo_crops((per_class + 1) * len(WNIDS), seed=3)
+    for wnid in WNIDS:
+        write(str(root / "train" / wnid / f"{wnid}_0.JPEG"), jpeg_bytes(next(crops)))
+    n = 0
+    for wnid in WNIDS:
+        for _ in range(per_class):
+            n += 1
+            write(str(root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG"), jpeg_bytes(next(crops)))
+            truth.append(wnid)
+    return root, truth
+
+
+def _val_labels(out):
+    return {os.path.basename(s["json"]["path"]): (s["cls"], s["json"]["class"]) for s in read_samples(out, "val")}
+
+
+def test_flat_val_with_kaggle_solution(tmp_path):
+    root, truth = _flat_val(tmp_path)
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "PredictionString"])
+        for n, wnid in enumerate(truth, start=1):
+            w.writerow([f"ILSVRC2012_val_{n:08d}", f"{wnid} 1 2 30 40 {wnid} 5 6 7 8"])
+    with open(root / "LOC_synset_mapping.txt", "w") as f:
+        f.writelines(f"{w} fish number {i}\n" for i, w in enumerate(WNIDS))
+    out = tmp_path / "out"
+    assert run(root, "--out", out) == 0
+    labels = _val_labels(out)
+    assert len(labels) == len(truth)
+    for n, wnid in enumerate(truth, start=1):
+        assert labels[f"ILSVRC2012_val_{n:08d}.JPEG"] == (WNIDS.index(wnid), wnid)
+    assert load_manifest(out, "val")["classes"][1]["name"] == "fish number 1"
+
+
+@pytest.mark.parametrize("id_map", ["txt", "mat"])
+def test_flat_val_with_devkit_ground_truth(tmp_path, id_map):
+    root, truth = _flat_val(tmp_path)
+    # ILSVRC2012_IDs are not in WNID order: give the classes shuffled IDs.
+    ids = {"n01440764": 2, "n01443537": 3, "n01484850": 1}
+    devkit = root / "ILSVRC2012_devkit_t12" / "data"
+    os.makedirs(devkit)
+    with open(devkit / "ILSVRC2012_validation_ground_truth.txt", "w") as f:
+        f.writelines(f"{ids[w]}\n" for w in truth)
+    by_id = sorted(ids, key=ids.get)
+    if id_map == "txt":
+        with open(devkit / "ILSVRC2012_id_to_wnid.txt", "w") as f:
+            f.writelines(f"{w}\n" for w in by_id)
+    else:
+        import scipy.io
+
+        dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+        synsets = np.array([(ids[w], w, "fish", 0) for w in WNIDS] + [(1001, "n00000001", "animal", 3)], dtype=dtype)
+        scipy.io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    out = tmp_path / "out"  # the devkit unpacked beside train/ and val/ is found there
+    assert run(root, "--out", out) == 0
+    labels = _val_labels(out)
+    assert len(labels) == len(truth)
+    for n, wnid in enumerate(truth, start=1):
+        assert labels[f"ILSVRC2012_val_{n:08d}.JPEG"] == (WNIDS.index(wnid), wnid)
+
+
+def test_flat_val_without_ground_truth_is_a_clear_error(tmp_path, capsys):
+    root, _ = _flat_val(tmp_path)
+    assert run(root, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "ground truth" in err and "\n" not in err
+
+
+def test_clear_errors_exit_2(tmp_path, imagenet_tree, capsys):
+    assert run(tmp_path / "nope", "--out", tmp_path / "o") == 2
+    assert "input directory not found" in capsys.readouterr().err
+    os.makedirs(tmp_path / "empty" / "train" / "n0")
+    assert run(tmp_path / "empty", "--out", tmp_path / "o") == 2
+    assert "no images found" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run(imagenet_tree["root"], "--out", blocker / "sub") == 2
+    err = capsys.readouterr().err
+    assert "cannot write to output directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_refuses_to_mix_builds_unless_overwrite(imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(imagenet_tree["root"], "--out", out) == 0
+    assert run(imagenet_tree["root"], "--out", out, "--quality", 80) == 2
+    assert "options differ: quality" in capsys.readouterr().err
+    assert run(imagenet_tree["root"], "--out", out, "--quality", 80, "--shard-size", 2, "--overwrite") == 0
+    assert load_manifest(out)["options"]["shard_size"] == 2
+    assert len(glob.glob(str(out / "train" / "*.tar"))) == load_manifest(out)["num_shards"]
+
+
+def test_verify_detects_damage(imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 4) == 0
+    assert shard.main(["--verify", str(out), "--quiet"]) == 0
+    tars = sorted(glob.glob(str(out / "train" / "*.tar")))
+    with open(tars[0], "r+b") as f:
+        f.seek(700)
+        f.write(b"XYZ")
+    with open(tars[1], "r+b") as f:
+        f.truncate(1024)
+    capsys.readouterr()
+    assert shard.main(["--verify", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "sha256 does not match" in err and "size 1024" in err
+    assert shard.main(["--verify", str(tmp_path), "--quiet"]) == 2
+
+
+def test_demo_data_shards(tmp_path):
+    from pipeline import demo
+
+    root = demo.write_demo_tree(str(tmp_path / "mnist"))
+    out = tmp_path / "shards"
+    assert run(root, "--out", out, "--shard-size", 500) == 0
+    train, val = load_manifest(out, "train"), load_manifest(out, "val")
+    assert (train["num_samples"], val["num_samples"]) == (4000, 1000)
+    assert train["num_classes"] == 10 and all(c["count"] == 400 for c in train["classes"])
+    assert not train["skipped"] and not train["converted"]
+    assert shard.main(["--verify", str(out), "--quiet"]) == 0
+    sample = next(iter(wds.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False, empty_check=False).decode("pil")))
+    assert sample["jpg"].size == (28, 28) and 0 <= sample["cls"] < 10
