@@ -384,6 +384,7 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
 
 def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tuple[list[dict], int]:
     """Build the shards in ``jobs`` (skipping complete ones); return (records, images built)."""
+    import webdataset  # noqa: F401  (imports torch, ~1 s: once here, inherited by forked workers)
     from tqdm import tqdm
 
     records, todo = {}, []
