@@ -6,6 +6,8 @@ each test image is a different crop, so every class folder holds distinct images
 
 from __future__ import annotations
 
+import pipeline.compat  # noqa: F401  (before anything imports timm or torchvision)
+
 import io
 import os
 

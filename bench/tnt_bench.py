@@ -1,0 +1,85 @@
+"""Our TNT-S vs timm's ``tnt_s_patch16_224``: forward+backward time, same run.
+
+    .venv/bin/python bench/tnt_bench.py [--batch 8] [--steps 6] [--warmup 2] [--compile]
+
+Same weights (timm's state dict loaded into ours), same batch, same threads
+(torch.get_num_threads()), float32 and bf16 autocast. Prints the median step time
+of each, the ratio timm/ours (> 1: ours is faster), and the peak RSS growth of the
+process during each measurement (CPU: there is no allocator peak counter).
+With --compile also times ``torch.compile`` of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pipeline.compat  # noqa: E402,F401
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import tnt  # noqa: E402
+
+
+def time_steps(model, x, y, precision: str, steps: int, warmup: int) -> tuple[float, float]:
+    def ctx():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return statistics.median(times), (rss1 - rss0) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ref = timm.create_model("tnt_s_patch16_224")
+    ours = tnt.create("tntp_s_patch16_224")
+    tnt.load_timm_state_dict(ours, ref.state_dict())
+    x = torch.randn(args.batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (args.batch,))
+    print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, fwd+bwd")
+    for precision in ("fp32", "bf16"):
+        # alternate the order so neither model always runs on a warmer machine
+        t_ref, m_ref = time_steps(ref, x, y, precision, args.steps, args.warmup)
+        t_ours, m_ours = time_steps(ours, x, y, precision, args.steps, args.warmup)
+        print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
+              f"(peak RSS growth: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)")
+        if args.compile:
+            compiled = torch.compile(ours)
+            t0 = time.perf_counter()
+            time_steps(compiled, x, y, precision, 1, 0)
+            compile_s = time.perf_counter() - t0
+            t_c, _ = time_steps(compiled, x, y, precision, args.steps, args.warmup)
+            print(f"{precision}: ours compiled {t_c:.3f} s/step   speed-up vs timm {t_ref / t_c:.2f}x   (first step incl. compile {compile_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Transformer iN Transformer (TNT, Han et al. 2021, arXiv 2103.00112).
+
+An outer transformer runs over the patch embeddings (16x16 patches + class token);
+in every block an inner transformer runs over the "pixel" (visual word) embeddings
+inside each patch: a per-patch 7x7 stride-4 convolution (padding 3) turns a 16x16
+patch into 4x4 = 16 embeddings of width c. After the inner block the 16 pixel
+embeddings of each patch are flattened (Vec), layer-normed, projected to the outer
+width d, normed again and added to that patch's embedding (never to the class
+token). Patch position encodings are learned per patch, pixel position encodings
+are shared by all patches. Optional SE channel attention on the outer MLP output is
+the paper's "operational optimisation" (official code: ``tmp + se(tmp)``).
+
+Weights: parameter names and shapes are exactly those of timm's non-legacy
+``timm.models.tnt.TNT`` (timm >= 1.0), so a timm state dict loads as-is
+(:func:`load_timm_state_dict`, which also accepts the official repository's key
+names through timm's own filter) and :func:`to_timm_state_dict` is what timm loads.
+
+Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
+
+* attention uses ``F.scaled_dot_product_attention`` (fused kernels: no materialised
+  softmax matrix to store for backward) instead of ``q @ k.T -> softmax -> @ v``;
+* patches are cut with a view/permute instead of ``nn.Unfold`` (im2col);
+* the pixel->patch projection is added to the patch tokens with one padded add
+  instead of slicing + ``torch.cat`` of the class token;
+* optional activation checkpointing per block (``set_grad_checkpointing``).
+
+No parameter is created outside ``__init__`` and nothing writes into a parameter in
+place, so DeepSpeed ZeRO-3 can partition the model; every parameter is used through
+the module that owns it (ZeRO-3 gathers parameters per module call).
+
+Counting (:func:`count_params`, :func:`count_flops`): the paper's "FLOPs" are
+multiply-accumulates (MACs), the convention of the DeiT/TNT papers; ``count_flops``
+measures FLOPs with ``torch.utils.flop_counter`` and reports MACs = FLOPs / 2 next to
+it. The official code has a registered but unused ``outer_tokens`` buffer and no
+parameters beyond ours; the 23.8M of the paper is matched without it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pipeline import compat  # noqa: F401  (timm needs torchvision to import)
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_dict", "param_groups", "count_params", "count_flops"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's TNT parameter layout (qk, v, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k = self.qk(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        x = attention(q, k, v, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v: the fused kernel, except where it was measured slower.
+
+    On CUDA and in float32 on CPU, ``F.scaled_dot_product_attention`` (flash kernel)
+    is faster than the explicit form: on this project's 2-core CPU, fwd+bwd of the
+    inner attention of TNT-S (1568x4 heads x 16 tokens x 6) took 10.5 ms vs 31.7 ms,
+    and the outer one (8x6x197x64) 7.9 ms vs 11.9 ms. In bf16 on CPU the flash kernel
+    was 2x slower (27.9 vs 12.8 ms inner, 11.3 vs 5.2 ms outer), so half precision
+    on CPU takes the explicit form (script: bench/tnt_bench.py, see bench/README.md).
+    """
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        attn = F.dropout(attn.softmax(dim=-1), dropout_p)
+        return attn @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+class SE(nn.Module):
+    """Channel attention over the patch tokens, as in the official TNT code (SE(d, 0.25))."""
+
+    def __init__(self, dim: int, hidden_ratio: float = 0.25):
+        super().__init__()
+        hidden = int(dim * hidden_ratio)
+        self.fc = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(x.mean(dim=1, keepdim=True))
+
+
+class Block(nn.Module):
+    """One TNT block: inner transformer over pixels, projection into patches, outer transformer."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_pixel: int,
+        num_heads_in: int = 4,
+        num_heads_out: int = 6,
+        mlp_ratio: float = 4.0,
+        mlp_ratio_in: float = 4.0,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        se: bool = False,
+        norm_layer=nn.LayerNorm,
+        act_layer=nn.GELU,
+    ):
+        super().__init__()
+        self.norm_in = norm_layer(dim)
+        self.attn_in = Attention(dim, num_heads_in, qkv_bias, attn_drop, proj_drop)
+        self.norm_mlp_in = norm_layer(dim)
+        self.mlp_in = Mlp(dim, int(dim * mlp_ratio_in), dim, act_layer=act_layer, drop=proj_drop)
+        self.norm1_proj = norm_layer(dim * num_pixel)
+        self.proj = nn.Linear(dim * num_pixel, dim_out, bias=False)
+        self.norm2_proj = norm_layer(dim_out)
+        self.norm_out = norm_layer(dim_out)
+        self.attn_out = Attention(dim_out, num_heads_out, qkv_bias, attn_drop, proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm_mlp = norm_layer(dim_out)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop)
+        self.se_layer = SE(dim_out) if se else None
+
+    def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
+        pixel_embed = pixel_embed + self.drop_path(self.attn_in(self.norm_in(pixel_embed)))
+        pixel_embed = pixel_embed + self.drop_path(self.mlp_in(self.norm_mlp_in(pixel_embed)))
+        B, N, _ = patch_embed.shape
+        inner = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N - 1, -1))))
+        patch_embed = patch_embed + F.pad(inner, (0, 0, 1, 0))  # zero row: class token gets nothing
+        patch_embed = patch_embed + self.drop_path(self.attn_out(self.norm_out(patch_embed)))
+        y = self.mlp(self.norm_mlp(patch_embed))
+        if self.se_layer is not None:
+            y = y + self.se_layer(y)
+        return pixel_embed, patch_embed + self.drop_path(y)
+
+
+class PixelEmbed(nn.Module):
+    """Cut the image into patches and embed each patch as (patch/stride)^2 pixel tokens."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, in_dim: int = 24, stride: int = 4):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.new_patch_size = [math.ceil(p / stride) for p in self.patch_size]
+        self.in_dim = in_dim
+        self.legacy = False  # read by timm's checkpoint_filter_fn
+        self.proj = nn.Conv2d(in_chans, in_dim, kernel_size=7, padding=3, stride=stride)
+
+    def forward(self, x: torch.Tensor, pixel_pos: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        torch._assert(H == self.img_size[0] and W == self.img_size[1], "input image size does not match the model")
+        (ph, pw), (gh, gw) = self.patch_size, self.grid_size
+        # (B, C, gh, ph, gw, pw) -> (B*gh*gw, C, ph, pw): row-major patch order, like nn.Unfold
+        x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
+        x = self.proj(x) + pixel_pos
+        return x.flatten(2).transpose(1, 2)  # (B*N, pixels, c)
+
+
+class TNT(nn.Module):
+    """Transformer in Transformer; parameter layout of ``timm.models.tnt.TNT`` (non-legacy)."""
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 384,
+        inner_dim: int = 24,
+        depth: int = 12,
+        num_heads_inner: int = 4,
+        num_heads_outer: int = 6,
+        mlp_ratio: float = 4.0,
+        mlp_ratio_inner: float = 4.0,
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        first_stride: int = 4,
+        se: bool = False,
+        norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        assert global_pool in ("token", "avg")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+        self.se = se
+        self.pixel_embed = PixelEmbed(img_size, patch_size, in_chans, inner_dim, first_stride)
+        self.num_patches = num_patches = self.pixel_embed.num_patches
+        num_pixel = self.pixel_embed.new_patch_size[0] * self.pixel_embed.new_patch_size[1]
+        self.norm1_proj = norm_layer(num_pixel * inner_dim)
+        self.proj = nn.Linear(num_pixel * inner_dim, embed_dim)
+        self.norm2_proj = norm_layer(embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, *self.pixel_embed.new_patch_size))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay
+        self.blocks = nn.ModuleList(
+            Block(inner_dim, embed_dim, num_pixel, num_heads_inner, num_heads_outer, mlp_ratio, mlp_ratio_inner,
+                  qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], se, norm_layer)
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.patch_pos, std=0.02)
+        trunc_normal_(self.pixel_pos, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"patch_pos", "pixel_pos", "cls_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        pixel_embed = self.pixel_embed(x, self.pixel_pos)
+        patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, self.num_patches, -1))))
+        patch_embed = torch.cat((self.cls_token.expand(B, -1, -1), patch_embed), dim=1) + self.patch_pos
+        patch_embed = self.pos_drop(patch_embed)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed, use_reentrant=False)
+            else:
+                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+        return self.norm(patch_embed)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- variants
+
+# Paper, Table 1: TNT-Ti 6.1M / 1.4G, TNT-S 23.8M / 5.2G, TNT-B 65.6M / 14.1G (MACs).
+VARIANTS: dict[str, dict] = {
+    "tntp_ti_patch16_224": dict(embed_dim=192, inner_dim=12, depth=12, num_heads_outer=3, num_heads_inner=2),
+    "tntp_s_patch16_224": dict(embed_dim=384, inner_dim=24, depth=12, num_heads_outer=6, num_heads_inner=4),
+    "tntp_b_patch16_224": dict(embed_dim=640, inner_dim=40, depth=12, num_heads_outer=10, num_heads_inner=4),
+    "tntp_s_se_patch16_224": dict(embed_dim=384, inner_dim=24, depth=12, num_heads_outer=6, num_heads_inner=4, se=True),
+    "tntp_b_se_patch16_224": dict(embed_dim=640, inner_dim=40, depth=12, num_heads_outer=10, num_heads_inner=4, se=True),
+    # CPU demos and tests: 32x32 images, 8x8 patches, 4x4 pixels of stride 2 per patch.
+    "tntp_tiny_patch8_32": dict(img_size=32, patch_size=8, first_stride=2, embed_dim=96, inner_dim=12, depth=4, num_heads_outer=3, num_heads_inner=2),
+}
+TIMM_EQUIVALENT = {"tntp_s_patch16_224": "tnt_s_patch16_224", "tntp_b_patch16_224": "tnt_b_patch16_224"}
+
+
+def _cfg(variant: str) -> dict:
+    size = VARIANTS[variant].get("img_size", 224)
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_INCEPTION_MEAN,
+        "std": IMAGENET_INCEPTION_STD,
+        "first_conv": "pixel_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2103.00112",
+    }
+
+
+default_cfgs = generate_default_cfgs({v: _cfg(v) for v in VARIANTS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> TNT:
+    if pretrained:
+        raise ValueError(f"{variant}: no hosted weights; load a checkpoint with load_timm_state_dict()")
+    return build_model_with_cfg(TNT, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True), **{**VARIANTS[variant], **kwargs})
+
+
+def _register(variant: str) -> None:
+    def fn(pretrained: bool = False, **kwargs) -> TNT:
+        return _create(variant, pretrained, **kwargs)
+
+    fn.__name__ = variant
+    fn.__qualname__ = variant
+    fn.__module__ = __name__
+    fn.__doc__ = f"TNT variant {variant}: {VARIANTS[variant]}"
+    globals()[variant] = register_model(fn)
+
+
+for _variant in VARIANTS:
+    _register(_variant)
+
+
+def create(variant: str = "tntp_s_patch16_224", **kwargs) -> TNT:
+    """Build a variant by name (also available as ``timm.create_model(variant)``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown TNT variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return _create(variant, **kwargs)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def load_timm_state_dict(model: TNT, state_dict: dict, strict: bool = True):
+    """Load a timm (or official TNT repository) state dict into ``model``."""
+    if "patch_pos" not in state_dict:  # official key names: timm's own converter
+        from timm.models.tnt import checkpoint_filter_fn
+
+        state_dict = checkpoint_filter_fn(dict(state_dict), model)
+    state_dict = {k: v for k, v in state_dict.items() if k != "outer_tokens"}
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def to_timm_state_dict(model: TNT) -> dict[str, torch.Tensor]:
+    """State dict in timm's ``tnt_*`` layout (identical names and shapes)."""
+    if model.se:
+        raise ValueError("the SE variant has no timm equivalent (timm's TNT has no SE layer)")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position encodings and the class token."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: TNT, batch_size: int = 1) -> dict[str, float]:
+    """FLOPs of one forward pass per image at the model's input size, measured.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls, convolutions and
+    attention; a multiply-add is 2 FLOPs. Returns ``{"flops": ..., "macs": ...}`` per
+    image; the TNT paper's "FLOPs" are the ``macs`` figure.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.pixel_embed.img_size
+    in_chans = model.pixel_embed.proj.in_channels
+    x = torch.zeros(batch_size, in_chans, *size, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        # The CPU flash-attention kernel is not registered with the flop counter; the
+        # math backend runs attention as counted matmuls (same result).
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    flops = counter.get_total_flops() / batch_size
+    return {"flops": flops, "macs": flops / 2}

@@ -1,0 +1,212 @@
+"""The TNT model: shapes, counts vs the paper, timm weight compatibility, training features."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import timm
+import torch
+
+from pipeline import tnt
+
+# Paper (arXiv 2103.00112, Table 1): params (M) and FLOPs (G, multiply-adds) at 224.
+PAPER = {
+    "tntp_ti_patch16_224": (6.1, 1.4),
+    "tntp_s_patch16_224": (23.8, 5.2),
+    "tntp_b_patch16_224": (65.6, 14.1),
+}
+
+
+def images(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.pixel_embed.img_size
+    return torch.randn(batch, 3, *size, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tnt.create("tntp_tiny_patch8_32", num_classes=10)
+
+
+@pytest.mark.parametrize("variant", sorted(tnt.VARIANTS))
+def test_shapes_of_every_variant(variant):
+    model = timm.create_model(variant, num_classes=7).eval()  # registered with timm
+    assert isinstance(model, tnt.TNT)
+    with torch.no_grad():
+        out = model(images(model, batch=1))
+        feats = model.forward_features(images(model, batch=1))
+    assert out.shape == (1, 7)
+    assert feats.shape == (1, model.num_patches + 1, model.embed_dim)
+
+
+def test_names_do_not_clash_with_timm():
+    ours = set(tnt.VARIANTS)
+    assert ours <= set(timm.list_models("tntp_*"))
+    assert not ours & {"tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER))
+def test_params_and_flops_match_the_paper(variant):
+    model = tnt.create(variant)
+    params_m, gflops = PAPER[variant]
+    assert tnt.count_params(model) / 1e6 == pytest.approx(params_m, rel=0.01)
+    assert tnt.count_flops(model)["macs"] / 1e9 == pytest.approx(gflops, rel=0.01)
+
+
+@pytest.mark.parametrize("ours_name,timm_name", sorted(tnt.TIMM_EQUIVALENT.items()))
+def test_timm_weights_load_and_outputs_match_both_ways(ours_name, timm_name):
+    torch.manual_seed(1)
+    ref = timm.create_model(timm_name).eval()
+    ours = tnt.create(ours_name).eval()
+    tnt.load_timm_state_dict(ours, ref.state_dict())
+    x = images(ours, batch=2, seed=3)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+    # and back: our weights (trained from scratch here) into a fresh timm model
+    torch.manual_seed(2)
+    ours2 = tnt.create(ours_name).eval()
+    ref2 = timm.create_model(timm_name).eval()
+    ref2.load_state_dict(tnt.to_timm_state_dict(ours2), strict=True)
+    with torch.no_grad():
+        assert (ours2(x) - ref2(x)).abs().max().item() <= 1e-5
+
+
+def test_official_checkpoint_key_names_load_through_timms_filter():
+    ref = timm.create_model("tnt_s_patch16_224").eval()
+    renames = [("patch_pos", "outer_pos"), ("pixel_pos", "inner_pos"), ("pixel_embed", "patch_embed"),
+               ("norm1_proj", "proj_norm1"), ("norm2_proj", "proj_norm2"), ("norm_in", "inner_norm1"),
+               ("attn_in", "inner_attn"), ("norm_mlp_in", "inner_norm2"), ("mlp_in", "inner_mlp"),
+               ("norm_out", "outer_norm1"), ("attn_out", "outer_attn"), ("norm_mlp", "outer_norm2"), ("mlp.", "outer_mlp.")]
+    official = {}
+    for key, v in ref.state_dict().items():
+        k = key
+        for new, old in renames:
+            if new == "mlp." and ("mlp_in" in key or "norm_mlp" in key):
+                continue
+            k = k.replace(new, old)
+        if k == "inner_pos":  # official layout: (1, pixels, c)
+            v = v.flatten(2).transpose(1, 2)
+        official[k] = v
+    official["outer_tokens"] = torch.zeros(1)  # the official code's unused buffer
+    ours = tnt.create("tntp_s_patch16_224").eval()
+    tnt.load_timm_state_dict(ours, official)
+    x = images(ours, batch=1)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_se_variant_has_no_timm_layout_and_changes_the_output():
+    torch.manual_seed(0)
+    plain = tnt.create("tntp_tiny_patch8_32").eval()
+    se = tnt.TNT(**{**tnt.VARIANTS["tntp_tiny_patch8_32"], "se": True}).eval()
+    missing, unexpected = se.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".se_layer." in k for k in missing)
+    x = images(plain)
+    with torch.no_grad():
+        assert not torch.allclose(se(x), plain(x), atol=1e-4)
+    with pytest.raises(ValueError, match="SE"):
+        tnt.to_timm_state_dict(se)
+
+
+def test_gradients_reach_every_parameter(tiny):
+    tiny.train()
+    tiny.zero_grad()
+    torch.nn.functional.cross_entropy(tiny(images(tiny, 4)), torch.tensor([0, 1, 2, 3])).backward()
+    for name, p in tiny.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_backward_is_finite(tiny, dtype):
+    tiny.train()
+    tiny.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        out = tiny(images(tiny, 4))
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3]))
+    assert out.dtype == dtype
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in tiny.parameters())
+
+
+def test_autocast_bf16_stays_close_to_fp32(tiny):
+    tiny.eval()
+    x = images(tiny, 4)
+    with torch.no_grad():
+        ref = tiny(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny(x).float()
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_drop_path_is_identity_in_eval():
+    torch.manual_seed(0)
+    cfg = tnt.VARIANTS["tntp_tiny_patch8_32"]
+    dropping = tnt.TNT(**cfg, drop_path_rate=0.5)
+    plain = tnt.TNT(**cfg)
+    plain.load_state_dict(dropping.state_dict())
+    x = images(plain)
+    dropping.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(dropping(x), plain(x))
+        dropping.train()
+        torch.manual_seed(1)
+        a = dropping(x)
+        torch.manual_seed(2)
+        b = dropping(x)
+    assert not torch.allclose(a, b)  # stochastic in training
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
+    x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
+
+    def grads(ckpt):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_state_dict_round_trip(tiny):
+    from safetensors.torch import load, save
+
+    tiny.eval()
+    blob = save(tnt.to_timm_state_dict(tiny))
+    fresh = tnt.create("tntp_tiny_patch8_32", num_classes=10).eval()
+    tnt.load_timm_state_dict(fresh, load(blob))
+    buf = io.BytesIO()
+    torch.save(fresh.state_dict(), buf)
+    buf.seek(0)
+    again = tnt.create("tntp_tiny_patch8_32", num_classes=10).eval()
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    x = images(tiny)
+    with torch.no_grad():
+        assert torch.equal(tiny(x), again(x))
+
+
+def test_param_groups_skip_decay_on_norms_biases_positions_and_class_token(tiny):
+    groups = tnt.param_groups(tiny, weight_decay=0.05)
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    no_decay = {names[i] for i in by_decay[0.0]}
+    decay = {names[i] for i in by_decay[0.05]}
+    assert {"cls_token", "patch_pos", "pixel_pos", "norm.weight", "head.bias", "blocks.0.norm_in.weight"} <= no_decay
+    assert {"head.weight", "blocks.0.attn_in.qk.weight", "blocks.0.mlp.fc1.weight", "pixel_embed.proj.weight"} <= decay
+    assert len(no_decay) + len(decay) == len(names)
+
+
+def test_forward_has_no_graph_breaks(tiny):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    tiny.eval()
+    explanation = torch._dynamo.explain(tiny)(images(tiny))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
