@@ -38,6 +38,7 @@ class Entry:
     path: str  # absolute path of the source file
     rel: str  # path relative to the data root, recorded in the manifest
     cls: str  # class folder name / WNID
+    size: int  # bytes, read once at listing (shard planning and the inputs digest use it)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def list_class_folders(split_dir: str, data_root: str) -> SplitListing:
         elif not _is_image_name(path):
             ignored.append((rel, "not an image file extension"))
         else:
-            entries.append(Entry(path, rel, parts[0]))
+            entries.append(Entry(path, rel, parts[0], os.path.getsize(path)))
     return SplitListing(entries, ignored)
 
 
@@ -156,7 +157,7 @@ def list_flat_val(val_dir: str, data_root: str) -> SplitListing:
             if not path.endswith((".csv", ".txt", ".mat")):
                 ignored.append((rel, "not an image file extension"))
         elif stem in labels:
-            entries.append(Entry(path, rel, labels[stem]))
+            entries.append(Entry(path, rel, labels[stem], os.path.getsize(path)))
         else:
             match = _VAL_NUMBER.search(stem)
             ignored.append((rel, "no ground-truth label" + ("" if match else " (unexpected file name)")))

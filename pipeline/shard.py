@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: `python pipeline/shard.py`
     if sys.path[1] == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[1]  # don't let pipeline/*.py shadow top-level modules
 
-from pipeline.imagenet import Entry, InputError, list_split, synset_mapping_names, synset_names
+from pipeline.imagenet import Entry, InputError, has_class_folders, list_split, synset_mapping_names, synset_names
 
 FORMAT = "tntpipe-shards/1"
 DEFAULT_SPLITS = ("train", "val", "validation", "test")
@@ -278,8 +278,6 @@ def find_splits(src: str, wanted: list[str] | None, single_name: str) -> list[tu
 
 def class_list(splits: list[tuple[str, str]], listings: dict[str, list[Entry]]) -> list[str]:
     """Sorted class folder names of the training split (WNID order for ImageNet)."""
-    from pipeline.imagenet import has_class_folders
-
     for name, directory in sorted(splits, key=lambda s: s[0] != "train"):
         if has_class_folders(directory):
             return sorted({e.cls for e in listings[name]})
@@ -307,12 +305,11 @@ def plan_split(split: str, entries: list[Entry], classes: list[str], options: Op
         jobs.append(ShardJob(len(jobs), path, tuple(current), options))
 
     for i, e in enumerate(entries):
-        size = os.path.getsize(e.path)
-        if current and (len(current) >= options.shard_size or current_bytes + size > options.shard_bytes):
+        if current and (len(current) >= options.shard_size or current_bytes + e.size > options.shard_bytes):
             close()
             current, current_bytes = [], 0
         current.append(Sample(f"{split}_{i:08d}", e.path, e.rel, index[e.cls], e.cls))
-        current_bytes += size
+        current_bytes += e.size
     if current:
         close()
     return jobs, rejected
@@ -321,7 +318,7 @@ def plan_split(split: str, entries: list[Entry], classes: list[str], options: Op
 def inputs_digest(entries: list[Entry]) -> str:
     h = hashlib.sha256()
     for e in sorted(entries, key=lambda e: e.rel):
-        h.update(f"{e.rel}\0{e.cls}\0{os.path.getsize(e.path)}\n".encode())
+        h.update(f"{e.rel}\0{e.cls}\0{e.size}\n".encode())
     return h.hexdigest()
 
 
