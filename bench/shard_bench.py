@@ -12,6 +12,8 @@ Prints images/s of each configuration and its ratio to plain tar.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -79,9 +81,6 @@ def bench(name: str, root: str, workers: int, tmp: str) -> None:
         def run():
             shutil.rmtree(out, ignore_errors=True)
             assert shard.main([root, "--out", out, "--workers", str(workers), "--quiet"] + extra) == 0
-
-        import contextlib
-        import io
 
         with contextlib.redirect_stdout(io.StringIO()):
             t = min(timed(run) for _ in range(2))

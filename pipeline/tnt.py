@@ -38,7 +38,6 @@ parameters beyond ours; the 23.8M of the paper is matched without it.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
