@@ -59,3 +59,27 @@ def ensure_torchvision() -> bool:
 
 
 ensure_torchvision()
+
+
+def fix_timm_posterize() -> None:
+    """Make timm's RandAugment survive Pillow >= 11's check on ``posterize``.
+
+    timm maps the top magnitudes of ``PosterizeIncreasing`` to ``bits=0`` (with
+    ``mstd`` noise a magnitude of 9 reaches 10 now and then); Pillow used to turn
+    that into a black image and now raises ``ValueError: bits must be between or
+    equal to 1 and 8``, which kills a DataLoader worker every few hundred images of
+    the DeiT recipe. This restores the old result (all bits dropped: black).
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **__):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return ImageOps.posterize(img, bits_to_keep)
+
+    for name, fn in auto_augment.NAME_TO_OP.items():
+        if fn is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize

@@ -84,3 +84,19 @@ def imagenet_tree(tmp_path):
     info = make_imagenet_tree(str(root))
     info["root"] = str(root)
     return info
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory):
+    """123 real photo crops (96x72, 3 classes, an odd count) in 13 shards of <= 10.
+
+    Returns the split directory (``.../train``) holding manifest.json."""
+    from pipeline import shard
+
+    root = tmp_path_factory.mktemp("photos")
+    crops = photo_crops(123, (96, 72), seed=3)
+    for i, img in enumerate(crops):
+        write(os.path.join(root, "src", "train", WNIDS[i % 3], f"{WNIDS[i % 3]}_{i}.JPEG"), jpeg_bytes(img))
+    out = os.path.join(root, "shards")
+    assert shard.main([os.path.join(root, "src"), "--out", out, "--shard-size", "10", "--quiet"]) == 0
+    return os.path.join(out, "train")

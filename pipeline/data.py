@@ -1,0 +1,687 @@
+"""Streaming loader: the WebDataset shards of ``pipeline/shard.py`` to training and
+evaluation batches, on any number of ranks and DataLoader workers.
+
+    manifest = load_manifest("shards/imagenet/train")
+    loader = Loader(TrainStream(manifest, batch_size=128, rank=r, world_size=n), workers=8)
+    loader.load_state_dict(ckpt["loader"])          # optional: continue mid-epoch
+    for epoch in range(loader.epoch_index, epochs):
+        for batch in loader.epoch(epoch):           # dict: image, target, label, key
+            ...
+            ckpt["loader"] = loader.state_dict()    # epoch + batches consumed
+
+Training stream, and what an "epoch" is
+---------------------------------------
+Every DataLoader worker of every rank is a *slot*; there are ``world_size x
+workers`` of them. For epoch ``e`` the shards are put in an order drawn from
+``(seed, e)`` and their samples concatenated into one sequence (cyclic, so it never
+runs out). Each rank yields ``K = floor(epoch_samples / (world_size x batch))``
+batches; the rank's batch ``k`` is made by its worker ``k mod workers`` (the order in
+which a PyTorch DataLoader collects from its workers), so every slot knows exactly
+how many samples it must produce, and the slots take consecutive, disjoint ranges
+of the sequence of those sizes. Therefore:
+
+* all ranks yield exactly the same number of batches, by construction: no rank can
+  run dry and hang a collective;
+* one epoch is one pass over ``world_size x K x batch`` samples, i.e. all of the
+  split except fewer than ``world_size x batch`` (``test_data.py`` measures the
+  fraction of distinct samples seen per epoch);
+* inside its range a slot shuffles with a buffer (``shuffle_buffer`` samples, seeded
+  by ``(seed, e, slot)``) that is drained at the end of the range, so ranges stay
+  disjoint;
+* a sample that cannot be read is skipped and the slot reads on past the end of
+  its range to make up the count (overlapping its neighbour by that many samples
+  only when there is bad data).
+
+Each sample's augmentation is seeded from ``(seed, epoch, position in the
+sequence)`` and each batch's Mixup/CutMix and random erasing from ``(seed, epoch,
+rank, batch index)``, so a batch is a pure function of the data and the loader state.
+**Mid-epoch resume**: the state is ``(epoch, batches consumed, seed)``; restoring it
+makes every worker skip, without decoding, the samples its slot had already used,
+and the DataLoader's workers are rotated so that the first batch it collects is the
+next one: the batches after a resume equal those of an uninterrupted run. The slot
+layout depends on the number of workers; resuming with another number of workers
+(or ranks) is allowed but gives a different (still disjoint) order, and is logged.
+
+Repeated augmentation (``repeats=r``, the official TNT/DeiT recipe uses 3): every
+sample of the sequence appears ``r`` times in a row before the shuffle buffer,
+each time with its own augmentation; an epoch keeps its length, so it covers about
+``1/r`` of the distinct images, as DeiT's ``RASampler`` does. (DeiT spreads the
+copies over GPUs; here they stay in one worker and the shuffle buffer spreads them
+over batches, which makes no difference to a ViT without batch statistics.)
+
+Evaluation stream
+-----------------
+The split is cut into ``world_size x workers`` contiguous ranges (sizes differ by
+at most one) in manifest order: every sample is seen exactly once across all ranks.
+Every worker yields the same number of batches, padding the last with blank images
+labelled ``-1`` (``mask = label >= 0``), so ranks run the same number of forward
+passes, which ZeRO-3 needs (its parameter gathers are collectives).
+
+Decoding and augmentation
+-------------------------
+The DeiT/TNT recipe through timm's own transforms: RandomResizedCrop (bicubic),
+flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm disables colour jitter when
+RandAugment is on), then on the whole batch: normalisation (TNT's mean/std 0.5),
+random erasing 0.25 (pixel mode), Mixup 0.8 / CutMix 1.0 with label smoothing 0.1
+(timm's ``Mixup``, batch mode). Our own code only where it measurably pays
+(``bench/loader_bench.py``): the crop is drawn from the JPEG header's size and the
+JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL draft mode) whenever the crop stays
+at least the output size, the crop and resize are one PIL call, and images leave the
+per-sample code as uint8 (normalised once per batch, not per image).
+
+Bad data: a sample that fails to decode, a truncated tar or a missing shard is
+logged (rate-limited, with rank, worker and shard), counted and skipped; counts
+travel with each batch into :attr:`Loader.counters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.compat import fix_timm_posterize
+from pipeline.imagenet import InputError
+
+log = logging.getLogger("tntpipe.data")
+
+TNT_MEAN = (0.5, 0.5, 0.5)
+TNT_STD = (0.5, 0.5, 0.5)
+
+
+class DataError(RuntimeError):
+    """The stream cannot go on (for example: no shard of the split can be read)."""
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    split: str
+    num_samples: int
+    num_classes: int
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]  # samples per shard
+    classes: tuple[str, ...]  # class ids by index
+    path: str
+
+    def summary(self) -> dict:
+        return {"split": self.split, "samples": self.num_samples, "shards": len(self.urls), "classes": self.num_classes}
+
+
+def load_manifest(path: str, url_base: str | None = None) -> Manifest:
+    """Read ``<split dir>/manifest.json`` (or a manifest file path).
+
+    Shard URLs are the manifest's names next to the manifest, or ``url_base`` joined
+    with each name; a ``url_base`` containing ``{shard}`` is formatted instead, e.g.
+    ``"pipe:aws s3 cp s3://bucket/imagenet/train/{shard} -"``. Anything
+    ``webdataset.gopen`` opens works.
+    """
+    file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC)")
+    try:
+        with open(file) as f:
+            m = json.load(f)
+        shards = m["shards"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"unreadable shard manifest {file}: {exc}") from exc
+    shards = [s for s in shards if s.get("samples", 0) > 0]
+    if not shards:
+        raise InputError(f"shard manifest {file} lists no samples")
+    base = url_base or os.path.dirname(os.path.abspath(file))
+    if "{shard}" in base:
+        urls = [base.format(shard=s["name"]) for s in shards]
+    else:
+        urls = [base.rstrip("/") + "/" + s["name"] for s in shards]
+    classes = tuple(c["id"] for c in sorted(m.get("classes", []), key=lambda c: c["index"]))
+    return Manifest(
+        split=m.get("split", "?"),
+        num_samples=sum(s["samples"] for s in shards),
+        num_classes=int(m.get("num_classes", len(classes))),
+        urls=tuple(urls),
+        sizes=tuple(int(s["samples"]) for s in shards),
+        classes=classes,
+        path=file,
+    )
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """The DeiT/TNT training recipe; defaults are the paper's."""
+
+    img_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4  # timm applies it only when auto_augment is off
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = TNT_MEAN
+    std: tuple[float, float, float] = TNT_STD
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    crop_pct: float = 0.9  # eval: resize to img_size / crop_pct, centre crop
+    draft: bool = True  # decode JPEGs at reduced scale when the crop allows
+
+    @classmethod
+    def light(cls, img_size: int = 224) -> "Augment":
+        """Crop and flip only: no RandAugment, erasing, Mixup or smoothing."""
+        return cls(img_size=img_size, auto_augment=None, color_jitter=0.0, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def _draft(img: Image.Image, needed: tuple[float, float]) -> tuple[float, float]:
+    """Ask a JPEG to decode at the smallest 1/2^k scale that keeps ``needed`` pixels.
+
+    Returns the (x, y) factors from original to decoded coordinates."""
+    w, h = img.size
+    if img.format == "JPEG" and w >= 2 * needed[0] and h >= 2 * needed[1]:
+        img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (math.ceil(needed[0]), math.ceil(needed[1])))
+    return img.size[0] / w, img.size[1] / h
+
+
+class TrainTransform:
+    """One JPEG (bytes) to a uint8 HWC array: crop + resize, flip, RandAugment."""
+
+    def __init__(self, aug: Augment):
+        fix_timm_posterize()
+        from timm.data.transforms_factory import transforms_imagenet_train
+
+        self.aug = aug
+        primary, secondary, _ = transforms_imagenet_train(
+            aug.img_size,
+            scale=aug.scale,
+            ratio=aug.ratio,
+            hflip=aug.hflip,
+            color_jitter=aug.color_jitter,
+            auto_augment=aug.auto_augment,
+            interpolation=aug.interpolation,
+            mean=aug.mean,
+            std=aug.std,
+            separate=True,
+        )
+        self.crop = primary.transforms[0]  # timm's RandomResizedCropAndInterpolation (its get_params)
+        self.secondary = secondary  # RandAugment or colour jitter (timm)
+        self.resample = _RESAMPLE[aug.interpolation]
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        aug = self.aug
+        img = Image.open(io.BytesIO(data))
+        i, j, h, w = self.crop.get_params(img, aug.scale, aug.ratio)  # reads only the header's size
+        fx, fy = (1.0, 1.0)
+        if aug.draft:
+            fx, fy = _draft(img, (img.size[0] * aug.img_size / w, img.size[1] * aug.img_size / h))
+        img = img.resize((aug.img_size, aug.img_size), self.resample, box=(j * fx, i * fy, (j + w) * fx, (i + h) * fy))
+        if aug.hflip > 0 and random.random() < aug.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        img = self.secondary(img)
+        return np.asarray(img)
+
+
+class EvalTransform:
+    """One JPEG (bytes) to a uint8 HWC array: resize to size/crop_pct, centre crop."""
+
+    def __init__(self, aug: Augment):
+        from timm.data.transforms_factory import transforms_imagenet_eval
+
+        self.aug = aug
+        self.scale_size = math.floor(aug.img_size / aug.crop_pct)
+        pipeline = transforms_imagenet_eval(
+            aug.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=aug.mean, std=aug.std
+        )
+        self.resize_crop = type(pipeline)(pipeline.transforms[:2])  # timm's Resize + CenterCrop
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        img = Image.open(io.BytesIO(data))
+        if self.aug.draft:
+            short = min(img.size)
+            _draft(img, (img.size[0] * self.scale_size / short, img.size[1] * self.scale_size / short))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(self.resize_crop(img))
+
+
+class BatchFinish:
+    """uint8 images (B, H, W, 3) to the normalised float batch, random erasing and
+    Mixup/CutMix with label smoothing (all timm's), on whatever device they are on."""
+
+    def __init__(self, aug: Augment, num_classes: int, train: bool):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        self.mean = torch.tensor(aug.mean).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(aug.std).view(1, 3, 1, 1) * 255)
+        self.erase = self.mixup = None
+        self.num_classes = num_classes
+        self.smoothing = aug.label_smoothing
+        if train and aug.re_prob > 0:
+            self.erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device="cpu")
+        if train and (aug.mixup > 0 or aug.cutmix > 0):
+            self.mixup = Mixup(
+                mixup_alpha=aug.mixup,
+                cutmix_alpha=aug.cutmix,
+                prob=aug.mixup_prob,
+                switch_prob=aug.mixup_switch_prob,
+                label_smoothing=aug.label_smoothing,
+                num_classes=num_classes,
+            )
+        self.train = train
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = images.permute(0, 3, 1, 2).float()
+        x = x.sub_(self.mean.to(x.device)).mul_(self.inv_std.to(x.device)).contiguous()
+        if not self.train:
+            return x, None
+        if self.erase is not None:
+            self.erase.device = x.device
+            x = self.erase(x)
+        if self.mixup is not None and len(x) % 2 == 0:
+            x, target = self.mixup(x, labels)
+        else:
+            from timm.data.mixup import one_hot
+
+            off = self.smoothing / self.num_classes
+            target = one_hot(labels, self.num_classes, on_value=1 - self.smoothing + off, off_value=off)
+        return x, target
+
+
+# ---------------------------------------------------------------- reading shards
+
+
+def _seed_of(*parts) -> int:
+    """A stable 63-bit seed from a tuple (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def _seeded(seed: int, restore: bool):
+    """Seed python, numpy and torch (CPU) RNGs: timm's transforms draw from them.
+
+    In a DataLoader worker the global state is ours to take; in the main process
+    (``workers=0``) it is restored afterwards so training randomness is unaffected."""
+    saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state()) if restore else None
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
+
+
+class _Reporter:
+    """Counts and rate-limited logs of bad data, for one slot."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.bad_samples = 0
+        self.bad_shards = 0
+        self._logged = 0
+
+    def _log(self, msg: str) -> None:
+        self._logged += 1
+        if self._logged <= 10 or self._logged % 100 == 0:
+            more = " (logging every 100th from now on)" if self._logged == 10 else ""
+            log.warning("%s: %s%s", self.where, msg, more)
+
+    def sample(self, url: str, key: str, exc: BaseException) -> None:
+        self.bad_samples += 1
+        self._log(f"skipped sample {key} of {url}: {type(exc).__name__}: {exc}")
+
+    def shard(self, url: str, exc: BaseException) -> None:
+        self.bad_shards += 1
+        self._log(f"skipped the rest of shard {url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    def take(self) -> tuple[int, int]:
+        """Counts since the last call (they travel with each batch)."""
+        out = (self.bad_samples, self.bad_shards)
+        self.bad_samples = self.bad_shards = 0
+        return out
+
+
+def _shard_samples(url: str, report: _Reporter) -> Iterator[dict]:
+    """Samples of one shard, webdataset's tar reader; errors end the shard, counted."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    failed = []
+
+    def handler(exc: BaseException) -> bool:
+        failed.append(exc)
+        return False  # stop this shard; the caller moves on to the next one
+
+    try:
+        yield from group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler), handler=handler)
+    except Exception as exc:  # noqa: BLE001 - anything a stream can raise ends the shard, not the run
+        failed.append(exc)
+    if failed:
+        report.shard(url, failed[0])
+
+
+class _Sequence:
+    """The epoch's shards in some order, concatenated, repeated without end."""
+
+    def __init__(self, manifest: Manifest, order: list[int]):
+        self.manifest = manifest
+        self.order = order
+        self.starts = np.cumsum([0] + [manifest.sizes[i] for i in order])
+
+    def read(self, start: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
+        """(position, sample) from ``start`` on; positions count from the epoch start."""
+        n = int(self.starts[-1])
+        cycle, offset = divmod(start, n)
+        k = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        skip = offset - int(self.starts[k])
+        empty_run = 0
+        while True:
+            url = self.manifest.urls[self.order[k]]
+            base = cycle * n + int(self.starts[k])
+            got = False
+            for idx, sample in enumerate(_shard_samples(url, report)):
+                if idx < skip:
+                    continue
+                if idx >= self.manifest.sizes[self.order[k]]:
+                    break
+                got = True
+                yield base + idx, sample
+            skip = 0
+            empty_run = 0 if got else empty_run + 1
+            if empty_run >= len(self.order):
+                raise DataError(f"{report.where}: none of the {len(self.order)} shards of {self.manifest.path} could be read")
+            k += 1
+            if k == len(self.order):
+                k, cycle = 0, cycle + 1
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle buffer of ``size`` items; drains completely when the input ends."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _collate(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays))
+
+
+def _worker() -> tuple[int, int, bool]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1, True) if info is None else (info.id, info.num_workers, False)
+
+
+# ---------------------------------------------------------------- streams
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless-source, fixed-length training epochs; see the module docstring.
+
+    Yields whole batches (the DataLoader runs with ``batch_size=None``): dicts with
+    ``image`` float (B, 3, S, S), ``target`` float (B, classes) (Mixup/CutMix and
+    smoothing applied), ``label`` long (B,) (before mixing), ``key`` list of str, and
+    ``bad`` (bad samples, bad shards) counted since the worker's previous batch.
+    """
+
+    train = True
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        augment: Augment = Augment(),
+        repeats: int = 1,
+        shuffle_buffer: int = 1000,
+        epoch_samples: int | None = None,
+    ):
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.augment = augment
+        self.repeats = max(1, repeats)
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch_samples = epoch_samples or manifest.num_samples
+        self.batches = self.epoch_samples // (world_size * batch_size)
+        if self.batches == 0:
+            raise InputError(
+                f"batch {batch_size} x {world_size} ranks is more than the {self.epoch_samples} samples of {manifest.path}"
+            )
+        # Set by Loader before each epoch (pickled into the workers with the dataset).
+        self.epoch, self.start, self.num_workers = 0, 0, 1
+        self._transform = self._finish = None
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def worker_batches(self, logical: int, workers: int) -> int:
+        """Batches the rank's ``logical``-th worker makes per epoch (batch k -> k % workers)."""
+        return (self.batches - logical + workers - 1) // workers
+
+    def _slot_range(self, logical: int, workers: int) -> tuple[int, int]:
+        before = self.rank * self.batches * self.batch_size  # previous ranks' samples
+        before += sum(self.worker_batches(w, workers) for w in range(logical)) * self.batch_size
+        return before, before + self.worker_batches(logical, workers) * self.batch_size
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.manifest.urls)))
+        random.Random(_seed_of("shards", self.seed, self.epoch)).shuffle(order)
+        return order
+
+    def _positions(self, logical: int, workers: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
+        """(virtual position, raw sample): the slot's range shuffled, then top-up."""
+        lo, hi = self._slot_range(logical, workers)
+        r = self.repeats
+        seq = _Sequence(self.manifest, self._order())
+
+        def expand(first: int):
+            for pos, sample in seq.read(first // r, report):
+                for v in range(pos * r, pos * r + r):
+                    if v >= first:
+                        yield v, sample
+
+        source = expand(lo)
+        in_range = (item for _, item in zip(range(hi - lo), source))  # range first: no extra pull
+        rng = random.Random(_seed_of("buffer", self.seed, self.epoch, self.rank, logical))
+        yield from _shuffled(in_range, self.shuffle_buffer, rng)
+        yield from source  # only reached when bad samples must be made up for
+
+    def _setup(self) -> None:
+        if self._transform is None:
+            self._transform = (TrainTransform if self.train else EvalTransform)(self.augment)
+            self._finish = BatchFinish(self.augment, self.manifest.num_classes, self.train)
+
+    def __iter__(self) -> Iterator[dict]:
+        physical, workers, main = _worker()
+        return self.iter_worker(physical, workers, main)
+
+    def iter_worker(self, physical: int, workers: int, main: bool = False) -> Iterator[dict]:
+        """The batches DataLoader worker ``physical`` of ``workers`` yields this epoch."""
+        self._setup()
+        logical = (physical + self.start) % workers
+        done = sum(1 for k in range(self.start) if k % workers == logical)
+        total = self.worker_batches(logical, workers)
+        report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
+        stream = self._positions(logical, workers, report)
+        for _ in range(done * self.batch_size):  # resume: skip, without decoding
+            next(stream)
+        B = self.batch_size
+        for j in range(done, total):
+            images, labels, keys = [], [], []
+            while len(images) < B:
+                v, sample = next(stream)
+                key = sample.get("__key__", "?")
+                try:
+                    with _seeded(_seed_of("sample", self.seed, self.epoch, v), restore=main):
+                        images.append(self._transform(sample["jpg"]))
+                    labels.append(int(sample["cls"]))
+                    keys.append(key)
+                except Exception as exc:  # noqa: BLE001 - bad data is skipped, counted, logged
+                    del images[len(labels) :]
+                    report.sample(sample.get("__url__", "?"), key, exc)
+            index = j * workers + logical  # the batch's index in the rank's epoch
+            with _seeded(_seed_of("batch", self.seed, self.epoch, self.rank, index), restore=main):
+                image, target = self._finish(_collate(images), torch.tensor(labels))
+            yield {"image": image, "target": target, "label": torch.tensor(labels), "key": keys, "bad": report.take()}
+
+
+class EvalStream(TrainStream):
+    """Every sample exactly once over all ranks and workers; equal batch counts,
+    padded with blank images labelled -1. Yields ``image``, ``label``, ``key``, ``bad``."""
+
+    train = False
+
+    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int = 0, world_size: int = 1, augment: Augment = Augment()):
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.augment = augment
+        self.seed, self.epoch, self.start, self.num_workers = 0, 0, 0, 1
+        self._transform = self._finish = None
+        self.batches = None  # depends on the number of workers: see worker_batches
+
+    def __len__(self) -> int:
+        return self.num_workers * self.worker_batches(0, self.num_workers)
+
+    def worker_batches(self, logical: int, workers: int) -> int:
+        slots = self.world_size * workers
+        return math.ceil(math.ceil(self.manifest.num_samples / slots) / self.batch_size)
+
+    def iter_worker(self, physical: int, workers: int, main: bool = False) -> Iterator[dict]:
+        self._setup()
+        slots = self.world_size * workers
+        slot = self.rank * workers + physical
+        n = self.manifest.num_samples
+        lo, hi = slot * n // slots, (slot + 1) * n // slots
+        report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
+        seq = _Sequence(self.manifest, list(range(len(self.manifest.urls))))
+        samples = seq.read(lo, report) if hi > lo else iter(())
+        size = self.augment.img_size
+        blank = np.zeros((size, size, 3), np.uint8)
+        pos = lo
+        for _ in range(self.worker_batches(0, workers)):
+            images, labels, keys = [], [], []
+            while len(images) < self.batch_size:
+                if pos < hi:
+                    p, sample = next(samples)
+                    if p >= hi:  # a bad shard made us read past the range: stop here
+                        pos = hi
+                        continue
+                    pos = p + 1
+                    try:
+                        images.append(self._transform(sample["jpg"]))
+                        labels.append(int(sample["cls"]))
+                        keys.append(sample["__key__"])
+                    except Exception as exc:  # noqa: BLE001
+                        del images[len(labels) :]
+                        report.sample(sample.get("__url__", "?"), sample.get("__key__", "?"), exc)
+                else:
+                    images.append(blank)
+                    labels.append(-1)
+                    keys.append("")
+            image, _ = self._finish(_collate(images), torch.tensor(labels))
+            yield {"image": image, "label": torch.tensor(labels), "key": keys, "bad": report.take()}
+
+
+# ---------------------------------------------------------------- loader
+
+
+class Loader:
+    """A DataLoader over a stream, with epoch/resume state and bad-data counters."""
+
+    def __init__(self, stream: TrainStream, workers: int = 0, pin_memory: bool | None = None, prefetch: int = 2):
+        self.stream = stream
+        self.workers = workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch = prefetch
+        stream.num_workers = max(1, workers)
+        self.epoch_index, self.batch_index = 0, 0
+        self.counters = {"bad_samples": 0, "bad_shards": 0}
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch_index,
+            "batch": self.batch_index,
+            "seed": self.stream.seed,
+            "workers": max(1, self.workers),
+            "world_size": self.stream.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.stream.seed) != self.stream.seed:
+            raise InputError(f"loader state was saved with seed {state['seed']}, this run uses {self.stream.seed}")
+        self.epoch_index, self.batch_index = int(state["epoch"]), int(state["batch"])
+        if self.batch_index >= len(self.stream):
+            self.epoch_index, self.batch_index = self.epoch_index + 1, 0
+        layout = (state.get("workers"), state.get("world_size"))
+        if self.batch_index and layout != (max(1, self.workers), self.stream.world_size):
+            log.warning(
+                "resuming mid-epoch with %s workers x %s ranks (saved with %s x %s): the rest of the epoch "
+                "is read in a different order than an uninterrupted run would have",
+                max(1, self.workers), self.stream.world_size, *layout,
+            )
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """The batches of ``epoch``, continuing mid-epoch after :meth:`load_state_dict`."""
+        start = self.batch_index if self.stream.train and epoch == self.epoch_index else 0
+        self.epoch_index, self.batch_index = epoch, start
+        self.stream.epoch, self.stream.start = epoch, start
+        if start >= len(self.stream):
+            return
+        dl = torch.utils.data.DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch if self.workers else None,
+            persistent_workers=False,
+        )
+        for batch in dl:
+            bad_samples, bad_shards = batch.pop("bad")
+            self.counters["bad_samples"] += int(bad_samples)
+            self.counters["bad_shards"] += int(bad_shards)
+            self.batch_index += 1
+            yield batch
+        if self.stream.train:
+            self.epoch_index, self.batch_index = epoch + 1, 0

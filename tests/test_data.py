@@ -1,0 +1,230 @@
+"""Streaming loader: disjoint equal streams, determinism, resume, exact eval, bad data."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+
+from pipeline.data import Augment, DataError, EvalStream, Loader, TrainStream, load_manifest
+from pipeline.imagenet import InputError
+
+LIGHT = Augment.light(img_size=32)
+
+
+def rank_batches(stream: TrainStream, workers: int) -> list[dict]:
+    """What a DataLoader with ``workers`` workers yields, simulated in-process
+    (worker k's j-th batch is the rank's batch j * workers + k)."""
+    stream.num_workers = workers
+    per_worker = [list(stream.iter_worker(w, workers)) for w in range(workers)]
+    out = []
+    for j in range(max(len(b) for b in per_worker)):
+        out += [b[j] for b in per_worker if j < len(b)]
+    return out
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_manifest(photo_shards, tmp_path):
+    m = load_manifest(photo_shards)
+    assert (m.num_samples, len(m.urls), m.num_classes) == (123, 13, 3)
+    assert all(os.path.isfile(u) for u in m.urls)
+    assert load_manifest(photo_shards, url_base="pipe:cat /x/{shard}").urls[0].startswith("pipe:cat /x/train-")
+    with pytest.raises(InputError, match="no shard manifest"):
+        load_manifest(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"shards": []}')
+    with pytest.raises(InputError, match="lists no samples"):
+        load_manifest(str(tmp_path))
+
+
+def test_train_disjoint_equal_and_coverage(photo_shards):
+    m = load_manifest(photo_shards)
+    world, workers, batch = 2, 2, 4
+    per_rank = [rank_batches(TrainStream(m, batch, rank=r, world_size=world, augment=LIGHT), workers) for r in range(world)]
+    counts = [len(b) for b in per_rank]
+    assert counts == [123 // (world * batch)] * world == [15, 15]
+    seen = [k for b in per_rank for k in keys(b)]
+    assert len(seen) == len(set(seen)) == world * 15 * batch  # disjoint across ranks and workers
+    coverage = len(set(seen)) / m.num_samples
+    print(f"distinct samples per epoch: {coverage:.3f}")
+    assert coverage >= 1 - world * batch / m.num_samples
+    b = per_rank[0][0]
+    assert b["image"].shape == (batch, 3, 32, 32) and b["image"].dtype == torch.float32
+    assert b["label"].dtype == torch.int64 and b["target"].shape == (batch, 3)
+
+
+def test_determinism_and_epochs(photo_shards):
+    m = load_manifest(photo_shards)
+    a = rank_batches(TrainStream(m, 4, seed=1, augment=LIGHT), 2)
+    b = rank_batches(TrainStream(m, 4, seed=1, augment=LIGHT), 2)
+    assert keys(a) == keys(b)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    s = TrainStream(m, 4, seed=1, augment=LIGHT)
+    s.epoch = 1
+    assert keys(rank_batches(s, 2)) != keys(a)
+    assert keys(rank_batches(TrainStream(m, 4, seed=2, augment=LIGHT), 2)) != keys(a)
+
+
+def test_dataloader_order_matches_and_resume(photo_shards):
+    """Real worker processes, full recipe (RandAugment, erasing, Mixup): a loader
+    restored from a mid-epoch state yields exactly the batches of an uninterrupted run."""
+    m = load_manifest(photo_shards)
+    aug = Augment(img_size=32)
+
+    def loader():
+        return Loader(TrainStream(m, 6, seed=5, augment=aug, shuffle_buffer=20), workers=2)
+
+    full = loader()
+    run = list(full.epoch(0)) + list(full.epoch(1))[:4]
+    assert keys(run[:20]) == keys(rank_batches(TrainStream(m, 6, seed=5, augment=aug, shuffle_buffer=20), 2))
+
+    first = loader()
+    it = first.epoch(0)
+    head = [next(it) for _ in range(7)]  # stop mid-epoch, odd batch: worker rotation matters
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batch"] == 7
+    resumed = loader()
+    resumed.load_state_dict(state)
+    tail = list(resumed.epoch(0)) + list(resumed.epoch(1))[:4]
+    got = head + tail
+    assert len(got) == len(run)
+    for x, y in zip(got, run):
+        assert x["key"] == y["key"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["target"], y["target"])
+    t = run[0]["target"]
+    assert torch.allclose(t.sum(1), torch.ones(len(t))) and t.min() > 0  # mixed + smoothed
+
+
+def test_eval_exact_coverage(photo_shards):
+    m = load_manifest(photo_shards)
+    world, workers = 2, 2
+    seen, counts = [], []
+    for r in range(world):
+        s = EvalStream(m, 8, rank=r, world_size=world, augment=Augment(img_size=32))
+        batches = rank_batches(s, workers)
+        counts.append(len(batches))
+        for b in batches:
+            real = b["label"] >= 0
+            assert b["image"].shape == (8, 3, 32, 32)
+            assert all(bool(k) == bool(v) for k, v in zip(b["key"], real))
+            seen += [k for k in b["key"] if k]
+    assert counts[0] == counts[1]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == m.num_samples == 123
+
+
+def test_eval_through_dataloader(photo_shards):
+    m = load_manifest(photo_shards)
+    loader = Loader(EvalStream(m, 16, augment=Augment(img_size=32)), workers=2)
+    for _ in range(2):  # an eval loader is reusable
+        batches = list(loader.epoch(0))
+        assert len(batches) == len(loader)
+        assert sum(int((b["label"] >= 0).sum()) for b in batches) == 123
+
+
+def test_repeated_augmentation(photo_shards):
+    m = load_manifest(photo_shards)
+    batches = rank_batches(TrainStream(m, 4, repeats=3, augment=LIGHT), 2)
+    seen = keys(batches)
+    counts = {k: seen.count(k) for k in set(seen)}
+    assert len(seen) == 120 and max(counts.values()) == 3
+    assert 40 <= len(counts) <= 42  # about a third of the images, each three times
+    same = [b["image"][i] for b in batches for i, k in enumerate(b["key"]) if k == seen[0]]
+    assert len(same) >= 2 and not torch.equal(same[0], same[1])  # each copy its own augmentation
+
+
+def _damage(split_dir: str, tmp_path) -> str:
+    """Copy the shards; corrupt one sample, truncate one shard, delete one shard."""
+    out = tmp_path / "damaged"
+    shutil.copytree(split_dir, out)
+    names = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    src = out / names[0]
+    members = []
+    with tarfile.open(src) as tar:
+        for info in tar.getmembers():
+            members.append((info, tar.extractfile(info).read()))
+    with tarfile.open(src, "w") as tar:
+        first_jpg = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".jpg"))
+        for i, (info, data) in enumerate(members):
+            if i == first_jpg:
+                data = b"\xff\xd8garbage"
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    size = os.path.getsize(out / names[1])
+    with open(out / names[1], "r+b") as f:
+        f.truncate(size // 2)
+    os.remove(out / names[2])
+    return str(out)
+
+
+def test_bad_data_is_skipped_counted_and_logged(photo_shards, tmp_path, caplog):
+    m = load_manifest(_damage(photo_shards, tmp_path))
+    counts, bad = [], {"bad_samples": 0, "bad_shards": 0}
+    with caplog.at_level(logging.WARNING, logger="tntpipe.data"):
+        for r in range(2):
+            loader = Loader(TrainStream(m, 4, rank=r, world_size=2, augment=LIGHT), workers=0)
+            counts.append(len(list(loader.epoch(0))))
+            for k in bad:
+                bad[k] += loader.counters[k]
+    assert counts == [15, 15]  # equal batch counts despite the damage
+    assert bad["bad_samples"] >= 1 and bad["bad_shards"] >= 2
+    text = caplog.text
+    assert "rank 0" in text or "rank 1" in text
+    assert "train-000002.tar" in text and "skipped sample" in text
+
+
+def test_no_readable_shard_is_a_clear_error(photo_shards, tmp_path):
+    m = load_manifest(photo_shards)
+    gone = m.__class__(**{**m.__dict__, "urls": tuple(str(tmp_path / os.path.basename(u)) for u in m.urls)})
+    with pytest.raises(DataError, match="none of the 13 shards"):
+        next(TrainStream(gone, 4, augment=LIGHT).iter_worker(0, 1))
+
+
+def test_batch_larger_than_split_is_a_clear_error(photo_shards):
+    with pytest.raises(InputError, match="more than the 123 samples"):
+        TrainStream(load_manifest(photo_shards), 64, world_size=2)
+
+
+def test_full_recipe_shapes_at_224(photo_shards):
+    m = load_manifest(photo_shards)
+    b = next(TrainStream(m, 4, augment=Augment()).iter_worker(0, 1))
+    assert b["image"].shape == (4, 3, 224, 224) and b["image"].dtype == torch.float32
+    assert b["target"].shape == (4, 3) and b["target"].dtype == torch.float32
+    e = next(EvalStream(m, 4).iter_worker(0, 1))
+    assert e["image"].shape == (4, 3, 224, 224) and e["image"].abs().max() <= 1.0 + 1e-6
+
+
+def test_draft_decode_matches_full_decode_closely(photo_shards):
+    """Reduced-scale JPEG decoding changes pixels only slightly."""
+    from pipeline.data import EvalTransform
+
+    m = load_manifest(photo_shards)
+    sample = next(iter(webdataset.WebDataset(m.urls[0], shardshuffle=False)))
+    small = Augment(img_size=24, crop_pct=1.0)
+    a = EvalTransform(small)(sample["jpg"]).astype(float)
+    b = EvalTransform(dataclasses.replace(small, draft=False))(sample["jpg"]).astype(float)
+    assert a.shape == b.shape == (24, 24, 3)
+    assert np.abs(a - b).mean() < 6  # of 255
+
+
+def test_timm_posterize_fix():
+    """timm's RandAugment asks Pillow for 0-bit posterize at top magnitudes."""
+    from PIL import Image
+
+    from pipeline.compat import fix_timm_posterize
+
+    fix_timm_posterize()
+    from timm.data.auto_augment import NAME_TO_OP
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0),) * 3
+    assert NAME_TO_OP["PosterizeIncreasing"](img, 4).getpixel((0, 0)) == (192, 96, 48)
