@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import demo, shard  # noqa: E402
 
 
-def make_synthetic(root: str, n: int) -> str:
+def make_synthetic(root: str, n: int, scale: float = 1.0) -> str:
+    """``n`` JPEGs of about (500x375) x ``scale`` in 10 class folders under root/train."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -38,7 +39,7 @@ def make_synthetic(root: str, n: int) -> str:
         h, w = photo.shape[:2]
         cw, ch = int(rng.integers(w // 2, w)), int(rng.integers(h // 2, h))
         x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
-        size = (int(rng.integers(450, 520)), int(rng.integers(340, 400)))
+        size = (int(rng.integers(450, 520) * scale), int(rng.integers(340, 400) * scale))
         img = Image.fromarray(photo[y : y + ch, x : x + cw]).resize(size, Image.BICUBIC)
         folder = os.path.join(root, "train", f"n{i % 10:08d}")
         os.makedirs(folder, exist_ok=True)

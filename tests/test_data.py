@@ -228,3 +228,22 @@ def test_timm_posterize_fix():
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0),) * 3
     assert NAME_TO_OP["PosterizeIncreasing"](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+@pytest.mark.parametrize("seed", range(6))  # covers Mixup, CutMix and no-mix draws
+def test_mixing_equals_timm(seed):
+    from timm.data import Mixup
+
+    from pipeline.data import BatchFinish
+
+    aug = Augment(img_size=16, mixup_prob=0.8)
+    finish = BatchFinish(aug, num_classes=5, train=True)
+    x = torch.randn(6, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    ref_mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, label_smoothing=0.1, num_classes=5)
+    np.random.seed(seed)
+    ref_x, ref_t = ref_mix(x.clone(), labels)
+    np.random.seed(seed)
+    ours = x.clone()
+    t = finish.mix(ours, labels)
+    assert torch.allclose(ours, ref_x, atol=1e-6) and torch.allclose(t, ref_t)

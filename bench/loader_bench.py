@@ -1,0 +1,107 @@
+"""Training input pipeline images/s: our shard loader vs timm's ImageFolder loader.
+
+    .venv/bin/python bench/loader_bench.py [--images 3000] [--batch 64] [--workers 1 2]
+
+Same source JPEGs (crops of the real photos scikit-learn ships, ~500x375, q90, 10
+classes; a second set at twice the size), same recipe: RandomResizedCrop 224
+bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, normalise (0.5), random erasing
+0.25 pixel, Mixup 0.8 / CutMix 1.0 with smoothing 0.1 (timm's, applied to the batch
+in the training loop, as timm's train.py does without its CUDA prefetcher).
+  - ours:  shards -> pipeline.data.Loader(TrainStream(...)), Mixup in the workers
+  - timm:  timm.data.create_dataset(folder) + create_loader(is_training=True, ...)
+Both run one epoch per configuration, after one warm-up epoch; the first batch of
+each epoch (worker start-up) is not timed. Prints images/s and ours/timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from pipeline import shard  # noqa: E402
+from pipeline.compat import fix_timm_posterize  # noqa: E402
+from pipeline.data import TNT_MEAN, TNT_STD, Augment, Loader, TrainStream, load_manifest  # noqa: E402
+from shard_bench import make_synthetic, warm  # noqa: E402
+
+
+def rate(batches) -> float:
+    it = iter(batches)
+    next(it)
+    n, t = 0, time.perf_counter()
+    for images, _ in it:
+        n += len(images)
+    return n / (time.perf_counter() - t)
+
+
+def ours(split_dir: str, batch: int, workers: int):
+    loader = Loader(TrainStream(load_manifest(split_dir), batch, augment=Augment()), workers=workers)
+    for epoch in range(2):
+        yield ((b["image"], b["target"]) for b in loader.epoch(epoch))
+
+
+def timm_folder(root: str, batch: int, workers: int):
+    from timm.data import Mixup, create_dataset, create_loader
+
+    dataset = create_dataset("", root=root, is_training=True)
+    loader = create_loader(
+        dataset,
+        input_size=(3, 224, 224),
+        batch_size=batch,
+        is_training=True,
+        use_prefetcher=False,
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        color_jitter=0.4,
+        interpolation="bicubic",
+        mean=TNT_MEAN,
+        std=TNT_STD,
+        num_workers=workers,
+        pin_memory=False,
+    )
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(dataset.reader.class_to_idx))
+    for _ in range(2):
+        yield (mixup(x, y) for x, y in loader)
+
+
+def bench(name: str, root: str, args, tmp: str) -> None:
+    files, size = warm(root)
+    out = os.path.join(tmp, "shards-" + name.split()[0])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert shard.main([root, "--out", out, "--quiet"]) == 0
+    print(f"\n{name}: {files} JPEGs, mean {size / files / 1e3:.0f} KB, batch {args.batch}")
+    for workers in args.workers:
+        theirs_epochs = timm_folder(os.path.join(root, "train"), args.batch, workers)
+        ours_epochs = ours(os.path.join(out, "train"), args.batch, workers)
+        rate(next(theirs_epochs)), rate(next(ours_epochs))  # warm-up epoch (page cache, imports)
+        t = rate(next(theirs_epochs))
+        o = rate(next(ours_epochs))
+        print(f"  {workers} worker(s): timm ImageFolder {t:7.1f} img/s   ours {o:7.1f} img/s   ours/timm {o / t:.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=3000, help="number of JPEGs per data set")
+    p.add_argument("--batch", type=int, default=64, help="batch size")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    fix_timm_posterize()  # timm's own loader crashes on Pillow >= 11 without it (see pipeline/compat.py)
+    print(f"cpus: {os.cpu_count()}, torch threads in the main process: 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench("ImageNet-sized (~500x375)", make_synthetic(os.path.join(tmp, "syn"), args.images), args, tmp)
+        bench("large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp)
+
+
+if __name__ == "__main__":
+    main()
