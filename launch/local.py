@@ -1,0 +1,80 @@
+"""Run the trainer on one machine with N processes (the local launcher).
+
+    python launch/local.py --nproc 2 -- --config configs/tiny_cpu.yaml train.zero_stage=2
+
+Starts N copies of ``python -m pipeline.train`` with RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set (what torchrun would set), streams their output
+(rank 0 logs; other ranks only warn), and if one fails stops the others and exits
+with its status. Ctrl-C stops all of them; the last complete checkpoint stays, and
+running the same command again resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, args: list[str], module: str = "pipeline.train", env: dict | None = None) -> int:
+    """Run ``python -m module args`` as ``nproc`` ranks; the first non-zero exit wins."""
+    port = free_port()
+    base = dict(os.environ if env is None else env)
+    base["PYTHONPATH"] = ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
+    procs = []
+    for rank in range(nproc):
+        e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if nproc > 1 and "OMP_NUM_THREADS" not in base:
+            e["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=e, cwd=os.getcwd(), start_new_session=True))
+
+    def stop(*_):
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    status = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                status = failed[0].returncode
+                print(f"launch/local.py: rank {procs.index(failed[0])} exited with {status}; stopping the others", file=sys.stderr)
+                stop()
+                break
+            time.sleep(0.2)
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        stop()
+        for p in procs:
+            p.wait()
+        return 130
+    return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1, help="processes (ranks) to start on this machine; one per GPU on GPU machines")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the trainer, after --")
+    a = p.parse_args(argv)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    return launch(a.nproc, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

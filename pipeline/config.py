@@ -1,0 +1,171 @@
+"""One typed training configuration: a YAML file plus ``section.key=value`` overrides.
+
+    python -m pipeline.train --config configs/tnt_s.yaml train.micro_batch=64 optim.lr=5e-4
+
+Every field below is a valid override key; values are parsed as YAML (``true``,
+``1e-3``, ``[0.5, 1.0]``). Unknown keys are an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from pipeline.data import Augment
+from pipeline.imagenet import InputError
+
+
+@dataclasses.dataclass
+class ModelCfg:
+    variant: str = "tntp_s_patch16_224"  # pipeline.tnt.VARIANTS
+    drop_path: float = 0.1
+    checkpointing: bool = False  # activation checkpointing per block
+    init_from: str = ""  # safetensors weights (our export, timm layout) to start from
+
+
+@dataclasses.dataclass
+class DataCfg:
+    train: str = "shards/imagenet/train"  # split dir holding manifest.json
+    val: str = "shards/imagenet/val"  # "" for no evaluation
+    url_base: str = ""  # shard URL prefix or template with {shard}; default: next to the manifest
+    workers: int = 8  # DataLoader workers per rank
+    shuffle_buffer: int = 1000
+    repeats: int = 1  # repeated augmentation (the official recipe uses 3)
+    eval_batch: int = 0  # 0: the training micro-batch
+
+
+@dataclasses.dataclass
+class OptimCfg:
+    epochs: int = 300
+    lr: float = 1e-3  # at global batch lr_batch, scaled linearly
+    lr_batch: int = 1024  # official TNT: 1e-3 at 1024; DeiT rule: lr 5e-4, lr_batch 512
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 0.0  # 0: off
+
+
+@dataclasses.dataclass
+class TrainCfg:
+    out: str = "runs/{name}"  # checkpoints, exports, logs; a restart with the same out resumes
+    micro_batch: int = 128  # per rank
+    grad_accum: int = 1
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    ema: bool = True
+    ema_decay: float = 0.99996
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    log_every: int = 50  # optimizer steps
+    eval_every: int = 1  # epochs (0: only at the end)
+    ckpt_every: int = 1000  # optimizer steps; also at each epoch end and at the end
+    keep_last: int = 3
+    max_nonfinite: int = 10  # consecutive non-finite losses before stopping
+    device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the device name
+
+
+@dataclasses.dataclass
+class MlflowCfg:
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db
+    experiment: str = "tnt"
+    run_name: str = ""  # default: the config name
+    register_as: str = "tnt"  # registered model name ("" to skip the registry)
+    system_metrics: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "tnt-s"
+    model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
+    data: DataCfg = dataclasses.field(default_factory=DataCfg)
+    aug: Augment = dataclasses.field(default_factory=Augment)
+    optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
+    train: TrainCfg = dataclasses.field(default_factory=TrainCfg)
+    mlflow: MlflowCfg = dataclasses.field(default_factory=MlflowCfg)
+
+    @property
+    def out_dir(self) -> str:
+        return self.train.out.format(name=self.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value``, for MLflow params."""
+        out = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    defaults = cls()
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in names:
+            raise InputError(f"unknown config key {where}{key} (valid: {', '.join(sorted(names))})")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise InputError(f"config key {where}{key} is a section, not a value")
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[key] = float(value)
+        elif default is not None and value is not None and not isinstance(value, type(default)):
+            raise InputError(f"config key {where}{key} wants a {type(default).__name__}, got {value!r}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for part in path:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise InputError(f"config key {dotted}: {part} is not a section")
+    tree[last] = value
+
+
+def load(path: str = "", overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise InputError(f"no config file {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r} is not section.key=value")
+        key, value = item.split("=", 1)
+        _set(tree, key.strip(), yaml.safe_load(value))
+    return _build(Config, tree, "")
+
+
+def describe() -> str:
+    """Every key with its default, for --help."""
+    lines = []
+    for key, value in Config().to_dict().items():
+        if isinstance(value, dict):
+            lines += [f"  {key}.{k} = {v!r}" for k, v in value.items()]
+        else:
+            lines.append(f"  {key} = {value!r}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="", help="YAML config file (configs/*.yaml); defaults: the TNT-S recipe")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied after the file")

@@ -1,0 +1,121 @@
+"""MLflow tracking and registry, on rank 0, never allowed to stop training.
+
+Every MLflow call goes through :meth:`Tracker._call`: the first failure (server
+unreachable, store error...) is logged once as a one-line warning and tracking is
+switched off for the rest of the process, while training and checkpoints go on.
+What is lost then: the metrics and artifacts after the failure (they are still in
+the training log and the output directory) and the registration; the run id stays
+in the checkpoints, so a restart resumes the same MLflow run, and
+``python -m pipeline.register <out dir>`` registers an exported model later.
+
+MLflow's HTTP client retries for minutes by default; we set
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` unless
+the user did, so an unreachable server costs seconds, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("tntpipe.tracking")
+
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def default_uri(out_dir: str) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, enabled: bool = True):
+        self.uri = uri
+        self.experiment = experiment
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self.failed: str | None = None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.enabled or self.failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            self.failed = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            log.warning(
+                "MLflow tracking at %s failed (%s); training goes on without tracking "
+                "(metrics stay in the log, checkpoints and exports in the output directory)",
+                self.uri, self.failed,
+            )
+            return None
+
+    def start(self, run_id: str | None, run_name: str, system_metrics: bool) -> str | None:
+        import mlflow
+
+        def start():
+            mlflow.set_tracking_uri(self.uri)
+            if run_id is None:
+                mlflow.set_experiment(self.experiment)
+                run = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
+            else:
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            return run.info.run_id
+
+        self.run_id = self._call("start run", start) or run_id
+        return self.run_id
+
+    def params(self, params: dict) -> None:
+        import mlflow
+
+        clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
+        self._call("log params", mlflow.log_params, clean)
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        import mlflow
+
+        self._call("log metrics", mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+
+    def artifact(self, path: str, subdir: str | None = None) -> None:
+        import mlflow
+
+        self._call("log artifact", mlflow.log_artifact, path, subdir)
+
+    def tags(self, tags: dict) -> None:
+        import mlflow
+
+        self._call("set tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+
+    def register(self, model, name: str, example, weights: list[str], tags: dict, aliases: list[str]) -> str | None:
+        """Log ``model`` (pickle flavour, see README) and register a new version."""
+
+        def register():
+            import mlflow
+            from mlflow import MlflowClient
+
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format="pickle",
+                code_paths=[os.path.dirname(os.path.abspath(__file__))],
+                input_example=example,
+                pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
+                registered_model_name=name,
+            )
+            for path in weights:
+                mlflow.log_artifact(path, "weights")
+            client = MlflowClient(self.uri)
+            version = str(info.registered_model_version)
+            for k, v in tags.items():
+                client.set_model_version_tag(name, version, k, str(v))
+            for alias in aliases:
+                client.set_registered_model_alias(name, alias, version)
+            return version
+
+        return self._call("register model", register)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        self._call("end run", mlflow.end_run, status)
