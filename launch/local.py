@@ -39,12 +39,12 @@ def launch(nproc: int, args: list[str], module: str = "pipeline.train", env: dic
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if nproc > 1 and "OMP_NUM_THREADS" not in base:
             e["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=e, cwd=os.getcwd(), start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=e, cwd=os.getcwd()))
 
     def stop(*_):
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                p.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     status = 0

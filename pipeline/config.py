@@ -45,7 +45,7 @@ class OptimCfg:
     lr_batch: int = 1024  # official TNT: 1e-3 at 1024; DeiT rule: lr 5e-4, lr_batch 512
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
-    warmup_epochs: float = 5
+    warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)

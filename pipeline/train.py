@@ -449,8 +449,15 @@ class Trainer:
             epoch, self.step, self.total_steps, loss, lr, ips, ips / self.world, 100 * wait, mfu,
             f" | bad samples {counters['bad_samples']}, shards {counters['bad_shards']}" if counters["bad_samples"] or counters["bad_shards"] else "",
         )
-        self.tracker.metrics(metrics, self.step)
+        self._record(metrics)
         w.update(loss=0.0, n=0, images=0, wait=0.0, t=time.perf_counter())
+
+    def _record(self, metrics: dict) -> None:
+        """To MLflow and to <out>/metrics.jsonl (rank 0): the log survives a tracking outage."""
+        self.tracker.metrics(metrics, self.step)
+        if self.rank == 0:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def _evaluate_all(self, epoch: int) -> dict:
         res = self.evaluate(self.engine, cast=True)
@@ -461,7 +468,7 @@ class Trainer:
             metrics.update({f"val_ema/{k}": v for k, v in ema.items() if k != "count"})
             line += f" | EMA top-1 {ema['top1']:.2f}"
         log.info(line)
-        self.tracker.metrics(metrics, self.step)
+        self._record(metrics)
         self.best_top1 = max(self.best_top1, res["top1"])
         return res
 

