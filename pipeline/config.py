@@ -122,8 +122,11 @@ def _build(cls, values: dict, where: str):
             kwargs[key] = _build(type(default), value, f"{where}{key}.")
         elif isinstance(default, tuple) and isinstance(value, list):
             kwargs[key] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[key] = float(value)
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads 4e-3 (no dot) as a string
+                kwargs[key] = float(value)
+            except ValueError:
+                raise InputError(f"config key {where}{key} wants a number, got {value!r}") from None
         elif default is not None and value is not None and not isinstance(value, type(default)):
             raise InputError(f"config key {where}{key} wants a {type(default).__name__}, got {value!r}")
         else:

@@ -88,7 +88,10 @@ class Tracker:
         self._call("set tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def register(self, model, name: str, example, weights: list[str], tags: dict, aliases: list[str]) -> str | None:
-        """Log ``model`` (pickle flavour, see README) and register a new version."""
+        """Log ``model`` (pickle flavour, see README) and register a new version.
+
+        ``aliases`` are set on it; so is ``best`` when its ``top1`` tag beats the
+        version that holds ``best`` now (or none does)."""
 
         def register():
             import mlflow
@@ -109,7 +112,14 @@ class Tracker:
             version = str(info.registered_model_version)
             for k, v in tags.items():
                 client.set_model_version_tag(name, version, k, str(v))
-            for alias in aliases:
+            try:
+                best = float(client.get_model_version_by_alias(name, "best").tags.get("top1", "-1"))
+            except Exception:  # noqa: BLE001 - no "best" yet
+                best = -1.0
+            names = list(aliases)
+            if "top1" in tags and float(tags["top1"]) >= best:
+                names.append("best")
+            for alias in names:
                 client.set_registered_model_alias(name, alias, version)
             return version
 

@@ -388,7 +388,7 @@ class Trainer:
             self.save()
         export = self.export()
         if self.rank == 0:
-            self._register(export, last_eval, aliases=["last"] + (["best"] if last_eval and last_eval["top1"] >= self.best_top1 else []))
+            self._register(export, last_eval, aliases=["last"])
         dist.barrier()
         self.tracker.end()
         return {"step": self.step, "eval": last_eval, "export": export, "run_id": self.run_id}
@@ -526,9 +526,9 @@ class Trainer:
         version = self.tracker.register(model, name, example, [export["model"], export.get("ema", export["model"]), export["classes"]], tags, aliases)
         if version:
             log.info(
-                "registered %s version %s (aliases %s); load with mlflow.pytorch.load_model('models:/%s@%s') "
-                "after mlflow.set_tracking_uri('%s')",
-                name, version, ", ".join(aliases), name, aliases[-1], self.tracker.uri,
+                "registered %s version %s; load with mlflow.set_tracking_uri('%s'); "
+                "mlflow.pytorch.load_model('models:/%s@last') (or @best: the best top-1 registered)",
+                name, version, self.tracker.uri, name,
             )
 
 

@@ -1,0 +1,55 @@
+"""A real ``mlflow server`` on 127.0.0.1 for the tests (SQLite store, served artifacts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, root: str):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        os.makedirs(self.root, exist_ok=True)
+        mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        self.log = open(os.path.join(self.root, "server.log"), "w")
+        self.proc = subprocess.Popen(
+            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", os.path.join(self.root, "artifacts")],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: see {self.root}/server.log")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (its own process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc:
+            self.log.close()
