@@ -28,8 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], module: str = "pipeline.train", env: dict | None = None) -> int:
-    """Run ``python -m module args`` as ``nproc`` ranks; the first non-zero exit wins."""
+def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipeline.train"), env: dict | None = None) -> int:
+    """Run ``python <entry> args`` as ``nproc`` ranks; the first non-zero exit wins."""
     port = free_port()
     base = dict(os.environ if env is None else env)
     base["PYTHONPATH"] = ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
@@ -39,7 +39,7 @@ def launch(nproc: int, args: list[str], module: str = "pipeline.train", env: dic
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if nproc > 1 and "OMP_NUM_THREADS" not in base:
             e["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=e, cwd=os.getcwd()))
+        procs.append(subprocess.Popen([sys.executable, *entry, *args], env=e, cwd=os.getcwd()))
 
     def stop(*_):
         for p in procs:

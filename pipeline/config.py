@@ -128,7 +128,7 @@ def _build(cls, values: dict, where: str):
             except ValueError:
                 raise InputError(f"config key {where}{key} wants a number, got {value!r}") from None
         elif default is not None and value is not None and not isinstance(value, type(default)):
-            raise InputError(f"config key {where}{key} wants a {type(default).__name__}, got {value!r}")
+            raise InputError(f"config key {where}{key} wants a value of type {type(default).__name__}, got {value!r}")
         else:
             kwargs[key] = value
     return cls(**kwargs)
