@@ -171,6 +171,12 @@ class Trainer:
             raise InputError("train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false")
         if t.precision not in ("bf16", "fp16", "fp32"):
             raise InputError(f"train.precision must be bf16, fp16 or fp32, not {t.precision!r}")
+        if t.zero_stage == 0 and t.precision != "fp32":
+            log.warning(
+                "ZeRO stage 0 with %s: DeepSpeed then updates the 16-bit weights directly (no fp32 master copy); "
+                "use train.zero_stage>=1 for fp32 masters (same memory per rank as DDP plus a partitioned fp32 copy)",
+                t.precision,
+            )
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
         url_base = cfg.data.url_base or None
         self.train_manifest = load_manifest(cfg.data.train, url_base)

@@ -113,8 +113,11 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_shards, tmp_path):
     killed_at = open(latest).read().strip()
     assert not os.path.isdir(os.path.join(out, "export"))
 
+    with open(os.path.join(out, "checkpoints", killed_at, "meta.json")) as f:
+        run_id = json.load(f)["mlflow_run_id"]
     resumed = train(out, demo_shards, *steps)
     assert f"resumed from {os.path.join(out, 'checkpoints', killed_at)}" in resumed.stderr
+    assert resumed.stdout.strip().endswith(f"MLflow run {run_id}")  # the same MLflow run continues
     start = int(killed_at[4:])
     ref_loss, got = losses(ref), losses(out)
     for step in range(start + 1, 15):
