@@ -13,7 +13,7 @@ import time
 
 import pytest
 from mlflow_server import MlflowServer
-from test_train import command, metrics, train
+from test_train import command, metrics
 
 
 @pytest.fixture(scope="module")
