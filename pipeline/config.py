@@ -22,7 +22,7 @@ from pipeline.imagenet import InputError
 @dataclasses.dataclass
 class ModelCfg:
     variant: str = "tntp_s_patch16_224"  # pipeline.tnt.VARIANTS
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate (paper: 0.1)
     checkpointing: bool = False  # activation checkpointing per block
     init_from: str = ""  # safetensors weights (our export, timm layout) to start from
 
@@ -33,22 +33,22 @@ class DataCfg:
     val: str = "shards/imagenet/val"  # "" for no evaluation
     url_base: str = ""  # shard URL prefix or template with {shard}; default: next to the manifest
     workers: int = 8  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples held per worker for shuffling (memory: x mean JPEG size)
     repeats: int = 1  # repeated augmentation (the official recipe uses 3)
     eval_batch: int = 0  # 0: the training micro-batch
 
 
 @dataclasses.dataclass
 class OptimCfg:
-    epochs: int = 300
+    epochs: int = 300  # schedule length
     lr: float = 1e-3  # at global batch lr_batch, scaled linearly
     lr_batch: int = 1024  # official TNT: 1e-3 at 1024; DeiT rule: lr 5e-4, lr_batch 512
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    eps: float = 1e-8
-    betas: tuple[float, float] = (0.9, 0.999)
+    min_lr: float = 1e-5  # end of the cosine
+    warmup_lr: float = 1e-6  # start of the linear warm-up
+    warmup_epochs: float = 5.0  # linear warm-up length (fractions allowed)
+    weight_decay: float = 0.05  # AdamW; not on norms, biases, position encodings, class token
+    eps: float = 1e-8  # AdamW epsilon
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     clip_grad: float = 0.0  # 0: off
 
 
@@ -56,17 +56,17 @@ class OptimCfg:
 class TrainCfg:
     out: str = "runs/{name}"  # checkpoints, exports, logs; a restart with the same out resumes
     micro_batch: int = 128  # per rank
-    grad_accum: int = 1
-    zero_stage: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    ema: bool = True
-    ema_decay: float = 0.99996
-    seed: int = 0
+    ema: bool = True  # keep and evaluate a weight EMA (ZeRO 0-2)
+    ema_decay: float = 0.99996  # per optimizer step
+    seed: int = 0  # model init, data order and augmentation
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     log_every: int = 50  # optimizer steps
     eval_every: int = 1  # epochs (0: only at the end)
     ckpt_every: int = 1000  # optimizer steps; also at each epoch end and at the end
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the device name
 
@@ -74,15 +74,15 @@ class TrainCfg:
 @dataclasses.dataclass
 class MlflowCfg:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db
-    experiment: str = "tnt"
+    experiment: str = "tnt"  # MLflow experiment
     run_name: str = ""  # default: the config name
     register_as: str = "tnt"  # registered model name ("" to skip the registry)
-    system_metrics: bool = True
+    system_metrics: bool = True  # CPU/GPU/memory metrics of rank 0
 
 
 @dataclasses.dataclass
 class Config:
-    name: str = "tnt-s"
+    name: str = "tnt-s"  # run name; fills {name} in train.out
     model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
     data: DataCfg = dataclasses.field(default_factory=DataCfg)
     aug: Augment = dataclasses.field(default_factory=Augment)
@@ -158,14 +158,28 @@ def load(path: str = "", overrides: list[str] = ()) -> Config:
     return _build(Config, tree, "")
 
 
+def _comments(cls) -> dict[str, str]:
+    """The ``# ...`` comment after each field of a dataclass: the keys' documentation."""
+    import inspect
+    import re
+
+    found = re.findall(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", inspect.getsource(cls), re.M)
+    return dict(found)
+
+
 def describe() -> str:
-    """Every key with its default, for --help."""
+    """Every key with its default and its comment, for --help."""
     lines = []
     for key, value in Config().to_dict().items():
         if isinstance(value, dict):
-            lines += [f"  {key}.{k} = {v!r}" for k, v in value.items()]
+            notes = _comments(type(getattr(Config(), key)))
+            for k, v in value.items():
+                line = f"  {key}.{k} = {v!r}"
+                lines.append(f"{line:<48} {notes[k]}" if k in notes else line)
         else:
-            lines.append(f"  {key} = {value!r}")
+            line = f"  {key} = {value!r}"
+            note = _comments(Config).get(key)
+            lines.append(f"{line:<48} {note}" if note else line)
     return "\n".join(lines)
 
 

@@ -165,23 +165,23 @@ def load_manifest(path: str, url_base: str | None = None) -> Manifest:
 class Augment:
     """The DeiT/TNT training recipe; defaults are the paper's."""
 
-    img_size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    img_size: int = 224  # model input size
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = 0.5  # horizontal flip probability
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null: off
     color_jitter: float = 0.4  # timm applies it only when auto_augment is off
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = TNT_MEAN
-    std: tuple[float, float, float] = TNT_STD
-    re_prob: float = 0.25
-    re_mode: str = "pixel"
-    re_count: int = 1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
+    interpolation: str = "bicubic"  # resize filter
+    mean: tuple[float, float, float] = TNT_MEAN  # normalisation (TNT: 0.5)
+    std: tuple[float, float, float] = TNT_STD  # normalisation (TNT: 0.5)
+    re_prob: float = 0.25  # random erasing probability
+    re_mode: str = "pixel"  # random erasing fill: pixel (noise), rand, const
+    re_count: int = 1  # max erased boxes per image
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # applied to the (mixed) targets
     crop_pct: float = 0.9  # eval: resize to img_size / crop_pct, centre crop
     draft: bool = True  # decode JPEGs at reduced scale when the crop allows
 
