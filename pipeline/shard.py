@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import sys
 import tarfile
 import time
@@ -170,6 +171,9 @@ _progress = None  # shared sample counter, set in each worker process
 def _init_worker(counter):
     global _progress
     _progress = counter
+    # Workers inherit the parent's signal handlers; under submitit SIGTERM is "bypassed",
+    # and a pool that cannot terminate its workers hangs at shutdown. Workers die on SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tick():

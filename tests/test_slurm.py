@@ -1,0 +1,135 @@
+"""launch/slurm.py against a real Slurm 22.05 cluster (slurmctld + two slurmd on this
+machine, started by launch/testcluster.py): 2-node training registered in a real
+MLflow server, checkpoint-and-requeue on the time-limit signal, the shard builder as
+a job array, a failing job reported as failed."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow_server import MlflowServer
+from safetensors.torch import load_file
+from test_train import metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM = [sys.executable, os.path.join(ROOT, "launch", "slurm.py")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    sys.path.insert(0, ROOT)
+    from launch import testcluster
+
+    state = str(tmp_path_factory.mktemp("slurm"))
+    env = testcluster.start(state)
+    yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env)
+    testcluster.stop(state)
+
+
+def trainer_args(out, shards, *overrides):
+    return ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"train.out={out}",
+            f"data.train={shards['train']}", f"data.val={shards['val']}", "data.workers=1",
+            "mlflow.system_metrics=false", "train.log_every=1", "optim.warmup_epochs=0.1", *overrides]
+
+
+def slurm(cluster, tmp_path, *args, timeout=300):
+    cmd = [*SLURM, "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "submitit" / "%j"), *args]
+    return subprocess.run(cmd, env=cluster, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_the_sbatch_script(tmp_path):
+    out = subprocess.run([*SLURM, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "600",
+                          "--folder", str(tmp_path), "--dry-run", "--", "--config", "configs/tnt_s.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120"):
+        assert line in out.stdout
+
+
+def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    server = MlflowServer(str(tmp_path / "mlflow")).start()
+    try:
+        env = dict(cluster, MLFLOW_TRACKING_URI=server.uri)
+        out = str(tmp_path / "run")
+        cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
+               "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, "train.max_steps=20", "mlflow.register_as=tnt-slurm")]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=450)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "completed" in proc.stdout
+        client = MlflowClient(server.uri)
+        version = client.get_model_version_by_alias("tnt-slurm", "last")
+        run = client.get_run(version.run_id)
+        assert run.data.params["world_size"] == "2"
+        log = open(os.path.join(out, "train.log")).read()
+        assert "2 ranks x micro-batch 64" in log
+    finally:
+        server.kill()
+
+
+def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, demo_shards, tmp_path):
+    """Slurm delivers the job's ``--signal=USR2@...`` with up to a minute of jitter, so
+    the test sends the same signal with ``scancel --signal=USR2`` while the job runs:
+    every rank gets it, they checkpoint together, submitit requeues the job, and the
+    requeued job resumes and ends with the weights of an uninterrupted run."""
+    steps = ("train.max_steps=40", "train.ckpt_every=1000", "data.val=", "mlflow.register_as=")
+    ref = str(tmp_path / "ref")
+    train(ref, demo_shards, *steps[:1], "train.ckpt_every=1000", "data.val=", "mlflow.system_metrics=false",
+          "train.log_every=1", "optim.warmup_epochs=0.1")
+    out = str(tmp_path / "run")
+    cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
+           "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, *steps)]
+    proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        job_id = line.split()[2].rstrip(":")
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5:
+                break
+            assert proc.poll() is None
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster, check=True)
+        stdout, stderr = proc.communicate(timeout=450)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    log = open(os.path.join(out, "train.log")).read()
+    assert "checkpoint signal (time limit or preemption)" in log and "resumed from" in log
+    wr = load_file(os.path.join(ref, "export", "model.safetensors"))
+    wo = load_file(os.path.join(out, "export", "model.safetensors"))
+    assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6
+
+
+def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
+    from pipeline import shard
+
+    single, arrayed = str(tmp_path / "single"), str(tmp_path / "array")
+    assert shard.main([demo_shards["tree"], "--out", single, "--shard-size", "300", "--quiet"]) == 0
+    proc = slurm(cluster, tmp_path, "shard", "--array", "3", "--wait", "--wait-timeout", "240",
+                 "--", demo_shards["tree"], "--out", arrayed, "--shard-size", "300")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for split in ("train", "val"):
+        names = sorted(n for n in os.listdir(os.path.join(single, split)) if n.endswith(".tar"))
+        assert names == sorted(n for n in os.listdir(os.path.join(arrayed, split)) if n.endswith(".tar"))
+        for n in names:
+            assert filecmp.cmp(os.path.join(single, split, n), os.path.join(arrayed, split, n), shallow=False)
+        a = json.load(open(os.path.join(single, split, "manifest.json")))
+        b = json.load(open(os.path.join(arrayed, split, "manifest.json")))
+        assert a["shards"] == b["shards"] and a["num_samples"] == b["num_samples"]
+
+
+def test_failing_job_is_reported_as_failed(cluster, demo_shards, tmp_path):
+    proc = slurm(cluster, tmp_path, "--nodes", "1", "--wait", "--wait-timeout", "240", "--",
+                 *trainer_args(str(tmp_path / "run"), demo_shards, "data.train=/nonexistent"))
+    assert proc.returncode == 1
+    assert "failed" in proc.stderr and "training exited with status 2" in proc.stderr
