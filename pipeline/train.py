@@ -389,6 +389,7 @@ class Trainer:
                 sums[2] += (top == y[:, None]).any(1).sum().item()
                 sums[3] += len(y)
         module.train(was)
+        sums = sums.to(self.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(sums)
         n = max(1.0, sums[3].item())
         return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n, "count": n}
@@ -497,7 +498,7 @@ class Trainer:
         return True
 
     def _log_window(self, w: dict, peak: float, epoch: int) -> None:
-        stats = torch.tensor([w["loss"], w["n"], w["images"], w["wait"]], dtype=torch.float64)
+        stats = torch.tensor([w["loss"], w["n"], w["images"], w["wait"]], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats)
         dt = time.perf_counter() - w["t"]
         loss = stats[0].item() / max(1, stats[1].item())
