@@ -548,18 +548,15 @@ class Trainer:
         from safetensors.torch import save_file
 
         tag = self._latest()
-        state = None
-        if self.cfg.train.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; full 16-bit on rank 0
         if self.rank != 0:
             dist.barrier()
             return None
-        if self.cfg.train.zero_stage in (1, 2):
+        if self.cfg.train.zero_stage in (1, 2, 3):  # the fp32 masters, from the checkpoint's partitions
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             with weights_only_loads():
                 state = get_fp32_state_dict_from_zero_checkpoint(self.ckdir, tag=tag)
-        elif self.cfg.train.zero_stage == 0:
+        else:  # stage 0: the module holds the weights (DeepSpeed keeps no fp32 copy there)
             state = self.engine.module.state_dict()
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         model = tnt.create(self.cfg.model.variant, num_classes=self.train_manifest.num_classes, img_size=self.cfg.aug.img_size)
