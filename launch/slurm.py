@@ -152,7 +152,7 @@ def submit_train(args, trainer_args: list[str]) -> int:
     job = ex.submit(TrainJob(trainer_args, os.getcwd()))
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)")
     print(f"  logs: {job.paths.stdout} / {job.paths.stderr}")
-    print(f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id in train.log and checkpoints)")
+    print(f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id in train.log and checkpoints)", flush=True)
     if not args.wait:
         return 0
     ok, message = wait(job, args.wait_timeout)
