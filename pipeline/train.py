@@ -160,7 +160,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 class EMA:
-    """Weight EMA kept in fp32 (timm's ModelEmaV3 math), updated from the module.
+    """Weight EMA kept in fp32 (timm's ModelEmaV3), updated from the module.
 
     Under bf16/fp16 DeepSpeed keeps the module in 16 bits and the fp32 masters in
     the (partitioned) optimizer; the EMA accumulates the 16-bit weights in fp32,
@@ -169,14 +169,11 @@ class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         from timm.utils import ModelEmaV3
 
-        self.ema = ModelEmaV3(module, decay=decay, dtype=torch.float32, device=torch.device("cpu") if not torch.cuda.is_available() else None)
-        self.ema.module.float()
+        device = None if torch.cuda.is_available() else torch.device("cpu")
+        self.ema = ModelEmaV3(module, decay=decay, dtype=torch.float32, device=device)
 
-    @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        ema = [v for v in self.ema.module.state_dict().values() if v.is_floating_point()]
-        src = [v.float() for v in module.state_dict().values() if v.is_floating_point()]
-        torch._foreach_lerp_(ema, src, 1.0 - self.ema.decay)
+        self.ema.update(module)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -462,8 +459,9 @@ class Trainer:
         # One all-reduce carries both flags: a non-finite loss anywhere, a checkpoint signal anywhere.
         flags = torch.tensor([float(not torch.isfinite(loss)), float(self.signal.received)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.signal.received = bool(flags[1].item())
-        if flags[0].item() > 0:  # every rank skips together (ZeRO steps are collective)
+        nonfinite, signalled = flags.tolist()  # one device sync for both
+        self.signal.received = bool(signalled)
+        if nonfinite > 0:  # every rank skips together (ZeRO steps are collective)
             self.nonfinite += 1
             log.warning("non-finite loss at step %d (%d in a row): batch skipped", self.step, self.nonfinite)
             if self.nonfinite >= t.max_nonfinite:
