@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -33,13 +34,25 @@ from pipeline.data import TNT_MEAN, TNT_STD, Augment, Loader, TrainStream, load_
 from shard_bench import make_synthetic, warm  # noqa: E402
 
 
-def rate(batches) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its exited children (the workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rate(batches) -> tuple[float, float]:
+    """(images/s, images per CPU-second of all processes) over one epoch.
+
+    The wall rate skips the first batch (worker start-up); the CPU figure covers the
+    whole epoch, start-up included, and is read after the workers have exited."""
+    c0 = cpu_seconds()
     it = iter(batches)
-    next(it)
-    n, t = 0, time.perf_counter()
+    n = len(next(it)[0])
+    m, t = 0, time.perf_counter()
     for images, _ in it:
-        n += len(images)
-    return n / (time.perf_counter() - t)
+        m += len(images)
+    wall = time.perf_counter() - t  # an exhausted DataLoader has joined its workers
+    return m / wall, (n + m) / (cpu_seconds() - c0)
 
 
 def ours(split_dir: str, batch: int, workers: int):
@@ -84,16 +97,16 @@ def bench(name: str, root: str, args, tmp: str) -> None:
         theirs_epochs = timm_folder(os.path.join(root, "train"), args.batch, workers)
         ours_epochs = ours(os.path.join(out, "train"), args.batch, workers)
         rate(next(theirs_epochs)), rate(next(ours_epochs))  # warm-up epoch (page cache, imports)
-        t = rate(next(theirs_epochs))
-        o = rate(next(ours_epochs))
-        print(f"  {workers} worker(s): timm ImageFolder {t:7.1f} img/s   ours {o:7.1f} img/s   ours/timm {o / t:.2f}x")
+        (t, tc), (o, oc) = rate(next(theirs_epochs)), rate(next(ours_epochs))
+        print(f"  {workers} worker(s): timm ImageFolder {t:6.1f} img/s {tc:6.1f} img/CPU-s   "
+              f"ours {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, {oc / tc:.2f}x per CPU-s", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=3000, help="number of JPEGs per data set")
     p.add_argument("--batch", type=int, default=64, help="batch size")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to time (0: all in the main process)")
     args = p.parse_args()
     torch.set_num_threads(1)
     fix_timm_posterize()  # timm's own loader crashes on Pillow >= 11 without it (see pipeline/compat.py)

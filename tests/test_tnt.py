@@ -210,3 +210,31 @@ def test_forward_has_no_graph_breaks(tiny):
     tiny.eval()
     explanation = torch._dynamo.explain(tiny)(images(tiny))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_class_token_shortcut_equals_the_full_last_block(se):
+    """forward() computes only the class token in the last block; values and gradients
+    (drop path on, training mode) must equal the full computation's."""
+    torch.manual_seed(0)
+    model = tnt.TNT(**{**tnt.VARIANTS["tntp_tiny_patch8_32"], "se": se}, num_classes=10, drop_path_rate=0.2)
+    x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
+
+    def run(fn):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same drop-path draws on both paths
+        out = fn(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast_out, fast = run(model)
+    full_out, full = run(lambda t: model.forward_head(model.forward_features(t)))
+    torch.testing.assert_close(fast_out, full_out, rtol=1e-5, atol=1e-6)
+    assert fast.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(fast[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_features(x, cls_only=True).shape == (4, 1, model.embed_dim)
+        model.reset_classifier(10, global_pool="avg")  # average pooling needs every token: full path
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
