@@ -6,7 +6,10 @@ Same weights (timm's state dict loaded into ours), same batch, same threads
 (torch.get_num_threads()), float32 and bf16 autocast. Prints the median step time
 of each, the ratio timm/ours (> 1: ours is faster), and the peak RSS growth of the
 process during each measurement (CPU: there is no allocator peak counter).
-With --compile also times ``torch.compile`` of ours.
+With --compile also times ``torch.compile`` of ours. Also prints a roofline: the step's
+FLOPs (counted by torch's FlopCounterMode) over the best rate this CPU reaches on the
+model's largest GEMM, i.e. the fastest a step could possibly be, and so the largest
+speed-up over timm that any implementation of the same FLOPs could show.
 """
 
 from __future__ import annotations
@@ -52,6 +55,35 @@ def time_steps(model, x, y, precision: str, steps: int, warmup: int) -> tuple[fl
     return statistics.median(times), (rss1 - rss0) / 1024
 
 
+def step_flops(model, precision: str) -> float:
+    """FLOPs of one forward+backward of ``model`` on one image, counted (not estimated)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = torch.randn(1, 3, 224, 224), torch.zeros(1, dtype=torch.long)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def gemm_rate(dtype: torch.dtype, repeat: int = 20) -> float:
+    """Best FLOP/s of this CPU on TNT-S's largest GEMM (outer MLP, 8x197 tokens, 384 x
+    1536) in its three forms (forward, grad input, grad weight): a ceiling for a step."""
+    a, w, g = (torch.randn(*s, dtype=dtype) for s in ((1576, 384), (1536, 384), (1576, 1536)))
+    best = 0.0
+    for f in (lambda: a @ w.t(), lambda: g @ w, lambda: g.t() @ a):
+        for _ in range(3):
+            f()
+        t = time.perf_counter()
+        for _ in range(repeat):
+            f()
+        best = max(best, 2 * 1576 * 384 * 1536 * repeat / (time.perf_counter() - t))
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -73,6 +105,15 @@ def main() -> None:
         eager[precision] = t_ref
         print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
               f"(peak RSS growth: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)", flush=True)
+        # Roofline: even if every FLOP ran at the best GEMM rate and nothing else cost
+        # time, a step could not be faster than this.
+        rate = gemm_rate(torch.bfloat16 if precision == "bf16" else torch.float32)
+        f_ref, f_ours = (step_flops(m, precision) * args.batch for m in (ref, ours))
+        floor = f_ours / rate
+        print(f"      GEMM ceiling {rate / 1e9:.0f} GFLOP/s; step FLOPs timm {f_ref / 1e9:.0f} G, ours {f_ours / 1e9:.0f} G; "
+              f"achieved timm {f_ref / t_ref / 1e9:.0f}, ours {f_ours / t_ours / 1e9:.0f} GFLOP/s; "
+              f"ours can be at most {t_ref / floor:.2f}x timm (a step of pure GEMMs at the ceiling: {floor:.3f} s)",
+              flush=True)
     # Compiled runs last: inductor's compile workers keep the CPU busy for a while and
     # would slow down any eager measurement taken after them.
     for precision in ("fp32", "bf16") if args.compile else ():

@@ -81,17 +81,21 @@ class Attention(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v: the fused kernel, except where it was measured slower.
 
-    On CUDA and in float32 on CPU, ``F.scaled_dot_product_attention`` (flash kernel)
-    is faster than the explicit form: on this project's 2-core CPU, fwd+bwd of the
-    inner attention of TNT-S (1568x4 heads x 16 tokens x 6) took 10.5 ms vs 31.7 ms,
-    and the outer one (8x6x197x64) 7.9 ms vs 11.9 ms. In bf16 on CPU the flash kernel
-    was 2x slower (27.9 vs 12.8 ms inner, 11.3 vs 5.2 ms outer), so half precision
-    on CPU takes the explicit form (script: bench/tnt_bench.py, see bench/README.md).
+    On CUDA and in float32 on CPU, ``F.scaled_dot_product_attention``. On a 2-core Xeon
+    (AVX-512/AMX) the CPU flash kernel took fwd+bwd of the inner attention of TNT-S
+    (1568x4 heads x 16 tokens x 6) in 10.5 ms vs 31.7 ms for the explicit form; on a
+    2-core AMD EPYC (Zen 5) the two are within noise in the whole model. In bf16/fp16
+    on CPU the flash kernel is 2-3x slower (inner: 28.3 vs 10.9 ms), so half precision
+    on CPU takes the explicit form, with the softmax of rows shorter than 32 (the inner
+    attention's 16 tokens) in float32: the half-precision softmax kernels vectorise
+    along a row and fall back to scalar code for short ones (inner fwd+bwd 10.9 ->
+    7.2 ms, TNT-S bf16 step 0.66 -> 0.58 s), and the float32 softmax is also the more
+    accurate one (script: bench/tnt_bench.py, see bench/README.md).
     """
     if q.device.type == "cpu" and q.dtype != torch.float32:
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        attn = F.dropout(attn.softmax(dim=-1), dropout_p)
-        return attn @ v
+        attn = attn.float().softmax(dim=-1).to(q.dtype) if attn.shape[-1] < 32 else attn.softmax(dim=-1)
+        return F.dropout(attn, dropout_p) @ v
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
