@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,6 +96,10 @@ class ShardTask:
 def executor(args):
     import submitit
 
+    if args.dry_run and shutil.which("srun") is None:
+        # submitit refuses to build a Slurm executor where there is no srun; printing the
+        # script needs none (a dry run from a laptop or a fresh CI machine)
+        submitit.SlurmExecutor.affinity = classmethod(lambda cls: 1)
     ex = submitit.AutoExecutor(folder=args.folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     extra = dict(kv.split("=", 1) for kv in args.sbatch)
     params = dict(
