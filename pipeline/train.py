@@ -183,6 +183,7 @@ class EMA:
 class Trainer:
     def __init__(self, cfg: config_mod.Config):
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         self.cfg = cfg
         self.rank, self.world, self.local_rank = init_distributed()
@@ -195,6 +196,11 @@ class Trainer:
             raise InputError("train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false")
         if t.precision not in ("bf16", "fp16", "fp32"):
             raise InputError(f"train.precision must be bf16, fp16 or fp32, not {t.precision!r}")
+        if t.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            # DeepSpeed's CPU accelerator has fp16 only where oneDNN has fp16 kernels
+            # (AVX512-FP16/AMX-FP16); say so before any work, not from inside DeepSpeed
+            raise InputError(f"train.precision=fp16 is not supported by DeepSpeed on this device "
+                             f"({get_accelerator().device_name()}); use train.precision=bf16")
         if t.zero_stage == 0 and t.precision != "fp32":
             log.warning(
                 "ZeRO stage 0 with %s: DeepSpeed then updates the 16-bit weights directly (no fp32 master copy); "
