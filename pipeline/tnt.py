@@ -22,6 +22,10 @@ Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
 * patches are cut with a view/permute instead of ``nn.Unfold`` (im2col);
 * the pixel->patch projection is added to the patch tokens with one padded add
   instead of slicing + ``torch.cat`` of the class token;
+* with class-token pooling, ``forward`` computes only the class token in the last
+  block (timm computes all tokens and keeps one);
+* float32 linear layers on CPU run through oneDNN instead of MKL (:class:`Linear`);
+* in bf16/fp16 on CPU, the inner attention's softmax runs in float32 (:func:`attention`);
 * optional activation checkpointing per block (``set_grad_checkpointing``).
 
 No parameter is created outside ``__init__`` and nothing writes into a parameter in
@@ -37,7 +41,9 @@ parameters beyond ours; the 23.8M of the paper is matched without it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -46,10 +52,101 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline import compat  # noqa: F401  (timm needs torchvision to import)
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_dict", "param_groups", "count_params", "count_flops"]
+
+
+# ------------------------------------------------------------------ float32 GEMMs on CPU
+
+# Our own code, measured faster (bench/tnt_bench.py): on CPU, torch runs float32
+# matmuls through MKL, which takes slow code paths on AMD processors: on a Zen 5 EPYC,
+# TNT-S's outer MLP GEMM (1576x384x1536) takes 8.6 ms through MKL and 4.1 ms through
+# oneDNN, in forward and in both backward products alike (the whole TNT-S fp32 step:
+# 1.46 -> 0.97 s). torch already uses oneDNN for bf16/fp16 matmuls; for float32 it
+# has no switch that keeps IEEE float32 (``torch.backends.mkldnn.matmul.fp32_precision``
+# only offers bf16/tf32 down-conversion), so ``Linear`` calls oneDNN's linear itself.
+# Off with TNTP_ONEDNN_FP32=0; never used on CUDA, under autocast, or while
+# torch.compile traces (inductor does its own GEMM selection).
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_FP32 = {"on": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN_FP32", "1") != "0"}
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run ``Linear`` through ``F.linear`` (MKL): for FLOP counting and comparisons."""
+    saved = _ONEDNN_FP32["on"]
+    _ONEDNN_FP32["on"] = False
+    try:
+        yield
+    finally:
+        _ONEDNN_FP32["on"] = saved
+
+
+def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b through oneDNN (2-D x; w may be a transposed view)."""
+    return _onednn_linear(x, w, b, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x w^T + b with every product through oneDNN, except the weight gradient of
+    narrow layers (the inner stream's 24-96 wide ones: oneDNN 2.7 ms vs MKL 0.8 ms)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        return _dnn(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _dnn(g2, weight.t()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _dnn(g2.t(), x2.t()) if min(weight.shape) >= 64 else g2.t() @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same maths) whose float32 CPU products run
+    through oneDNN instead of MKL; see the comment above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            _ONEDNN_FP32["on"]
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return _OneDnnLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Mlp(nn.Module):
+    """timm's ``Mlp`` (fc1 -> act -> drop -> fc2 -> drop, same parameter names) on ``Linear``."""
+
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+# ------------------------------------------------------------------------------ model
 
 
 class Attention(nn.Module):
@@ -60,10 +157,10 @@ class Attention(nn.Module):
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.qk = Linear(dim, dim * 2, bias=qkv_bias)
+        self.v = Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
@@ -105,7 +202,7 @@ class SE(nn.Module):
     def __init__(self, dim: int, hidden_ratio: float = 0.25):
         super().__init__()
         hidden = int(dim * hidden_ratio)
-        self.fc = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+        self.fc = nn.Sequential(nn.LayerNorm(dim), Linear(dim, hidden), nn.ReLU(), Linear(hidden, dim), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.fc(x.mean(dim=1, keepdim=True))
@@ -135,15 +232,15 @@ class Block(nn.Module):
         self.norm_in = norm_layer(dim)
         self.attn_in = Attention(dim, num_heads_in, qkv_bias, attn_drop, proj_drop)
         self.norm_mlp_in = norm_layer(dim)
-        self.mlp_in = Mlp(dim, int(dim * mlp_ratio_in), dim, act_layer=act_layer, drop=proj_drop)
+        self.mlp_in = Mlp(dim, int(dim * mlp_ratio_in), act_layer, proj_drop)
         self.norm1_proj = norm_layer(dim * num_pixel)
-        self.proj = nn.Linear(dim * num_pixel, dim_out, bias=False)
+        self.proj = Linear(dim * num_pixel, dim_out, bias=False)
         self.norm2_proj = norm_layer(dim_out)
         self.norm_out = norm_layer(dim_out)
         self.attn_out = Attention(dim_out, num_heads_out, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm_mlp = norm_layer(dim_out)
-        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer, proj_drop)
         self.se_layer = SE(dim_out) if se else None
 
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor, cls_only: bool = False):
@@ -230,7 +327,7 @@ class TNT(nn.Module):
         self.num_patches = num_patches = self.pixel_embed.num_patches
         num_pixel = self.pixel_embed.new_patch_size[0] * self.pixel_embed.new_patch_size[1]
         self.norm1_proj = norm_layer(num_pixel * inner_dim)
-        self.proj = nn.Linear(num_pixel * inner_dim, embed_dim)
+        self.proj = Linear(num_pixel * inner_dim, embed_dim)
         self.norm2_proj = norm_layer(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
@@ -244,7 +341,7 @@ class TNT(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.patch_pos, std=0.02)
         trunc_normal_(self.pixel_pos, std=0.02)
@@ -275,7 +372,7 @@ class TNT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
         """Normed tokens (B, 1 + patches, d); ``cls_only``: the class token alone (B, 1, d),
@@ -421,7 +518,7 @@ def count_flops(model: TNT, batch_size: int = 1) -> dict[str, float]:
     try:
         # The CPU flash-attention kernel is not registered with the flop counter; the
         # math backend runs attention as counted matmuls (same result).
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model.forward_head(model.forward_features(x))  # all tokens, as the paper counts
     finally:
         model.train(was_training)

@@ -238,3 +238,47 @@ def test_class_token_shortcut_equals_the_full_last_block(se):
         assert model.forward_features(x, cls_only=True).shape == (4, 1, model.embed_dim)
         model.reset_classifier(10, global_pool="avg")  # average pooling needs every token: full path
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+
+
+@pytest.mark.skipif(tnt._onednn_linear is None, reason="torch built without oneDNN")
+@pytest.mark.parametrize("shape,bias", [((2, 197, 384), True), ((3, 16, 24), True), ((5, 96), False)])
+def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    width = shape[-1]
+    for out_features in (width * 4, 24):  # wide (oneDNN weight gradient) and narrow (MKL's)
+        layer = tnt.Linear(width, out_features, bias=bias)
+        x = torch.randn(*shape, requires_grad=True)
+        g = torch.randn(*shape[:-1], out_features)
+        with profile() as prof:
+            y = layer(x)
+            y.backward(g)
+        assert any("_linear_pointwise" in e.name for e in prof.events())  # the oneDNN path ran
+        got = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
+        x.grad = None
+        layer.zero_grad()
+        with tnt.reference_kernels():
+            y_ref = layer(x)
+            y_ref.backward(g)
+        ref = (y_ref.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
+        for a, b in zip(got, ref):
+            if b is not None:  # float32 sums in another order: within 1e-5 of the largest value
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_model_gradients_equal_with_reference_kernels():
+    torch.manual_seed(0)
+    model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
+    x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
+
+    def grads():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast = grads()
+    with tnt.reference_kernels():
+        ref = grads()
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

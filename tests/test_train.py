@@ -50,7 +50,7 @@ def losses(out) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(out) if "train/loss" in m}
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")])
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32"), (2, "fp16")])
 def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     out = str(tmp_path / "run")
     ema = "train.ema=false" if stage == 3 else "train.ema=true"
