@@ -466,7 +466,12 @@ class Trainer:
         flags = torch.tensor([float(not torch.isfinite(loss)), float(self.signal.received)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, signalled = flags.tolist()  # one device sync for both
-        self.signal.received = bool(signalled)
+        # Decide on the agreed value only: the handler may set `received` on one rank
+        # at any moment, also after this all-reduce (that rank alone would then
+        # checkpoint, a collective, while the others wait in the next all-reduce).
+        stop = signalled > 0
+        if stop:
+            self.signal.received = True  # never cleared: a signal is sent only once
         if nonfinite > 0:  # every rank skips together (ZeRO steps are collective)
             self.nonfinite += 1
             log.warning("non-finite loss at step %d (%d in a row): batch skipped", self.step, self.nonfinite)
@@ -490,7 +495,7 @@ class Trainer:
             self.ema.update(self.engine.module)
         if self.step % t.log_every == 0 or self.step == self.total_steps:
             self._log_window(window, peak, epoch)
-        if self.signal.received:
+        if stop:
             log.warning("checkpoint signal (time limit or preemption): checkpointing at step %d, then requeue", self.step)
             self.save()
             self.tracker.end("KILLED")
