@@ -124,6 +124,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
+            and x.numel() > 0
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
         ):
