@@ -65,8 +65,9 @@ __all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_d
 # TNT-S's outer MLP GEMM (1576x384x1536) takes 8.6 ms through MKL and 4.1 ms through
 # oneDNN, in forward and in both backward products alike (the whole TNT-S fp32 step:
 # 1.46 -> 0.97 s). torch already uses oneDNN for bf16/fp16 matmuls; for float32 it
-# has no switch that keeps IEEE float32 (``torch.backends.mkldnn.matmul.fp32_precision``
-# only offers bf16/tf32 down-conversion), so ``Linear`` calls oneDNN's linear itself.
+# has no switch that keeps IEEE float32 (``torch.backends.mkldnn.matmul.fp32_precision``:
+# "ieee" still calls MKL, measured 8.1 ms; "bf16"/"tf32" permit down-conversion), so
+# ``Linear`` calls oneDNN's linear itself.
 # Off with TNTP_ONEDNN_FP32=0; never used on CUDA, under autocast, or while
 # torch.compile traces (inductor does its own GEMM selection).
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -182,7 +183,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     On CUDA and in float32 on CPU, ``F.scaled_dot_product_attention``. On a 2-core Xeon
     (AVX-512/AMX) the CPU flash kernel took fwd+bwd of the inner attention of TNT-S
     (1568x4 heads x 16 tokens x 6) in 10.5 ms vs 31.7 ms for the explicit form; on a
-    2-core AMD EPYC (Zen 5) the two are within noise in the whole model. In bf16/fp16
+    2-core AMD EPYC (Zen 5) the explicit form is faster alone (7.9 vs 11.9 ms) but the
+    difference was inside run-to-run noise in the whole model. In bf16/fp16
     on CPU the flash kernel is 2-3x slower (inner: 28.3 vs 10.9 ms), so half precision
     on CPU takes the explicit form, with the softmax of rows shorter than 32 (the inner
     attention's 16 tokens) in float32: the half-precision softmax kernels vectorise
