@@ -66,8 +66,12 @@ mode), then on the batch Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (timm's
 ``Mixup``, batch mode), all in the workers. Our own code only where it measurably
 pays (``bench/loader_bench.py``): the crop is drawn from the JPEG header's size and
 the JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL draft mode) whenever the crop
-stays at least the output size; the crop and resize are one PIL call; see
-:class:`BatchFinish` for normalising and mixing.
+stays at least the output size; the crop and resize are one PIL call;
+RandAugment's geometric ops (rotate, shear, translate: timm's choice, magnitudes and
+matrices) warp through OpenCV, 3.4x faster than PIL (:class:`_CvAffine`;
+``Augment(cv2_geometry=False)`` keeps PIL's); batches are written into memory that
+is reused once nobody reads it (:class:`_Buffers`); see :class:`BatchFinish` for
+normalising and mixing.
 
 Bad data: a sample that fails to decode, a truncated tar or a missing shard is
 logged (rate-limited, with rank, worker and shard), counted and skipped; counts
@@ -82,6 +86,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 from contextlib import contextmanager
@@ -184,6 +189,7 @@ class Augment:
     label_smoothing: float = 0.1  # applied to the (mixed) targets
     crop_pct: float = 0.9  # eval: resize to img_size / crop_pct, centre crop
     draft: bool = True  # decode JPEGs at reduced scale when the crop allows
+    cv2_geometry: bool = True  # RandAugment's rotate/shear/translate warped by OpenCV (see _CvAffine)
 
     @classmethod
     def light(cls, img_size: int = 224) -> "Augment":
@@ -202,6 +208,77 @@ def _draft(img: Image.Image, needed: tuple[float, float]) -> tuple[float, float]
     if img.format == "JPEG" and w >= 2 * needed[0] and h >= 2 * needed[1]:
         img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (math.ceil(needed[0]), math.ceil(needed[1])))
     return img.size[0] / w, img.size[1] / h
+
+
+class _CvAffine:
+    """One of timm's geometric RandAugment ops (rotate, shear, translate) with the warp
+    done by OpenCV's ``warpAffine`` instead of PIL's ``Image.transform``.
+
+    Our own code because it measured faster: PIL's affine transform has no vectorised
+    bicubic path (1.5 ms per 224x224 RGB image on the AMD EPYC, for each of rotate,
+    shear and translate) and OpenCV's does (0.44 ms); with RandAugment rand-m9 about one
+    image in three gets a geometric op, so this is ~0.4 of the ~2.7 ms a training image
+    costs (``bench/loader_bench.py``). timm still picks the op, draws its magnitude and
+    its filter and builds the affine matrix exactly as PIL does (pixel centres
+    included); only the interpolation differs: OpenCV's bicubic uses a = -0.75 where
+    PIL's uses -0.5, and OpenCV blends the border with the fill colour where PIL cuts
+    it (``test_data.py::test_cv2_geometry_matches_pil`` bounds the difference).
+    ``Augment(cv2_geometry=False)`` keeps PIL's.
+    """
+
+    INTER = {Image.BICUBIC: "INTER_CUBIC", Image.BILINEAR: "INTER_LINEAR", Image.NEAREST: "INTER_NEAREST"}
+
+    def __init__(self, name: str, fallback):
+        self.name, self.fallback = name, fallback
+
+    @staticmethod
+    def matrix(name: str, size: tuple[int, int], arg: float) -> tuple[float, ...]:
+        """PIL's ``AFFINE`` data (output -> input) for the op, as timm and PIL build it."""
+        w, h = size
+        if name == "Rotate":  # PIL's Image.rotate(arg) about the centre, no expand
+            angle = -math.radians(arg)
+            a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+            cx, cy = w / 2, h / 2
+            return (a, b, a * -cx + b * -cy + cx, -b, a, -b * -cx + a * -cy + cy)
+        if name == "ShearX":
+            return (1, arg, 0, 0, 1, 0)
+        if name == "ShearY":
+            return (1, 0, 0, arg, 1, 0)
+        dx = {"TranslateXRel": arg * w, "TranslateX": arg}.get(name, 0.0)
+        dy = {"TranslateYRel": arg * h, "TranslateY": arg}.get(name, 0.0)
+        return (1, 0, dx, 0, 1, dy)
+
+    def __call__(self, img: Image.Image, arg: float, **kwargs) -> Image.Image:
+        import cv2
+        from timm.data.auto_augment import _check_args_tf
+
+        kwargs = dict(kwargs)
+        _check_args_tf(kwargs)  # timm's draw of the filter (random when configured so)
+        inter = self.INTER.get(kwargs["resample"])
+        if inter is None or img.mode not in ("RGB", "L"):
+            return self.fallback(img, arg, **kwargs)
+        a, b, c, d, e, f = self.matrix(self.name, img.size, arg)
+        # PIL samples output pixel (x, y) at input a(x+.5) + b(y+.5) + c - .5 (pixel centres)
+        m = np.array([[a, b, c + (a + b - 1) / 2], [d, e, f + (d + e - 1) / 2]])
+        fill = kwargs.get("fillcolor")
+        fill = (0,) * 3 if fill is None else (fill,) * 3 if isinstance(fill, (int, float)) else tuple(fill)
+        out = cv2.warpAffine(
+            np.asarray(img), m, img.size, flags=getattr(cv2, inter) | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=fill,
+        )
+        return Image.fromarray(out)
+
+
+def _use_cv2_geometry(transform) -> None:
+    """Route the geometric ops of every timm RandAugment inside ``transform`` to OpenCV."""
+    import cv2
+
+    if torch.utils.data.get_worker_info() is not None:
+        cv2.setNumThreads(1)  # DataLoader workers are the parallelism (torch does the same)
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if op.name in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"):
+                op.aug_fn = _CvAffine(op.name, op.aug_fn)
 
 
 class TrainTransform:
@@ -226,6 +303,8 @@ class TrainTransform:
         )
         self.crop = primary.transforms[0]  # timm's RandomResizedCropAndInterpolation (its get_params)
         self.secondary = secondary  # RandAugment or colour jitter (timm)
+        if aug.cv2_geometry:
+            _use_cv2_geometry(secondary)
         self.resample = _RESAMPLE[aug.interpolation]
 
     def __call__(self, data: bytes) -> np.ndarray:
@@ -464,15 +543,72 @@ def _worker() -> tuple[int, int, bool]:
     return (0, 1, True) if info is None else (info.id, info.num_workers, False)
 
 
-def _batch_tensor(shape: tuple[int, ...], shared: bool, zero: bool = False) -> torch.Tensor:
+def _batch_tensor(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
     """A float batch; in a DataLoader worker, allocated in shared memory straight away
     (as ``default_collate`` does), so sending it to the main process copies nothing
     (otherwise the worker copies each batch, 38.5 MB at 64x224^2, into shared memory)."""
     if not shared:
-        return torch.zeros(shape) if zero else torch.empty(shape)
+        return torch.empty(shape)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # float32
-    out = torch.empty(0).set_(storage, 0, shape)
-    return out.zero_() if zero else out
+    return torch.empty(0).set_(storage, 0, shape)
+
+
+def _uses(t: torch.Tensor) -> int:
+    """Tensors (views included) that share ``t``'s memory, in this process."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _Buffers:
+    """Batch tensors that are written again once nobody reads them any more.
+
+    Our own code because it measured faster: a fresh 38.5 MB batch pays its pages'
+    first-touch faults, 0.33 ms per 224^2 image in shared memory on the 2-core AMD EPYC
+    VM against 0.06 ms to write the same image into memory already touched, ~11% of
+    the loader's CPU time per image (``bench/loader_bench.py``). A buffer is written
+    again only when it is free:
+
+    * ``recycle="uses"`` (the batches are read in this process: no DataLoader workers,
+      or simulated ones): when no tensor other than ours uses its memory;
+    * ``recycle=queue`` (a DataLoader worker): when the main process sends its id back,
+      which :class:`Loader` does after the same check there (with ``pin_memory``, as
+      soon as the batch has been copied into pinned memory);
+    * ``recycle=None``: never (a worker of a DataLoader other than :class:`Loader`'s).
+
+    At most ``keep`` buffers are kept; when all are in use a new one is made and the
+    oldest is forgotten (freed once its readers let go of it).
+    """
+
+    def __init__(self, shared: bool, recycle=None, keep: int = 4):
+        self.shared, self.recycle = shared, recycle
+        self.keep = keep if recycle is not None else 0
+        self.held: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (buffer, its uses alone), oldest first
+        self.free: set[int] = set()
+        self.next = 0
+
+    def _collect(self) -> None:
+        if self.recycle == "uses":
+            self.free |= {i for i, (t, alone) in self.held.items() if _uses(t) <= alone}
+        elif self.recycle is not None:
+            while not self.recycle.empty():
+                self.free.add(self.recycle.get())
+            self.free &= self.held.keys()
+
+    def take(self, shape: tuple[int, ...], zero: bool = False) -> tuple[int, torch.Tensor]:
+        """(id, a view of a free buffer of ``shape``); the caller may write it freely."""
+        self._collect()
+        found = next((i for i in self.held if i in self.free and self.held[i][0].shape == shape), None)
+        if found is None:
+            found, self.next = self.next, self.next + 1
+            t = _batch_tensor(shape, self.shared)
+            self.held[found] = (t, _uses(t))
+            while len(self.held) > self.keep:
+                self.free.discard(oldest := next(iter(self.held)))
+                del self.held[oldest]
+        else:
+            self.held[found] = self.held.pop(found)  # newest last
+            self.free.discard(found)
+        out = self.held[found][0].detach() if found in self.held else t
+        return found, out.zero_() if zero else out
 
 
 # ---------------------------------------------------------------- streams
@@ -517,6 +653,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             )
         # Set by Loader before each epoch (pickled into the workers with the dataset).
         self.epoch, self.start, self.num_workers = 0, 0, 1
+        self.returns, self.keep = None, 4  # per worker: ids of buffers free again (_Buffers)
         self._transform = self._finish = None
 
     def __len__(self) -> int:
@@ -563,6 +700,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         physical, workers, main = _worker()
         return self.iter_worker(physical, workers, main)
 
+    def _buffers(self, physical: int, main: bool) -> _Buffers:
+        if main:
+            return _Buffers(shared=False, recycle="uses", keep=self.keep)
+        return _Buffers(shared=True, recycle=self.returns[physical] if self.returns else None, keep=self.keep)
+
     def iter_worker(self, physical: int, workers: int, main: bool = False) -> Iterator[dict]:
         """The batches DataLoader worker ``physical`` of ``workers`` yields this epoch."""
         self._setup()
@@ -570,12 +712,13 @@ class TrainStream(torch.utils.data.IterableDataset):
         done = sum(1 for k in range(self.start) if k % workers == logical)
         total = self.worker_batches(logical, workers)
         report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
+        buffers = self._buffers(physical, main)
         stream = self._positions(logical, workers, report)
         for _ in range(done * self.batch_size):  # resume: skip, without decoding
             next(stream)
         B, S = self.batch_size, self.augment.img_size
         for j in range(done, total):
-            image = _batch_tensor((B, 3, S, S), shared=not main)
+            buffer, image = buffers.take((B, 3, S, S))
             labels, keys = [], []
             while len(labels) < B:
                 v, sample = next(stream)
@@ -593,7 +736,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             index = j * workers + logical  # the batch's index in the rank's epoch
             with _seeded(_seed_of("batch", self.seed, self.epoch, self.rank, index), restore=main):
                 target = self._finish.mix(image, label)
-            yield {"image": image, "target": target, "label": label, "key": keys, "bad": report.take()}
+            yield {"image": image, "target": target, "label": label, "key": keys, "bad": report.take(), "buffer": (physical, buffer)}
 
 
 class EvalStream(TrainStream):
@@ -608,6 +751,7 @@ class EvalStream(TrainStream):
         self.rank, self.world_size = rank, world_size
         self.augment = augment
         self.seed, self.epoch, self.start, self.num_workers = 0, 0, 0, 1
+        self.returns, self.keep = None, 4
         self._transform = self._finish = None
         self.batches = None  # depends on the number of workers: see worker_batches
 
@@ -625,12 +769,13 @@ class EvalStream(TrainStream):
         n = self.manifest.num_samples
         lo, hi = slot * n // slots, (slot + 1) * n // slots
         report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
+        buffers = self._buffers(physical, main)
         seq = _Sequence(self.manifest, list(range(len(self.manifest.urls))))
         samples = seq.read(lo, report) if hi > lo else iter(())
         S = self.augment.img_size
         pos = lo
         for _ in range(self.worker_batches(0, workers)):
-            image = _batch_tensor((self.batch_size, 3, S, S), shared=not main, zero=True)  # padding: blank, label -1
+            buffer, image = buffers.take((self.batch_size, 3, S, S), zero=True)  # padding: blank, label -1
             labels, keys = [], []
             while pos < hi and len(labels) < self.batch_size:
                 p, sample = next(samples)
@@ -648,7 +793,7 @@ class EvalStream(TrainStream):
                 keys.append(sample["__key__"])
             pad = self.batch_size - len(labels)
             label = torch.tensor(labels + [-1] * pad)
-            yield {"image": image, "label": label, "key": keys + [""] * pad, "bad": report.take()}
+            yield {"image": image, "label": label, "key": keys + [""] * pad, "bad": report.take(), "buffer": (physical, buffer)}
 
 
 # ---------------------------------------------------------------- loader
@@ -699,6 +844,9 @@ class Loader:
         self.stream.epoch, self.stream.start = epoch, start
         if start >= len(self.stream):
             return
+        # Per worker, the ids of its batch buffers that nobody here reads any more (_Buffers).
+        returns = [multiprocessing.get_context().SimpleQueue() for _ in range(self.workers)] if self.workers else None
+        self.stream.returns, self.stream.keep = returns, self.prefetch + 3
         dl = torch.utils.data.DataLoader(
             self.stream,
             batch_size=None,
@@ -707,10 +855,29 @@ class Loader:
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
         )
+        lent: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (worker, id) -> (buffer, its uses alone)
+        kept: dict[tuple[int, int], torch.Tensor] = {}  # returned, held so the next arrival maps nothing new
         for batch in dl:
             bad_samples, bad_shards = batch.pop("bad")
             self.counters["bad_samples"] += int(bad_samples)
             self.counters["bad_shards"] += int(bad_shards)
+            worker, buffer = batch.pop("buffer")
+            if returns is not None:
+                for key, (t, alone) in list(lent.items()):
+                    if _uses(t) <= alone:
+                        del lent[key]
+                        kept[key] = t
+                        returns[key[0]].put(key[1])
+                image, key = batch["image"], (worker, buffer)
+                kept.pop(key, None)
+                if image.is_shared():  # still the worker's buffer: lend a view, take it back later
+                    lent[key] = (image, _uses(image))
+                    batch["image"] = image.detach()
+                else:  # pinned: copied, the worker may write it again now
+                    returns[worker].put(buffer)
+                while len(kept) > self.workers * self.stream.keep:
+                    del kept[next(iter(kept))]
+                del image
             self.batch_index += 1
             yield batch
         if self.stream.train:

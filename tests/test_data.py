@@ -247,3 +247,66 @@ def test_mixing_equals_timm(seed):
     ours = x.clone()
     t = finish.mix(ours, labels)
     assert torch.allclose(ours, ref_x, atol=1e-6) and torch.allclose(t, ref_t)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_buffers_are_reused_only_when_free(photo_shards, workers):
+    """Batch memory is written again once the consumer has let go of it, never before:
+    batches held for a while (one of them to the end) keep their values, and fewer
+    buffers than batches are used."""
+    m = load_manifest(photo_shards)
+    ref = [b["image"] for b in rank_batches(TrainStream(m, 4, augment=LIGHT), max(1, workers))]  # fresh memory each
+    loader = Loader(TrainStream(m, 4, augment=LIGHT), workers=workers, pin_memory=False)
+    first, window, buffers = None, [], set()
+    for k, b in enumerate(loader.epoch(0)):
+        buffers.add(b["image"].untyped_storage().data_ptr())
+        first = first or (k, b)
+        window.append((k, b))
+        if len(window) > 2:  # a consumer that looks back two batches
+            j, old = window.pop(0)
+            assert torch.equal(old["image"], ref[j]), f"batch {j} was overwritten while held"
+        del b
+    assert torch.equal(first[1]["image"], ref[0])
+    assert k + 1 == len(ref) and len(buffers) < len(ref) // 2, (len(buffers), len(ref))
+
+
+def test_cv2_geometry_matches_pil():
+    """RandAugment's rotate/shear/translate through OpenCV: timm's matrices and PIL's
+    pixel-centre convention; only the bicubic kernel (a=-0.75 vs -0.5) and the border
+    blending differ."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from timm.data import auto_augment as aa
+
+    from pipeline.data import _CvAffine
+
+    img = Image.fromarray(np.ascontiguousarray(load_sample_image("china.jpg")[100:324, 200:424]))
+    kw = {"fillcolor": (128, 128, 128), "resample": Image.BICUBIC}
+    ops = [("Rotate", aa.rotate, 27.0), ("Rotate", aa.rotate, -90.0), ("ShearX", aa.shear_x, 0.3), ("ShearY", aa.shear_y, -0.2),
+           ("TranslateXRel", aa.translate_x_rel, 0.37), ("TranslateYRel", aa.translate_y_rel, -0.21), ("TranslateX", aa.translate_x_abs, 33.3)]
+    for name, fn, arg in ops:
+        ref = np.asarray(fn(img, arg, **kw)).astype(float)
+        out = np.asarray(_CvAffine(name, fn)(img, arg, **kw)).astype(float)
+        d = np.abs(ref - out)
+        assert out.shape == ref.shape and d.mean() < 1.5 and (d > 12).mean() < 0.01, (name, arg, d.mean(), (d > 12).mean())
+    assert np.array_equal(np.asarray(_CvAffine("Rotate", aa.rotate)(img, -90.0, **kw)), np.asarray(img.rotate(-90.0)))
+
+
+def test_cv2_geometry_keeps_timm_random_draws(photo_shards):
+    """With and without OpenCV the same ops and magnitudes are drawn: the images stay close."""
+    from pipeline.data import TrainTransform, _CvAffine, _seeded
+
+    m = load_manifest(photo_shards)
+    samples = list(webdataset.WebDataset(m.urls[0], shardshuffle=False))[:8]
+    aug = Augment(img_size=48, auto_augment="rand-m9-mstd0.5-inc1")
+    fast, slow = TrainTransform(aug), TrainTransform(dataclasses.replace(aug, cv2_geometry=False))
+    ops = [op for t in fast.secondary.transforms for op in getattr(t, "ops", [])]
+    assert sum(isinstance(op.aug_fn, _CvAffine) for op in ops) == 5  # rotate, shear x/y, translate x/y
+    diffs = []
+    for i, s in enumerate(samples * 4):
+        with _seeded(i, restore=True):
+            a = fast(s["jpg"]).astype(float)
+        with _seeded(i, restore=True):
+            b = slow(s["jpg"]).astype(float)
+        diffs.append(np.abs(a - b).mean())
+    assert max(diffs) < 4 and 0 < sum(diffs), diffs  # some geometric op was drawn, and it stayed close
