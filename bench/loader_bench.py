@@ -7,14 +7,17 @@ classes; a second set at twice the size), same recipe: RandomResizedCrop 224
 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, normalise (0.5), random erasing
 0.25 pixel, Mixup 0.8 / CutMix 1.0 with smoothing 0.1 (timm's, applied to the batch
 in the training loop, as timm's train.py does without its CUDA prefetcher).
-  - ours:  shards -> pipeline.data.Loader(TrainStream(...)), Mixup in the workers
+  - ours:  shards -> pipeline.data.Loader(TrainStream(...)), Mixup in the workers;
+           RandAugment's rotate/shear/translate warp through OpenCV (its default)
+  - ours, PIL geometry: the same with Augment(cv2_geometry=False), i.e. exactly
+           timm's operators (ImageNet-sized set only)
   - timm:  timm.data.create_dataset(folder) + create_loader(is_training=True, ...)
 Both run one epoch per configuration, after one warm-up epoch; the first batch of
 each epoch (worker start-up) is not timed. Prints images/s (wall) and images per
 CPU-second of all processes (main + workers: the per-core figure), ours/timm for
-both, and a ceiling: timm's CPU time per image over the time of the PIL work both
-pipelines share (decode, crop+resize, RandAugment), i.e. the largest per-CPU-second
-ratio any loader running those same operators could reach.
+both, and a ceiling: timm's CPU time per image over the time of its PIL work (decode,
+crop+resize, RandAugment with PIL's geometry), i.e. the largest per-CPU-second ratio
+any loader running timm's own operators could reach.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pipeline import shard  # noqa: E402
 from pipeline.compat import fix_timm_posterize  # noqa: E402
 from pipeline.data import TNT_MEAN, TNT_STD, Augment, Loader, TrainStream, TrainTransform, load_manifest  # noqa: E402
 from shard_bench import make_synthetic, warm  # noqa: E402
+
+PIL_GEOMETRY = Augment(cv2_geometry=False)  # timm's operators exactly
 
 
 def cpu_seconds() -> float:
@@ -70,8 +75,8 @@ def rate(batches) -> tuple[float, float]:
     return m / wall, (n + m) / (cpu_seconds() - c0)
 
 
-def ours(split_dir: str, batch: int, workers: int):
-    loader = Loader(TrainStream(load_manifest(split_dir), batch, augment=Augment()), workers=workers)
+def ours(split_dir: str, batch: int, workers: int, augment: Augment = Augment()):
+    loader = Loader(TrainStream(load_manifest(split_dir), batch, augment=augment), workers=workers)
     for epoch in range(2):
         yield ((b["image"], b["target"]) for b in loader.epoch(epoch))
 
@@ -102,35 +107,41 @@ def timm_folder(root: str, batch: int, workers: int):
         yield (mixup(x, y) for x, y in loader)
 
 
-def shared_floor(root: str, count: int = 500) -> float:
-    """Seconds per image of the work both pipelines do with the same PIL code: decode,
-    RandomResizedCrop + bicubic resize, flip, RandAugment (our ``TrainTransform``, one
-    thread, in this process). No loader can spend less CPU per image than this."""
+def shared_floor(root: str, count: int = 500, augment: Augment = PIL_GEOMETRY) -> float:
+    """Seconds per image of the image work: decode, RandomResizedCrop + bicubic resize,
+    flip, RandAugment (our ``TrainTransform``, one thread, in this process). With PIL's
+    geometry it is the work timm's pipeline does with the same PIL code: no loader
+    running those operators can spend less CPU per image than this."""
     paths = sorted(os.path.join(d, f) for d, _, names in os.walk(os.path.join(root, "train")) for f in names)[:count]
     blobs = [open(p, "rb").read() for p in paths]
-    transform = TrainTransform(Augment())
+    transform = TrainTransform(augment)
     t = time.perf_counter()
     for blob in blobs:
         transform(blob)
     return (time.perf_counter() - t) / len(blobs)
 
 
-def bench(name: str, root: str, args, tmp: str) -> None:
+def bench(name: str, root: str, args, tmp: str, pil_row: bool) -> None:
     files, size = warm(root)
     out = os.path.join(tmp, "shards-" + name.split()[0])
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main([root, "--out", out, "--quiet"]) == 0
-    floor = shared_floor(root)
-    print(f"\n{name}: {files} JPEGs, mean {size / files / 1e3:.0f} KB, batch {args.batch}; "
-          f"shared PIL work (decode, crop+resize, RandAugment) {floor * 1e3:.2f} ms/img = {1 / floor:.0f} img/CPU-s")
+    floor, ours_floor = shared_floor(root), shared_floor(root, augment=Augment())
+    print(f"\n{name}: {files} JPEGs, mean {size / files / 1e3:.0f} KB, batch {args.batch}; image work (decode, "
+          f"crop+resize, RandAugment): timm's operators {floor * 1e3:.2f} ms/img, ours {ours_floor * 1e3:.2f} ms/img")
     for workers in args.workers:
-        theirs_epochs = timm_folder(os.path.join(root, "train"), args.batch, workers)
-        ours_epochs = ours(os.path.join(out, "train"), args.batch, workers)
-        rate(next(theirs_epochs)), rate(next(ours_epochs))  # warm-up epoch (page cache, imports)
-        (t, tc), (o, oc) = rate(next(theirs_epochs)), rate(next(ours_epochs))
-        print(f"  {workers} worker(s): timm ImageFolder {t:6.1f} img/s {tc:6.1f} img/CPU-s   "
-              f"ours {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, {oc / tc:.2f}x per CPU-s   "
-              f"(ceiling per CPU-s: {1 / floor / tc:.2f}x)", flush=True)
+        runs = {"timm ImageFolder": timm_folder(os.path.join(root, "train"), args.batch, workers),
+                "ours": ours(os.path.join(out, "train"), args.batch, workers)}
+        if pil_row:
+            runs["ours, PIL geometry"] = ours(os.path.join(out, "train"), args.batch, workers, PIL_GEOMETRY)
+        for epochs in runs.values():
+            rate(next(epochs))  # warm-up epoch (page cache, imports)
+        (t, tc), *rest = [rate(next(epochs)) for epochs in runs.values()]
+        print(f"  {workers} worker(s): timm ImageFolder {t:6.1f} img/s {tc:6.1f} img/CPU-s"
+              f"   (ceiling per CPU-s with timm's operators: {1 / floor / tc:.2f}x)")
+        for label, (o, oc) in zip(list(runs)[1:], rest):
+            print(f"    {label:20s} {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, "
+                  f"{oc / tc:.2f}x per CPU-s", flush=True)
 
 
 def main() -> None:
@@ -143,8 +154,8 @@ def main() -> None:
     fix_timm_posterize()  # timm's own loader crashes on Pillow >= 11 without it (see pipeline/compat.py)
     print(f"cpus: {os.cpu_count()}, torch threads in the main process: 1")
     with tempfile.TemporaryDirectory() as tmp:
-        bench("ImageNet-sized (~500x375)", make_synthetic(os.path.join(tmp, "syn"), args.images), args, tmp)
-        bench("large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp)
+        bench("ImageNet-sized (~500x375)", make_synthetic(os.path.join(tmp, "syn"), args.images), args, tmp, True)
+        bench("large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp, False)
 
 
 if __name__ == "__main__":

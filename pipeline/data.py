@@ -269,12 +269,20 @@ class _CvAffine:
         return Image.fromarray(out)
 
 
-def _use_cv2_geometry(transform) -> None:
-    """Route the geometric ops of every timm RandAugment inside ``transform`` to OpenCV."""
+def _cv2_one_thread() -> None:
+    """OpenCV without its thread pool: one 224^2 warp is too small to split (2 threads
+    cost more CPU per image than they save), and loaders run in parallel over DataLoader
+    workers. Called in the main process before workers fork: a forked child that
+    reconfigures a pool its parent had started hangs (its threads do not exist there)."""
     import cv2
 
-    if torch.utils.data.get_worker_info() is not None:
-        cv2.setNumThreads(1)  # DataLoader workers are the parallelism (torch does the same)
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def _use_cv2_geometry(transform) -> None:
+    """Route the geometric ops of every timm RandAugment inside ``transform`` to OpenCV."""
+    _cv2_one_thread()
     for t in getattr(transform, "transforms", [transform]):
         for op in getattr(t, "ops", []):
             if op.name in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"):
@@ -646,6 +654,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.repeats = max(1, repeats)
         self.shuffle_buffer = shuffle_buffer
         self.epoch_samples = epoch_samples or manifest.num_samples
+        if augment.cv2_geometry and augment.auto_augment:
+            _cv2_one_thread()  # here, before DataLoader workers fork
         self.batches = self.epoch_samples // (world_size * batch_size)
         if self.batches == 0:
             raise InputError(

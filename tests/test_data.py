@@ -310,3 +310,17 @@ def test_cv2_geometry_keeps_timm_random_draws(photo_shards):
             b = slow(s["jpg"]).astype(float)
         diffs.append(np.abs(a - b).mean())
     assert max(diffs) < 4 and 0 < sum(diffs), diffs  # some geometric op was drawn, and it stayed close
+
+
+@pytest.mark.timeout(300)
+def test_workers_start_after_opencv_threads_ran_here(photo_shards):
+    """A 0-worker epoch runs OpenCV in this process; workers forked afterwards must not
+    hang reconfiguring a thread pool that does not exist in them (it did once)."""
+    import cv2
+
+    cv2.setNumThreads(2)
+    cv2.warpAffine(np.zeros((256, 256, 3), np.uint8), np.eye(2, 3), (256, 256))  # starts the pool here
+    m = load_manifest(photo_shards)
+    loader = Loader(TrainStream(m, 8, augment=Augment(img_size=32)), workers=1, pin_memory=False)
+    assert cv2.getNumThreads() == 1
+    assert sum(1 for _ in loader.epoch(0)) == len(loader)
