@@ -613,9 +613,10 @@ class _Buffers:
                 self.free.discard(oldest := next(iter(self.held)))
                 del self.held[oldest]
         else:
-            self.held[found] = self.held.pop(found)  # newest last
+            t, alone = self.held.pop(found)
+            self.held[found] = (t, alone)  # newest last
             self.free.discard(found)
-        out = self.held[found][0].detach() if found in self.held else t
+        out = t.detach()  # a view: counted by _uses while the reader holds it
         return found, out.zero_() if zero else out
 
 
