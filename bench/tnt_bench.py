@@ -3,7 +3,9 @@
     .venv/bin/python bench/tnt_bench.py [--batch 8] [--steps 6] [--warmup 2] [--compile]
 
 Same weights (timm's state dict loaded into ours), same batch, same threads
-(torch.get_num_threads()), float32 and bf16 autocast. Prints the median step time
+(torch.get_num_threads()), float32, bf16 autocast, and "bf16 module": weights and
+activations in bf16 without autocast, which is how DeepSpeed's bf16 engine runs the
+model in training (fp32 master weights live in the optimizer). Prints the median step time
 of each, the ratio timm/ours (> 1: ours is faster), and the peak RSS growth of the
 process during each measurement (CPU: there is no allocator peak counter).
 With --compile also times ``torch.compile`` of ours. Also prints a roofline: the step's
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import resource
 import statistics
@@ -37,10 +40,13 @@ def time_steps(model, x, y, precision: str, steps: int, warmup: int) -> tuple[fl
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    if precision == "bf16-module":
+        x = x.bfloat16()
+
     def step():
         model.zero_grad(set_to_none=True)
         with ctx():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -60,11 +66,11 @@ def step_flops(model, precision: str) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    x, y = torch.randn(1, 3, 224, 224), torch.zeros(1, dtype=torch.long)
+    x, y = torch.randn(1, 3, 224, 224, dtype=next(model.parameters()).dtype), torch.zeros(1, dtype=torch.long)
     # reference kernels: the flop counter knows aten's matmuls, not oneDNN's linear
     with tnt.reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -108,17 +114,18 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch,))
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, fwd+bwd")
     eager = {}
-    for precision in ("fp32", "bf16"):
-        t_ref, m_ref = time_steps(ref, x, y, precision, args.steps, args.warmup)
-        t_ours, m_ours = time_steps(ours, x, y, precision, args.steps, args.warmup)
+    for precision in ("fp32", "bf16", "bf16-module"):
+        pair = (ref, ours) if precision != "bf16-module" else (copy.deepcopy(ref).bfloat16(), copy.deepcopy(ours).bfloat16())
+        t_ref, m_ref = time_steps(pair[0], x, y, precision, args.steps, args.warmup)
+        t_ours, m_ours = time_steps(pair[1], x, y, precision, args.steps, args.warmup)
         eager[precision] = t_ref
         print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
               f"(peak RSS growth: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)", flush=True)
         # Roofline: even if every FLOP ran at the best GEMM rate and nothing else cost
         # time, a step could not be faster than this.
-        rates = gemm_rate(torch.bfloat16 if precision == "bf16" else torch.float32)
+        rates = gemm_rate(torch.float32 if precision == "fp32" else torch.bfloat16)
         rate = max(rates.values())
-        f_ref, f_ours = (step_flops(m, precision) * args.batch for m in (ref, ours))
+        f_ref, f_ours = (step_flops(m, precision) * args.batch for m in pair)
         floor = f_ours / rate
         print(f"      GEMM ceiling {rate / 1e9:.0f} GFLOP/s ({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.items())}); "
               f"step FLOPs timm {f_ref / 1e9:.0f} G, ours {f_ours / 1e9:.0f} G; "

@@ -148,6 +148,28 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, same maths) that normalises narrow half-precision
+    rows in float32.
+
+    Our own code, measured faster: on CPU, torch's bf16 LayerNorm kernels collapse on
+    rows narrower than 64 (the inner stream's 12-40 wide pixel embeddings), e.g. fwd+bwd
+    of 25088 rows of 24 took 3.4 ms in bf16 against 1.15 ms through float32 including
+    both casts; from 64 wide on, bf16 is faster (0.52 vs 0.80 ms) and is kept. This is the
+    path DeepSpeed's bf16 engine runs (module in bf16, no autocast); under autocast the
+    inner stream is already float32. The float32 result is also the more accurate one.
+    """
+
+    narrow = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] < self.narrow:
+            w = self.weight.float() if self.weight is not None else None
+            b = self.bias.float() if self.bias is not None else None
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -228,7 +250,7 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         se: bool = False,
-        norm_layer=nn.LayerNorm,
+        norm_layer=LayerNorm,
         act_layer=nn.GELU,
     ):
         super().__init__()
@@ -316,7 +338,7 @@ class TNT(nn.Module):
         drop_path_rate: float = 0.0,
         first_stride: int = 4,
         se: bool = False,
-        norm_layer=nn.LayerNorm,
+        norm_layer=LayerNorm,
     ):
         super().__init__()
         assert global_pool in ("token", "avg")

@@ -282,3 +282,25 @@ def test_model_gradients_equal_with_reference_kernels():
         ref = grads()
     for name in ref:
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("width", [12, 24, 40])  # the inner widths of TNT-Ti, -S, -B: the float32 path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layer_norm_matches_float32_maths(width, dtype):
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(width)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    ours = tnt.LayerNorm(width).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 16, width).to(dtype)
+    g = torch.randn(64, 16, width).to(dtype)
+    x32 = x.float().requires_grad_()
+    ref(x32).backward(g.float())
+    x.requires_grad_()
+    y = ours(x)
+    y.backward(g)
+    assert y.dtype == x.grad.dtype == ours.weight.grad.dtype == dtype
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # one rounding of the result
+    for got, want in ((y, ref(x32)), (x.grad, x32.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        assert ((got.float() - want).abs() <= tol * want.abs().max() * 2).all()
