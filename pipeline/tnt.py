@@ -76,13 +76,14 @@ _ONEDNN_FP32 = {"on": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN
 
 @contextlib.contextmanager
 def reference_kernels():
-    """Run ``Linear`` through ``F.linear`` (MKL): for FLOP counting and comparisons."""
-    saved = _ONEDNN_FP32["on"]
-    _ONEDNN_FP32["on"] = False
+    """Run ``Linear`` through ``F.linear`` (MKL) and the inner attention through torch's
+    ops instead of our CPU kernel: for FLOP counting and comparisons."""
+    saved = _ONEDNN_FP32["on"], _FUSED_INNER["on"]
+    _ONEDNN_FP32["on"] = _FUSED_INNER["on"] = False
     try:
         yield
     finally:
-        _ONEDNN_FP32["on"] = saved
+        _ONEDNN_FP32["on"], _FUSED_INNER["on"] = saved
 
 
 def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +134,80 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+# ------------------------------------------------------------- inner attention on CPU
+
+# Our own code, measured faster (bench/tnt_bench.py): pipeline/csrc/inner_attention.cpp,
+# a fused CPU kernel for the inner attention (16 pixel tokens per patch, head width 6
+# in TNT-S). In eager PyTorch that attention is ~20 small passes over memory per block
+# (head layout copies, batched 16x16x6 matmuls at a few % of the GEMM rate, casts, a
+# softmax whose vector code idles on 16-wide rows); the kernel does one pass per patch
+# and head. Built with torch's C++ extension loader (g++, as DeepSpeed's JIT ops) the
+# first time a CPU forward needs it, ~10 s, cached under ~/.cache/torch_extensions per
+# CPU model (it is compiled for the host's instruction set). If it cannot be built,
+# one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
+# (SDPA's fused kernels) or while torch.compile traces.
+_FUSED_INNER = {"on": os.environ.get("TNTP_FUSED_INNER", "1") != "0", "ops": None, "tried": False}
+_MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
+
+
+def _cpu_description() -> str:
+    """The CPU model and its instruction-set flags (first core), for the build's cache key."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {k.strip(): v.strip() for k, _, v in (l.partition(":") for l in f) if k.strip() in ("model name", "flags")}
+    except OSError:
+        lines = {}
+    return "|".join((platform.machine(), lines.get("model name", ""), lines.get("flags", "")))
+
+
+def inner_attention_kernel():
+    """The ``torch.ops.tntp`` namespace with the fused kernel, built on first call; None
+    when it cannot be built (the reason is logged once)."""
+    if not _FUSED_INNER["tried"]:
+        _FUSED_INNER["tried"] = True
+        try:
+            import hashlib
+            import logging
+
+            from torch.utils.cpp_extension import load
+
+            # -march=native: one build per CPU model, so a cache directory shared by
+            # several kinds of machines never hands one a binary it cannot run.
+            tag = hashlib.sha1(_cpu_description().encode()).hexdigest()[:10]
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
+            logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~10 s)")
+            load(name=f"tntp_inner_attention_{tag}", sources=[src], is_python_module=False,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
+            _FUSED_INNER["ops"] = torch.ops.tntp
+        except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
+            import warnings
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"TNT: the fused CPU inner-attention kernel could not be built ({first}); "
+                          "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
+    return _FUSED_INNER["ops"]
+
+
+class _InnerAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v per patch and head, q/k/v read from the qk and v layers'
+    outputs as they are, the result in the layout the projection reads."""
+
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, v: torch.Tensor, heads: int, scale: float):
+        out, stats = _FUSED_INNER["ops"].inner_attention_fwd(qk, v, heads, scale)
+        ctx.save_for_backward(qk, v, out, stats)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qk, v, out, stats = ctx.saved_tensors
+        dqk, dv = _FUSED_INNER["ops"].inner_attention_bwd(grad.contiguous(), qk, v, out, stats, ctx.heads, ctx.scale)
+        return dqk, dv, None, None
+
+
 class Mlp(nn.Module):
     """timm's ``Mlp`` (fc1 -> act -> drop -> fc2 -> drop, same parameter names) on ``Linear``."""
 
@@ -176,9 +251,11 @@ class LayerNorm(nn.LayerNorm):
 class Attention(nn.Module):
     """Multi-head self-attention with timm's TNT parameter layout (qk, v, proj)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 fused_cpu: bool = False):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.fused_cpu = fused_cpu  # short sequences: our CPU kernel (see _InnerAttention)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qk = Linear(dim, dim * 2, bias=qkv_bias)
@@ -191,12 +268,30 @@ class Attention(nn.Module):
         """Attention over all of ``x``; with ``queries=n`` only the first n tokens attend
         (the output has n tokens: the last block of a class-token model needs one)."""
         B, N, C = x.shape
+        if self._use_kernel(x, queries):
+            qk, v = self.qk(x), self.v(x)
+            if qk.dtype == v.dtype:
+                x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
+                return self.proj_drop(self.proj(x))
         q, k = self.qk(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if queries is not None:
             q, N = q[:, :, :queries], queries
         x = attention(q, k, v, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    def _use_kernel(self, x: torch.Tensor, queries: int | None) -> bool:
+        return (
+            self.fused_cpu
+            and _FUSED_INNER["on"]
+            and x.device.type == "cpu"
+            and queries is None
+            and not (self.training and self.attn_drop > 0)
+            and x.shape[1] <= _MAX_FUSED_TOKENS
+            and self.head_dim <= _MAX_FUSED_HEAD_DIM
+            and not torch.compiler.is_compiling()
+            and inner_attention_kernel() is not None
+        )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -255,7 +350,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.norm_in = norm_layer(dim)
-        self.attn_in = Attention(dim, num_heads_in, qkv_bias, attn_drop, proj_drop)
+        self.attn_in = Attention(dim, num_heads_in, qkv_bias, attn_drop, proj_drop, fused_cpu=True)
         self.norm_mlp_in = norm_layer(dim)
         self.mlp_in = Mlp(dim, int(dim * mlp_ratio_in), act_layer, proj_drop)
         self.norm1_proj = norm_layer(dim * num_pixel)

@@ -1,0 +1,262 @@
+// Fused CPU kernel for TNT's inner attention: softmax(q k^T * scale) v over the few
+// (16) pixel tokens of each patch, per head, forward and backward.
+//
+// Our own code, measured faster (bench/tnt_bench.py, bench/README.md): in eager
+// PyTorch this attention is ~20 small passes over memory (head layout copies, a batched
+// 16x16x6 matmul that runs at a few % of the GEMM peak, dtype casts, a softmax whose
+// vector code is idle on 16-element rows), ~12 ms per TNT-S block, fwd+bwd, on 2 cores.
+// Here one pass per patch and head does all of it in registers and L1: it reads q, k
+// and v straight from the layout the qk and v linear layers wrote, writes the output
+// in the layout the projection reads, and stores only the log-sum-exp per row for
+// the backward pass (which recomputes the probabilities, as flash attention does).
+// Maths in float32 for every input dtype (float32, bfloat16, float16).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kMaxTokens = 64;
+constexpr int64_t kMaxHeadDim = 64;
+
+// exp(x) for x <= 0 to ~2 ulp, written so that the compiler vectorises loops over it
+// (std::exp stays scalar without -ffast-math). Cody-Waite range reduction, degree-6
+// polynomial on [-ln2/2, ln2/2].
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // round to nearest by the 1.5 * 2^23 trick (std::nearbyint is a library call)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+void check(const at::Tensor& qk, const at::Tensor& v, int64_t heads) {
+  TORCH_CHECK(qk.dim() == 3 && v.dim() == 3, "inner_attention: qk (P, T, 2C) and v (P, T, C) expected");
+  TORCH_CHECK(qk.is_contiguous() && v.is_contiguous(), "inner_attention: contiguous inputs expected");
+  const int64_t T = v.size(1), C = v.size(2);
+  TORCH_CHECK(qk.size(0) == v.size(0) && qk.size(1) == T && qk.size(2) == 2 * C, "inner_attention: qk and v shapes differ");
+  TORCH_CHECK(heads > 0 && C % heads == 0, "inner_attention: width not divisible by heads");
+  TORCH_CHECK(T <= kMaxTokens && C / heads <= kMaxHeadDim, "inner_attention: too many tokens or too wide heads");
+  TORCH_CHECK(qk.scalar_type() == v.scalar_type(), "inner_attention: qk and v dtypes differ");
+}
+
+// One (patch, head): T tokens of head width D, read from / written to rows of width C
+// (q at column h*D of the qk rows, k at C + h*D). Scalars are passed by value so the
+// compiler knows no store aliases them. Every inner loop runs over tokens, with no
+// reduction across vector lanes: the forward pass keeps one query per lane (scores
+// stored key-major, so the softmax max/sum are lane-wise); the backward pass keeps one
+// key per lane for dK/dV and a transposed copy of dS for dQ. stats holds the row max m
+// and 1/sum of the softmax (2 x T floats); the backward pass recomputes P from them.
+template <typename scalar_t, int64_t kT>
+void forward_task(const scalar_t* __restrict qk, const scalar_t* __restrict v, scalar_t* __restrict out,
+                  float* __restrict stats, const int64_t tokens, const int64_t C, const int64_t D, const float scale) {
+  const int64_t T = kT > 0 ? kT : tokens;  // a compile-time token count for TNT's 16
+  alignas(64) float qt[kMaxHeadDim * kMaxTokens], k[kMaxTokens * kMaxHeadDim], vv[kMaxTokens * kMaxHeadDim];
+  alignas(64) float e[kMaxTokens * kMaxTokens], ot[kMaxHeadDim * kMaxTokens];
+  float* __restrict m = stats;
+  float* __restrict inv = stats + T;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t d = 0; d < D; ++d) {
+      qt[d * T + t] = static_cast<float>(qk[t * 2 * C + d]) * scale;
+      k[t * D + d] = static_cast<float>(qk[t * 2 * C + C + d]);
+      vv[t * D + d] = static_cast<float>(v[t * C + d]);
+    }
+  }
+  for (int64_t j = 0; j < T; ++j) {  // e[j][i] = score of query i against key j
+    float* __restrict ej = e + j * T;
+#pragma omp simd
+    for (int64_t i = 0; i < T; ++i) ej[i] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float kd = k[j * D + d];
+#pragma omp simd
+      for (int64_t i = 0; i < T; ++i) ej[i] += kd * qt[d * T + i];
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < T; ++i) m[i] = e[i];
+  for (int64_t j = 1; j < T; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < T; ++i) m[i] = e[j * T + i] > m[i] ? e[j * T + i] : m[i];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < T; ++i) inv[i] = 0.0f;
+  for (int64_t j = 0; j < T; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < T; ++i) {
+      e[j * T + i] = exp_nonpos(e[j * T + i] - m[i]);
+      inv[i] += e[j * T + i];
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < T; ++i) inv[i] = 1.0f / inv[i];
+  for (int64_t x = 0; x < D * T; ++x) ot[x] = 0.0f;
+  for (int64_t j = 0; j < T; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      const float vd = vv[j * D + d];
+#pragma omp simd
+      for (int64_t i = 0; i < T; ++i) ot[d * T + i] += vd * e[j * T + i];
+    }
+  }
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t d = 0; d < D; ++d) out[i * C + d] = static_cast<scalar_t>(ot[d * T + i] * inv[i]);
+  }
+}
+
+template <typename scalar_t, int64_t kT>
+void backward_task(const scalar_t* __restrict grad, const scalar_t* __restrict qk, const scalar_t* __restrict v,
+                   const scalar_t* __restrict out, const float* __restrict stats, scalar_t* __restrict dqk,
+                   scalar_t* __restrict dv, const int64_t tokens, const int64_t C, const int64_t D, const float scale) {
+  const int64_t T = kT > 0 ? kT : tokens;
+  alignas(64) float q[kMaxTokens * kMaxHeadDim], kt[kMaxHeadDim * kMaxTokens], vt[kMaxHeadDim * kMaxTokens];
+  alignas(64) float dkt[kMaxHeadDim * kMaxTokens], dvt[kMaxHeadDim * kMaxTokens], dqt[kMaxHeadDim * kMaxTokens];
+  alignas(64) float dst[kMaxTokens * kMaxTokens];
+  alignas(64) float g[kMaxHeadDim], pr[kMaxTokens], ds[kMaxTokens];
+  const float* __restrict m = stats;
+  const float* __restrict inv = stats + T;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t d = 0; d < D; ++d) {
+      q[t * D + d] = static_cast<float>(qk[t * 2 * C + d]) * scale;
+      kt[d * T + t] = static_cast<float>(qk[t * 2 * C + C + d]);
+      vt[d * T + t] = static_cast<float>(v[t * C + d]);
+      dkt[d * T + t] = dvt[d * T + t] = dqt[d * T + t] = 0.0f;
+    }
+  }
+  for (int64_t i = 0; i < T; ++i) {  // one query row, one key per lane
+    float di = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      g[d] = static_cast<float>(grad[i * C + d]);
+      di += g[d] * static_cast<float>(out[i * C + d]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < T; ++j) pr[j] = ds[j] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[i * D + d], gd = g[d];
+#pragma omp simd
+      for (int64_t j = 0; j < T; ++j) {
+        pr[j] += qd * kt[d * T + j];  // scores
+        ds[j] += gd * vt[d * T + j];  // dP = dO v^T
+      }
+    }
+    const float mi = m[i], invi = inv[i];
+#pragma omp simd
+    for (int64_t j = 0; j < T; ++j) {
+      pr[j] = exp_nonpos(pr[j] - mi) * invi;
+      ds[j] = pr[j] * (ds[j] - di);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[i * D + d], gd = g[d];  // q carries the scale
+#pragma omp simd
+      for (int64_t j = 0; j < T; ++j) {
+        dkt[d * T + j] += ds[j] * qd;
+        dvt[d * T + j] += pr[j] * gd;
+      }
+    }
+    for (int64_t j = 0; j < T; ++j) dst[j * T + i] = ds[j];
+  }
+  for (int64_t j = 0; j < T; ++j) {  // dQ = dS K, one query per lane
+    for (int64_t d = 0; d < D; ++d) {
+      const float kd = kt[d * T + j];
+#pragma omp simd
+      for (int64_t i = 0; i < T; ++i) dqt[d * T + i] += kd * dst[j * T + i];
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t d = 0; d < D; ++d) {
+      dqk[t * 2 * C + d] = static_cast<scalar_t>(dqt[d * T + t] * scale);
+      dqk[t * 2 * C + C + d] = static_cast<scalar_t>(dkt[d * T + t]);
+      dv[t * C + d] = static_cast<scalar_t>(dvt[d * T + t]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* qk, const scalar_t* v, scalar_t* out, float* stats, int64_t P, int64_t T, int64_t C,
+                    int64_t H, float scale) {
+  const int64_t D = C / H;
+  at::parallel_for(0, P * H, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / H, h = task % H;
+      const int64_t row = p * T * C + h * D, row2 = p * T * 2 * C + h * D;
+      if (T == 16) {
+        forward_task<scalar_t, 16>(qk + row2, v + row, out + row, stats + task * 2 * T, T, C, D, scale);
+      } else {
+        forward_task<scalar_t, 0>(qk + row2, v + row, out + row, stats + task * 2 * T, T, C, D, scale);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad, const scalar_t* qk, const scalar_t* v, const scalar_t* out, const float* stats,
+                     scalar_t* dqk, scalar_t* dv, int64_t P, int64_t T, int64_t C, int64_t H, float scale) {
+  const int64_t D = C / H;
+  at::parallel_for(0, P * H, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / H, h = task % H, row = p * T * C + h * D, row2 = p * T * 2 * C + h * D;
+      if (T == 16) {
+        backward_task<scalar_t, 16>(grad + row, qk + row2, v + row, out + row, stats + task * 2 * T, dqk + row2, dv + row, T, C,
+                                    D, scale);
+      } else {
+        backward_task<scalar_t, 0>(grad + row, qk + row2, v + row, out + row, stats + task * 2 * T, dqk + row2, dv + row, T, C,
+                                   D, scale);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> inner_attention_fwd(const at::Tensor& qk, const at::Tensor& v, int64_t heads,
+                                                       double scale) {
+  check(qk, v, heads);
+  const int64_t P = v.size(0), T = v.size(1), C = v.size(2);
+  auto out = at::empty_like(v);
+  auto stats = at::empty({P, heads, 2, T}, v.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "inner_attention_fwd", [&] {
+    forward_kernel<scalar_t>(qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                             stats.mutable_data_ptr<float>(), P, T, C, heads, static_cast<float>(scale));
+  });
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> inner_attention_bwd(const at::Tensor& grad_in, const at::Tensor& qk, const at::Tensor& v,
+                                                       const at::Tensor& out, const at::Tensor& stats, int64_t heads,
+                                                       double scale) {
+  check(qk, v, heads);
+  const int64_t P = v.size(0), T = v.size(1), C = v.size(2);
+  const auto grad = grad_in.to(v.scalar_type()).contiguous();
+  TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && out.is_contiguous(), "inner_attention: bad grad/out");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == P * heads * 2 * T, "inner_attention: bad stats");
+  auto dqk = at::empty_like(qk);
+  auto dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "inner_attention_bwd", [&] {
+    backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                              out.const_data_ptr<scalar_t>(), stats.const_data_ptr<float>(), dqk.mutable_data_ptr<scalar_t>(),
+                              dv.mutable_data_ptr<scalar_t>(), P, T, C, heads, static_cast<float>(scale));
+  });
+  return {dqk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tntp, m) {
+  m.def("inner_attention_fwd(Tensor qk, Tensor v, int heads, float scale) -> (Tensor, Tensor)");
+  m.def("inner_attention_bwd(Tensor grad, Tensor qk, Tensor v, Tensor out, Tensor stats, int heads, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tntp, CPU, m) {
+  m.impl("inner_attention_fwd", &inner_attention_fwd);
+  m.impl("inner_attention_bwd", &inner_attention_bwd);
+}
