@@ -268,13 +268,12 @@ class Attention(nn.Module):
         """Attention over all of ``x``; with ``queries=n`` only the first n tokens attend
         (the output has n tokens: the last block of a class-token model needs one)."""
         B, N, C = x.shape
-        if self._use_kernel(x, queries):
-            qk, v = self.qk(x), self.v(x)
-            if qk.dtype == v.dtype:
-                x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
-                return self.proj_drop(self.proj(x))
-        q, k = self.qk(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        v = self.v(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        qk, v = self.qk(x), self.v(x)
+        if self._use_kernel(x, queries) and qk.dtype == v.dtype:
+            x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
+            return self.proj_drop(self.proj(x))
+        q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if queries is not None:
             q, N = q[:, :, :queries], queries
         x = attention(q, k, v, self.attn_drop if self.training else 0.0)

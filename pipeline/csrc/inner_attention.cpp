@@ -103,13 +103,15 @@ void forward_task(const scalar_t* __restrict qk, const scalar_t* __restrict v, s
   }
 #pragma omp simd
   for (int64_t i = 0; i < T; ++i) inv[i] = 1.0f / inv[i];
-  for (int64_t x = 0; x < D * T; ++x) ot[x] = 0.0f;
-  for (int64_t j = 0; j < T; ++j) {
-    for (int64_t d = 0; d < D; ++d) {
+  for (int64_t d = 0; d < D; ++d) {  // accumulate in registers, one output column at a time
+    alignas(64) float acc[kT > 0 ? kT : kMaxTokens] = {};
+    for (int64_t j = 0; j < T; ++j) {
       const float vd = vv[j * D + d];
 #pragma omp simd
-      for (int64_t i = 0; i < T; ++i) ot[d * T + i] += vd * e[j * T + i];
+      for (int64_t i = 0; i < T; ++i) acc[i] += vd * e[j * T + i];
     }
+#pragma omp simd
+    for (int64_t i = 0; i < T; ++i) ot[d * T + i] = acc[i];
   }
   for (int64_t i = 0; i < T; ++i) {
     for (int64_t d = 0; d < D; ++d) out[i * C + d] = static_cast<scalar_t>(ot[d * T + i] * inv[i]);
@@ -123,8 +125,8 @@ void backward_task(const scalar_t* __restrict grad, const scalar_t* __restrict q
   const int64_t T = kT > 0 ? kT : tokens;
   alignas(64) float q[kMaxTokens * kMaxHeadDim], kt[kMaxHeadDim * kMaxTokens], vt[kMaxHeadDim * kMaxTokens];
   alignas(64) float dkt[kMaxHeadDim * kMaxTokens], dvt[kMaxHeadDim * kMaxTokens], dqt[kMaxHeadDim * kMaxTokens];
-  alignas(64) float dst[kMaxTokens * kMaxTokens];
-  alignas(64) float g[kMaxHeadDim], pr[kMaxTokens], ds[kMaxTokens];
+  alignas(64) float p[kMaxTokens * kMaxTokens], dsm[kMaxTokens * kMaxTokens], dst[kMaxTokens * kMaxTokens];
+  alignas(64) float g[kMaxTokens * kMaxHeadDim];
   const float* __restrict m = stats;
   const float* __restrict inv = stats + T;
   for (int64_t t = 0; t < T; ++t) {
@@ -132,19 +134,20 @@ void backward_task(const scalar_t* __restrict grad, const scalar_t* __restrict q
       q[t * D + d] = static_cast<float>(qk[t * 2 * C + d]) * scale;
       kt[d * T + t] = static_cast<float>(qk[t * 2 * C + C + d]);
       vt[d * T + t] = static_cast<float>(v[t * C + d]);
-      dkt[d * T + t] = dvt[d * T + t] = dqt[d * T + t] = 0.0f;
     }
   }
-  for (int64_t i = 0; i < T; ++i) {  // one query row, one key per lane
+  for (int64_t i = 0; i < T; ++i) {  // one query row, one key per lane: P and dS rows
     float di = 0.0f;
     for (int64_t d = 0; d < D; ++d) {
-      g[d] = static_cast<float>(grad[i * C + d]);
-      di += g[d] * static_cast<float>(out[i * C + d]);
+      g[i * D + d] = static_cast<float>(grad[i * C + d]);
+      di += g[i * D + d] * static_cast<float>(out[i * C + d]);
     }
+    float* __restrict pr = p + i * T;
+    float* __restrict ds = dsm + i * T;
 #pragma omp simd
     for (int64_t j = 0; j < T; ++j) pr[j] = ds[j] = 0.0f;
     for (int64_t d = 0; d < D; ++d) {
-      const float qd = q[i * D + d], gd = g[d];
+      const float qd = q[i * D + d], gd = g[i * D + d];
 #pragma omp simd
       for (int64_t j = 0; j < T; ++j) {
         pr[j] += qd * kt[d * T + j];  // scores
@@ -157,21 +160,26 @@ void backward_task(const scalar_t* __restrict grad, const scalar_t* __restrict q
       pr[j] = exp_nonpos(pr[j] - mi) * invi;
       ds[j] = pr[j] * (ds[j] - di);
     }
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = q[i * D + d], gd = g[d];  // q carries the scale
-#pragma omp simd
-      for (int64_t j = 0; j < T; ++j) {
-        dkt[d * T + j] += ds[j] * qd;
-        dvt[d * T + j] += pr[j] * gd;
-      }
-    }
     for (int64_t j = 0; j < T; ++j) dst[j * T + i] = ds[j];
   }
-  for (int64_t j = 0; j < T; ++j) {  // dQ = dS K, one query per lane
-    for (int64_t d = 0; d < D; ++d) {
-      const float kd = kt[d * T + j];
+  // dK = dS^T Q, dV = P^T dO (one key per lane), dQ = dS K (one query per lane): each
+  // output column accumulated in registers.
+  for (int64_t d = 0; d < D; ++d) {
+    alignas(64) float ak[kT > 0 ? kT : kMaxTokens] = {}, av[kT > 0 ? kT : kMaxTokens] = {}, aq[kT > 0 ? kT : kMaxTokens] = {};
+    for (int64_t r = 0; r < T; ++r) {
+      const float qd = q[r * D + d], gd = g[r * D + d], kd = kt[d * T + r];  // q carries the scale
 #pragma omp simd
-      for (int64_t i = 0; i < T; ++i) dqt[d * T + i] += kd * dst[j * T + i];
+      for (int64_t l = 0; l < T; ++l) {
+        ak[l] += qd * dsm[r * T + l];
+        av[l] += gd * p[r * T + l];
+        aq[l] += kd * dst[r * T + l];
+      }
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < T; ++l) {
+      dkt[d * T + l] = ak[l];
+      dvt[d * T + l] = av[l];
+      dqt[d * T + l] = aq[l];
     }
   }
   for (int64_t t = 0; t < T; ++t) {
