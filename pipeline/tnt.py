@@ -25,7 +25,11 @@ Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
 * with class-token pooling, ``forward`` computes only the class token in the last
   block (timm computes all tokens and keeps one);
 * float32 linear layers on CPU run through oneDNN instead of MKL (:class:`Linear`);
-* in bf16/fp16 on CPU, the inner attention's softmax runs in float32 (:func:`attention`);
+* on CPU the inner attention runs in a fused C++ kernel built on first use
+  (``pipeline/csrc/inner_attention.cpp``, :class:`_InnerAttention`; torch's ops if it
+  cannot be built); without it, in bf16/fp16 its softmax runs in float32 (:func:`attention`);
+* half-precision LayerNorm over rows narrower than 64 (the inner stream) computes in
+  float32 (:class:`LayerNorm`: torch's bf16 kernel is 3x slower there);
 * optional activation checkpointing per block (``set_grad_checkpointing``).
 
 No parameter is created outside ``__init__`` and nothing writes into a parameter in
