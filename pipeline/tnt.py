@@ -166,6 +166,24 @@ def _cpu_description() -> str:
     return "|".join((platform.machine(), lines.get("model name", ""), lines.get("flags", "")))
 
 
+def _remove_stale_build_lock(name: str, max_age_s: float = 300.0) -> None:
+    """A build killed midway leaves torch's build lock behind, and every later build
+    would wait on it forever. The build takes seconds: a lock older than five minutes
+    belongs to a dead process and is removed (a live build keeps waiting as usual)."""
+    import logging
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+            logging.getLogger(__name__).warning("removed a stale build lock left by a killed process: %s", lock)
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+
+
 def inner_attention_kernel():
     """The ``torch.ops.tntp`` namespace with the fused kernel, built on first call; None
     when it cannot be built (the reason is logged once)."""
@@ -181,8 +199,10 @@ def inner_attention_kernel():
             # several kinds of machines never hands one a binary it cannot run.
             tag = hashlib.sha1(_cpu_description().encode()).hexdigest()[:10]
             src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
+            name = f"tntp_inner_attention_{tag}"
+            _remove_stale_build_lock(name)
             logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~10 s)")
-            load(name=f"tntp_inner_attention_{tag}", sources=[src], is_python_module=False,
+            load(name=name, sources=[src], is_python_module=False,
                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
             _FUSED_INNER["ops"] = torch.ops.tntp
         except Exception as e:  # no compiler, no headers...: torch's ops do the same maths

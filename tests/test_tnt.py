@@ -383,3 +383,21 @@ def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "could not be built" in done.stdout and "using torch's ops" in done.stdout
+
+
+def test_stale_kernel_build_lock_from_a_killed_build_is_removed(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file; the next build must not wait on it forever."""
+    import os
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = os.path.join(_get_build_directory("tntp_lock_test", verbose=False), "lock")
+    open(lock, "w").close()
+    tnt._remove_stale_build_lock("tntp_lock_test")
+    assert os.path.exists(lock)  # fresh: a build may be running
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    tnt._remove_stale_build_lock("tntp_lock_test")
+    assert not os.path.exists(lock)
