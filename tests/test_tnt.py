@@ -268,18 +268,28 @@ def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
 
 
 def test_model_gradients_equal_with_reference_kernels():
+    """Our CPU kernels (oneDNN float32 linear layers, the fused inner attention) run in
+    the model and give torch's ops' outputs and gradients."""
+    from torch.profiler import profile
+
     torch.manual_seed(0)
     model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
     x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
 
-    def grads():
+    def run():
         model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        with profile() as prof:
+            out = model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+        ops = {e.name for e in prof.events()}
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, ops
 
-    fast = grads()
+    out, fast, ops = run()
+    assert {"tntp::inner_attention_fwd", "tntp::inner_attention_bwd"} <= ops
     with tnt.reference_kernels():
-        ref = grads()
+        out_ref, ref, ops = run()
+    assert not any(name.startswith("tntp::") for name in ops)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     for name in ref:
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -331,32 +341,6 @@ def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounding of inputs and results
     for a, b in zip(got, (ref.detach(), qk32.grad, v32.grad)):
         assert (a.float() - b).abs().max() <= tol * b.abs().max()
-
-
-def test_model_runs_the_fused_kernel_and_matches_torchs_ops():
-    from torch.profiler import profile
-
-    torch.manual_seed(0)
-    model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
-    x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
-
-    def run():
-        model.zero_grad()
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    with profile() as prof:
-        out, grads = run()
-    names = {e.name for e in prof.events()}
-    assert "tntp::inner_attention_fwd" in names and "tntp::inner_attention_bwd" in names
-    with tnt.reference_kernels():
-        with profile() as prof:
-            out_ref, grads_ref = run()
-    assert not any(e.name.startswith("tntp::") for e in prof.events())
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
