@@ -46,6 +46,7 @@ parameters beyond ours; the 23.8M of the paper is matched without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -75,19 +76,25 @@ __all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_d
 # Off with TNTP_ONEDNN_FP32=0; never used on CUDA, under autocast, or while
 # torch.compile traces (inductor does its own GEMM selection).
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_ONEDNN_FP32 = {"on": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN_FP32", "1") != "0"}
+
+# Our CPU kernels, each on unless its environment variable is 0 (the inner-attention
+# kernel is described below).
+_KERNELS = {
+    "onednn_fp32": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN_FP32", "1") != "0",
+    "fused_inner": os.environ.get("TNTP_FUSED_INNER", "1") != "0",
+}
 
 
 @contextlib.contextmanager
 def reference_kernels():
     """Run ``Linear`` through ``F.linear`` (MKL) and the inner attention through torch's
-    ops instead of our CPU kernel: for FLOP counting and comparisons."""
-    saved = _ONEDNN_FP32["on"], _FUSED_INNER["on"]
-    _ONEDNN_FP32["on"] = _FUSED_INNER["on"] = False
+    ops instead of our CPU kernels: for FLOP counting and comparisons."""
+    saved = dict(_KERNELS)
+    _KERNELS.update(dict.fromkeys(_KERNELS, False))
     try:
         yield
     finally:
-        _ONEDNN_FP32["on"], _FUSED_INNER["on"] = saved
+        _KERNELS.update(saved)
 
 
 def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +133,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            _ONEDNN_FP32["on"]
+            _KERNELS["onednn_fp32"]
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
@@ -150,12 +157,11 @@ class Linear(nn.Linear):
 # CPU model (it is compiled for the host's instruction set). If it cannot be built,
 # one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
 # (SDPA's fused kernels) or while torch.compile traces.
-_FUSED_INNER = {"on": os.environ.get("TNTP_FUSED_INNER", "1") != "0", "ops": None, "tried": False}
 _MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
 
 
 def _cpu_description() -> str:
-    """The CPU model and its instruction-set flags (first core), for the build's cache key."""
+    """The CPU model and its instruction-set flags, for the build's cache key."""
     import platform
 
     try:
@@ -184,34 +190,33 @@ def _remove_stale_build_lock(name: str, max_age_s: float = 300.0) -> None:
         pass
 
 
+@functools.cache
 def inner_attention_kernel():
-    """The ``torch.ops.tntp`` namespace with the fused kernel, built on first call; None
-    when it cannot be built (the reason is logged once)."""
-    if not _FUSED_INNER["tried"]:
-        _FUSED_INNER["tried"] = True
-        try:
-            import hashlib
-            import logging
+    """The ``torch.ops.tntp`` namespace with the fused kernel, built on the first call;
+    None when it cannot be built (said once, in a warning)."""
+    try:
+        import hashlib
+        import logging
 
-            from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load
 
-            # -march=native: one build per CPU model, so a cache directory shared by
-            # several kinds of machines never hands one a binary it cannot run.
-            tag = hashlib.sha1(_cpu_description().encode()).hexdigest()[:10]
-            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
-            name = f"tntp_inner_attention_{tag}"
-            _remove_stale_build_lock(name)
-            logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~10 s)")
-            load(name=name, sources=[src], is_python_module=False,
-                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
-            _FUSED_INNER["ops"] = torch.ops.tntp
-        except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
-            import warnings
+        # -march=native: one build per CPU model, so a cache directory shared by
+        # several kinds of machines never hands one a binary it cannot run.
+        tag = hashlib.sha1(_cpu_description().encode()).hexdigest()[:10]
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
+        name = f"tntp_inner_attention_{tag}"
+        _remove_stale_build_lock(name)
+        logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~10 s)")
+        load(name=name, sources=[src], is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
+        return torch.ops.tntp
+    except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
+        import warnings
 
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"TNT: the fused CPU inner-attention kernel could not be built ({first}); "
-                          "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
-    return _FUSED_INNER["ops"]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"TNT: the fused CPU inner-attention kernel could not be built ({first}); "
+                      "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
+        return None
 
 
 class _InnerAttention(torch.autograd.Function):
@@ -220,7 +225,7 @@ class _InnerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qk: torch.Tensor, v: torch.Tensor, heads: int, scale: float):
-        out, stats = _FUSED_INNER["ops"].inner_attention_fwd(qk, v, heads, scale)
+        out, stats = torch.ops.tntp.inner_attention_fwd(qk, v, heads, scale)
         ctx.save_for_backward(qk, v, out, stats)
         ctx.heads, ctx.scale = heads, scale
         return out
@@ -228,7 +233,7 @@ class _InnerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         qk, v, out, stats = ctx.saved_tensors
-        dqk, dv = _FUSED_INNER["ops"].inner_attention_bwd(grad.contiguous(), qk, v, out, stats, ctx.heads, ctx.scale)
+        dqk, dv = torch.ops.tntp.inner_attention_bwd(grad, qk, v, out, stats, ctx.heads, ctx.scale)  # it makes grad contiguous
         return dqk, dv, None, None
 
 
@@ -306,7 +311,7 @@ class Attention(nn.Module):
     def _use_kernel(self, x: torch.Tensor, queries: int | None) -> bool:
         return (
             self.fused_cpu
-            and _FUSED_INNER["on"]
+            and _KERNELS["fused_inner"]
             and x.device.type == "cpu"
             and queries is None
             and not (self.training and self.attn_drop > 0)

@@ -4,11 +4,12 @@
 // Our own code, measured faster (bench/tnt_bench.py, bench/README.md): in eager
 // PyTorch this attention is ~20 small passes over memory (head layout copies, a batched
 // 16x16x6 matmul that runs at a few % of the GEMM peak, dtype casts, a softmax whose
-// vector code is idle on 16-element rows), ~12 ms per TNT-S block, fwd+bwd, on 2 cores.
+// vector code is idle on 16-element rows), ~9 ms per TNT-S block, fwd+bwd, on 2 cores.
 // Here one pass per patch and head does all of it in registers and L1: it reads q, k
 // and v straight from the layout the qk and v linear layers wrote, writes the output
-// in the layout the projection reads, and stores only the log-sum-exp per row for
-// the backward pass (which recomputes the probabilities, as flash attention does).
+// in the layout the projection reads, and stores only the max and 1/sum of each
+// softmax row for the backward pass (which recomputes the probabilities, as flash
+// attention does).
 // Maths in float32 for every input dtype (float32, bfloat16, float16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
