@@ -158,6 +158,7 @@ class Linear(nn.Linear):
 # one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
 # (SDPA's fused kernels) or while torch.compile traces.
 _MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
 
 
 def _cpu_description() -> str:
@@ -298,7 +299,7 @@ class Attention(nn.Module):
         (the output has n tokens: the last block of a class-token model needs one)."""
         B, N, C = x.shape
         qk, v = self.qk(x), self.v(x)
-        if self._use_kernel(x, queries) and qk.dtype == v.dtype:
+        if self._use_kernel(qk, v, queries):
             x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
             return self.proj_drop(self.proj(x))
         q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -308,14 +309,16 @@ class Attention(nn.Module):
         x = attention(q, k, v, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
-    def _use_kernel(self, x: torch.Tensor, queries: int | None) -> bool:
+    def _use_kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> bool:
         return (
             self.fused_cpu
             and _KERNELS["fused_inner"]
-            and x.device.type == "cpu"
+            and v.device.type == "cpu"
+            and qk.dtype == v.dtype
+            and v.dtype in _FUSED_DTYPES  # float64 keeps torch's ops: the kernel computes in float32
             and queries is None
             and not (self.training and self.attn_drop > 0)
-            and x.shape[1] <= _MAX_FUSED_TOKENS
+            and v.shape[1] <= _MAX_FUSED_TOKENS
             and self.head_dim <= _MAX_FUSED_HEAD_DIM
             and not torch.compiler.is_compiling()
             and inner_attention_kernel() is not None

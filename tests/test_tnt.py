@@ -385,3 +385,20 @@ def test_stale_kernel_build_lock_from_a_killed_build_is_removed(tmp_path, monkey
     os.utime(lock, (old, old))
     tnt._remove_stale_build_lock("tntp_lock_test")
     assert not os.path.exists(lock)
+
+
+def test_float64_model_keeps_torchs_ops():
+    """The fused kernel computes in float32: a float64 model must not go through it."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = tnt.create("tntp_tiny_patch8_32", num_classes=3).double().eval()
+    x = images(model, 2).double()
+    with torch.no_grad(), profile() as prof:
+        out = model(x)
+    assert not any(e.name.startswith("tntp::") for e in prof.events())
+    with torch.no_grad(), tnt.reference_kernels():
+        assert torch.equal(out, model(x))
+    assert tnt.inner_attention_kernel() is not None
+    with pytest.raises(RuntimeError, match="inner_attention"):
+        torch.ops.tntp.inner_attention_fwd(torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0)

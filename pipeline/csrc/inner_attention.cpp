@@ -21,6 +21,13 @@
 
 namespace {
 
+// The input dtypes: float32 and the two 16-bit floats (float64 would lose precision
+// in the float32 maths, so it is refused and the caller keeps torch's ops).
+#define DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                     \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 constexpr int64_t kMaxTokens = 64;
 constexpr int64_t kMaxHeadDim = 64;
 
@@ -233,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> inner_attention_fwd(const at::Tensor& qk, con
   const int64_t P = v.size(0), T = v.size(1), C = v.size(2);
   auto out = at::empty_like(v);
   auto stats = at::empty({P, heads, 2, T}, v.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "inner_attention_fwd", [&] {
+  DISPATCH_FLOAT_TYPES(v.scalar_type(), "inner_attention_fwd", [&] {
     forward_kernel<scalar_t>(qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              stats.mutable_data_ptr<float>(), P, T, C, heads, static_cast<float>(scale));
   });
@@ -250,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> inner_attention_bwd(const at::Tensor& grad_in
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == P * heads * 2 * T, "inner_attention: bad stats");
   auto dqk = at::empty_like(qk);
   auto dv = at::empty_like(v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "inner_attention_bwd", [&] {
+  DISPATCH_FLOAT_TYPES(v.scalar_type(), "inner_attention_bwd", [&] {
     backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                               out.const_data_ptr<scalar_t>(), stats.const_data_ptr<float>(), dqk.mutable_data_ptr<scalar_t>(),
                               dv.mutable_data_ptr<scalar_t>(), P, T, C, heads, static_cast<float>(scale));
