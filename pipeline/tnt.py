@@ -153,7 +153,7 @@ class Linear(nn.Linear):
 # (head layout copies, batched 16x16x6 matmuls at a few % of the GEMM rate, casts, a
 # softmax whose vector code idles on 16-wide rows); the kernel does one pass per patch
 # and head. Built with torch's C++ extension loader (g++, as DeepSpeed's JIT ops) the
-# first time a CPU forward needs it, ~10 s, cached under ~/.cache/torch_extensions per
+# first time a CPU forward needs it, ~8 s, cached under ~/.cache/torch_extensions per
 # CPU model (it is compiled for the host's instruction set). If it cannot be built,
 # one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
 # (SDPA's fused kernels) or while torch.compile traces.
@@ -207,7 +207,7 @@ def inner_attention_kernel():
         src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
         name = f"tntp_inner_attention_{tag}"
         _remove_stale_build_lock(name)
-        logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~10 s)")
+        logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~8 s)")
         load(name=name, sources=[src], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
         return torch.ops.tntp
