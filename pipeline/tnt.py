@@ -82,13 +82,14 @@ _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 _KERNELS = {
     "onednn_fp32": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN_FP32", "1") != "0",
     "fused_inner": os.environ.get("TNTP_FUSED_INNER", "1") != "0",
+    "fused_norm": os.environ.get("TNTP_FUSED_NORM", "1") != "0",
 }
 
 
 @contextlib.contextmanager
 def reference_kernels():
-    """Run ``Linear`` through ``F.linear`` (MKL) and the inner attention through torch's
-    ops instead of our CPU kernels: for FLOP counting and comparisons."""
+    """Run ``Linear`` through ``F.linear`` (MKL), the inner attention and LayerNorm
+    through torch's ops instead of our CPU kernels: for FLOP counting and comparisons."""
     saved = dict(_KERNELS)
     _KERNELS.update(dict.fromkeys(_KERNELS, False))
     try:
@@ -145,7 +146,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# ------------------------------------------------------------- inner attention on CPU
+# ------------------------------------------------------------- C++ kernels on CPU
 
 # Our own code, measured faster (bench/tnt_bench.py): pipeline/csrc/inner_attention.cpp,
 # a fused CPU kernel for the inner attention (16 pixel tokens per patch, head width 6
@@ -156,7 +157,8 @@ class Linear(nn.Linear):
 # first time a CPU forward needs it, ~8 s, cached under ~/.cache/torch_extensions per
 # CPU model (it is compiled for the host's instruction set). If it cannot be built,
 # one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
-# (SDPA's fused kernels) or while torch.compile traces.
+# (SDPA's fused kernels) or while torch.compile traces. The same library holds our
+# LayerNorm (pipeline/csrc/layer_norm.cpp, see :class:`LayerNorm`).
 _MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
 
@@ -191,31 +193,40 @@ def _remove_stale_build_lock(name: str, max_age_s: float = 300.0) -> None:
         pass
 
 
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
 @functools.cache
-def inner_attention_kernel():
-    """The ``torch.ops.tntp`` namespace with the fused kernel, built on the first call;
-    None when it cannot be built (said once, in a warning)."""
+def cpu_kernels():
+    """The ``torch.ops.tntp`` namespace with our C++ kernels, built on the first call;
+    None when they cannot be built (said once, in a warning)."""
     try:
+        import glob
         import hashlib
         import logging
 
         from torch.utils.cpp_extension import load
 
         # -march=native: one build per CPU model, so a cache directory shared by
-        # several kinds of machines never hands one a binary it cannot run.
-        tag = hashlib.sha1(_cpu_description().encode()).hexdigest()[:10]
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "inner_attention.cpp")
-        name = f"tntp_inner_attention_{tag}"
+        # several kinds of machines never hands one a binary it cannot run. The
+        # sources and headers are in the key too (torch's loader rehashes the .cpp
+        # files only, not the headers they include).
+        files = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.h")))
+        key = hashlib.sha1(_cpu_description().encode())
+        for f in files:
+            with open(f, "rb") as fh:
+                key.update(fh.read())
+        name = f"tntp_cpu_kernels_{key.hexdigest()[:10]}"
         _remove_stale_build_lock(name)
-        logging.getLogger(__name__).info("building the CPU inner-attention kernel (once per machine type, ~8 s)")
-        load(name=name, sources=[src], is_python_module=False,
+        logging.getLogger(__name__).info("building the CPU kernels (once per machine type, ~10 s)")
+        load(name=name, sources=[f for f in files if f.endswith(".cpp")], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
         return torch.ops.tntp
     except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
         import warnings
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"TNT: the fused CPU inner-attention kernel could not be built ({first}); "
+        warnings.warn(f"TNT: the CPU kernels (inner attention, LayerNorm) could not be built ({first}); "
                       "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
         return None
 
@@ -253,26 +264,70 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters, same maths) that normalises narrow half-precision
-    rows in float32.
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm through our C++ kernel: maths in float32, output in ``out_dtype``."""
 
-    Our own code, measured faster: on CPU, torch's bf16 LayerNorm kernels collapse on
-    rows narrower than 64 (the inner stream's 12-40 wide pixel embeddings), e.g. fwd+bwd
-    of 25088 rows of 24 took 3.4 ms in bf16 against 1.15 ms through float32 including
-    both casts; from 64 wide on, bf16 is faster (0.52 vs 0.80 ms) and is kept. This is the
-    path DeepSpeed's bf16 engine runs (module in bf16, no autocast); under autocast the
-    inner stream is already float32. The float32 result is also the more accurate one.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                out_dtype: torch.dtype):
+        w = weight.float() if weight is not None else None
+        b = bias.float() if bias is not None else None
+        y, mean, rstd = torch.ops.tntp.layer_norm_fwd(x, w, b, eps, out_dtype)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.tntp.layer_norm_bwd(grad, x, w, mean, rstd)
+        dw = dw.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        db = db.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, same maths) through our C++ kernel on CPU
+    (pipeline/csrc/layer_norm.cpp).
+
+    Our own code, measured faster (bench/tnt_bench.py): torch's CPU kernels vectorise
+    along a row and idle on the inner stream's rows of 12-40 pixel-embedding channels
+    (TNT-S, 25088 rows of 24: fwd+bwd 0.9 ms in float32 and 3.4 ms in bf16; ours
+    0.45 and 0.8 ms); ours computes in float32 for every dtype. ``feeds_linear``: every
+    consumer of the output is a linear layer, so under CPU autocast the output is
+    written in the autocast dtype, which is exactly what autocast's cast before each of
+    those layers would make of a float32 output (one pass instead of a float32 write
+    and one cast per consumer, and the same saved in the backward pass; the gradients
+    of several consumers are then summed in the autocast dtype instead of float32).
+    Torch's ops on CUDA, while torch.compile traces, in float64, or with
+    TNTP_FUSED_NORM=0.
     """
 
-    narrow = 64
+    feeds_linear = False  # set by feeding_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] < self.narrow:
-            w = self.weight.float() if self.weight is not None else None
-            b = self.bias.float() if self.bias is not None else None
-            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        if (
+            _KERNELS["fused_norm"]
+            and x.device.type == "cpu"
+            and x.dtype in _FUSED_DTYPES
+            and len(self.normalized_shape) == 1
+            and x.numel() > 0
+            and not torch.compiler.is_compiling()
+            and cpu_kernels() is not None
+        ):
+            out_dtype = x.dtype
+            if self.feeds_linear and torch.is_autocast_enabled("cpu"):
+                out_dtype = torch.get_autocast_dtype("cpu")
+            return _LayerNorm.apply(x, self.weight, self.bias, self.eps, out_dtype)
         return super().forward(x)
+
+
+def feeding_linear(norm: nn.Module) -> nn.Module:
+    """Mark ``norm`` as read by linear layers only (see :class:`LayerNorm`); any other
+    norm layer is returned as it is."""
+    if isinstance(norm, LayerNorm):
+        norm.feeds_linear = True
+    return norm
 
 
 # ------------------------------------------------------------------------------ model
@@ -321,7 +376,7 @@ class Attention(nn.Module):
             and v.shape[1] <= _MAX_FUSED_TOKENS
             and self.head_dim <= _MAX_FUSED_HEAD_DIM
             and not torch.compiler.is_compiling()
-            and inner_attention_kernel() is not None
+            and cpu_kernels() is not None
         )
 
 
@@ -380,17 +435,17 @@ class Block(nn.Module):
         act_layer=nn.GELU,
     ):
         super().__init__()
-        self.norm_in = norm_layer(dim)
+        self.norm_in = feeding_linear(norm_layer(dim))
         self.attn_in = Attention(dim, num_heads_in, qkv_bias, attn_drop, proj_drop, fused_cpu=True)
-        self.norm_mlp_in = norm_layer(dim)
+        self.norm_mlp_in = feeding_linear(norm_layer(dim))
         self.mlp_in = Mlp(dim, int(dim * mlp_ratio_in), act_layer, proj_drop)
-        self.norm1_proj = norm_layer(dim * num_pixel)
+        self.norm1_proj = feeding_linear(norm_layer(dim * num_pixel))
         self.proj = Linear(dim * num_pixel, dim_out, bias=False)
         self.norm2_proj = norm_layer(dim_out)
-        self.norm_out = norm_layer(dim_out)
+        self.norm_out = feeding_linear(norm_layer(dim_out))
         self.attn_out = Attention(dim_out, num_heads_out, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm_mlp = norm_layer(dim_out)
+        self.norm_mlp = feeding_linear(norm_layer(dim_out))
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer, proj_drop)
         self.se_layer = SE(dim_out) if se else None
 
@@ -477,7 +532,7 @@ class TNT(nn.Module):
         self.pixel_embed = PixelEmbed(img_size, patch_size, in_chans, inner_dim, first_stride)
         self.num_patches = num_patches = self.pixel_embed.num_patches
         num_pixel = self.pixel_embed.new_patch_size[0] * self.pixel_embed.new_patch_size[1]
-        self.norm1_proj = norm_layer(num_pixel * inner_dim)
+        self.norm1_proj = feeding_linear(norm_layer(num_pixel * inner_dim))
         self.proj = Linear(num_pixel * inner_dim, embed_dim)
         self.norm2_proj = norm_layer(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

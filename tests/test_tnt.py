@@ -268,8 +268,8 @@ def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
 
 
 def test_model_gradients_equal_with_reference_kernels():
-    """Our CPU kernels (oneDNN float32 linear layers, the fused inner attention) run in
-    the model and give torch's ops' outputs and gradients."""
+    """Our CPU kernels (oneDNN float32 linear layers, the fused inner attention,
+    LayerNorm) run in the model and give torch's ops' outputs and gradients."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_model_gradients_equal_with_reference_kernels():
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, ops
 
     out, fast, ops = run()
-    assert {"tntp::inner_attention_fwd", "tntp::inner_attention_bwd"} <= ops
+    assert {"tntp::inner_attention_fwd", "tntp::inner_attention_bwd", "tntp::layer_norm_fwd", "tntp::layer_norm_bwd"} <= ops
     with tnt.reference_kernels():
         out_ref, ref, ops = run()
     assert not any(name.startswith("tntp::") for name in ops)
@@ -294,26 +294,61 @@ def test_model_gradients_equal_with_reference_kernels():
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("width", [12, 24, 40])  # the inner widths of TNT-Ti, -S, -B: the float32 path
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_layer_norm_matches_float32_maths(width, dtype):
+@pytest.mark.parametrize("width", [12, 24, 40, 384])  # the inner widths of TNT-Ti, -S, -B and TNT-S's outer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layer_norm_kernel_matches_float32_maths(width, dtype):
+    """Our LayerNorm kernel against torch's float32 LayerNorm, forward and all gradients."""
+    from torch.profiler import profile
+
     torch.manual_seed(0)
     ref = torch.nn.LayerNorm(width)
     torch.nn.init.normal_(ref.weight)
     torch.nn.init.normal_(ref.bias)
     ours = tnt.LayerNorm(width).to(dtype)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(64, 16, width).to(dtype)
+    x = (torch.randn(64, 16, width) * 3 + 1).to(dtype)
     g = torch.randn(64, 16, width).to(dtype)
-    x32 = x.float().requires_grad_()
+    x32 = x.detach().clone().float().requires_grad_()  # a copy: for float32, .float() would be x itself
     ref(x32).backward(g.float())
     x.requires_grad_()
-    y = ours(x)
-    y.backward(g)
+    with profile() as prof:
+        y = ours(x)
+        y.backward(g)
+    assert {"tntp::layer_norm_fwd", "tntp::layer_norm_bwd"} <= {e.name for e in prof.events()}
     assert y.dtype == x.grad.dtype == ours.weight.grad.dtype == dtype
-    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # one rounding of the result
+    # float32: another summation order; half precision: one rounding of the result
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
     for got, want in ((y, ref(x32)), (x.grad, x32.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
         assert ((got.float() - want).abs() <= tol * want.abs().max() * 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_feeding_linear_layers_writes_the_autocast_dtype(dtype):
+    """Under autocast a norm read only by linear layers outputs what autocast would cast
+    its float32 output to: the same values, in the autocast dtype; other norms and
+    runs without autocast stay float32."""
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(24)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    feeding, plain = tnt.feeding_linear(tnt.LayerNorm(24)), tnt.LayerNorm(24)
+    for m in (feeding, plain):
+        m.load_state_dict(ref.state_dict())
+    x = torch.randn(256, 24) * 3 + 1
+    want = ref(x).detach()
+    with torch.autocast("cpu", dtype=dtype):
+        y, y_plain = feeding(x), plain(x)
+    assert y.dtype == dtype and y_plain.dtype == feeding(x).dtype == torch.float32
+    # float32 maths in another order, then one rounding: at most one ulp of the dtype off
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    assert ((y.float() - want).abs() <= ulp * want.abs()).all()
+    assert (y.float() == want.to(dtype).float()).float().mean() > 0.99  # nearly all exactly autocast's cast
+    # and the backward pass takes the autocast dtype's gradient
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = torch.nn.functional.linear(feeding(x), torch.randn(8, 24))
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
 def _reference_attention(qk, v, heads):
@@ -326,7 +361,7 @@ def _reference_attention(qk, v, heads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("P,T,C,heads", [(64, 16, 24, 4), (9, 16, 40, 4), (5, 7, 12, 3)])  # TNT-S, TNT-B, odd sizes
 def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
-    assert tnt.inner_attention_kernel() is not None, "the CPU kernel did not build (g++ and torch's headers are needed)"
+    assert tnt.cpu_kernels() is not None, "the CPU kernel did not build (g++ and torch's headers are needed)"
     torch.manual_seed(0)
     qk = (torch.randn(P, T, 2 * C) * 2).to(dtype).requires_grad_()
     v = torch.randn(P, T, C).to(dtype).requires_grad_()
@@ -358,7 +393,7 @@ def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
         "    warnings.simplefilter('always')\n"
         "    for _ in range(2):\n"
         "        m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
-        "msgs = [str(x.message) for x in w if 'inner-attention kernel' in str(x.message)]\n"
+        "msgs = [str(x.message) for x in w if 'CPU kernels' in str(x.message)]\n"
         "assert len(msgs) == 1, msgs\n"
         "print(msgs[0])\n"
     )
@@ -388,7 +423,7 @@ def test_stale_kernel_build_lock_from_a_killed_build_is_removed(tmp_path, monkey
 
 
 def test_float64_model_keeps_torchs_ops():
-    """The fused kernel computes in float32: a float64 model must not go through it."""
+    """Our kernels compute in float32: a float64 model must not go through them."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
@@ -399,6 +434,8 @@ def test_float64_model_keeps_torchs_ops():
     assert not any(e.name.startswith("tntp::") for e in prof.events())
     with torch.no_grad(), tnt.reference_kernels():
         assert torch.equal(out, model(x))
-    assert tnt.inner_attention_kernel() is not None
+    assert tnt.cpu_kernels() is not None
     with pytest.raises(RuntimeError, match="inner_attention"):
         torch.ops.tntp.inner_attention_fwd(torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0)
+    with pytest.raises(RuntimeError, match="layer_norm"):
+        torch.ops.tntp.layer_norm_fwd(torch.zeros(4, 24, dtype=torch.float64), None, None, 1e-6, torch.float64)
