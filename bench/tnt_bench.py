@@ -5,9 +5,11 @@
 Same weights (timm's state dict loaded into ours), same batch, same threads
 (torch.get_num_threads()), float32, bf16 autocast, and "bf16 module": weights and
 activations in bf16 without autocast, which is how DeepSpeed's bf16 engine runs the
-model in training (fp32 master weights live in the optimizer). Prints the median step time
-of each, the ratio timm/ours (> 1: ours is faster), and the peak RSS growth of the
-process during each measurement (CPU: there is no allocator peak counter).
+model in training (fp32 master weights live in the optimizer). Steps of timm's and
+ours alternate (the CPU's speed drifts over minutes on shared machines), and the
+median step time of each is printed with the ratio timm/ours (> 1: ours is faster)
+and the peak memory of one step above the memory before it (CPU: there is no
+allocator peak counter; the process's peak RSS is reset before each model's step).
 With --compile also times ``torch.compile`` of ours. Also prints a roofline: the step's
 FLOPs (counted by torch's FlopCounterMode) over the best rate this CPU reaches on the
 model's largest GEMM, i.e. the fastest a step could possibly be, and so the largest
@@ -20,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import os
-import resource
 import statistics
 import sys
 import time
@@ -34,31 +35,57 @@ import torch  # noqa: E402
 from pipeline import tnt  # noqa: E402
 
 
-def time_steps(model, x, y, precision: str, steps: int, warmup: int) -> tuple[float, float]:
-    def ctx():
-        if precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+def make_step(model, x, y, precision: str):
+    """One forward+backward of ``model`` in ``precision``, as a function."""
     if precision == "bf16-module":
         x = x.bfloat16()
 
     def step():
         model.zero_grad(set_to_none=True)
-        with ctx():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return step
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def peak_growth_mb(step) -> float:
+    """Peak resident memory of one step above the resident memory before it (Linux and
+    glibc: free memory that malloc keeps for reuse is handed back first, and writing 5
+    to /proc/self/clear_refs resets the peak, so each model gets its own)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _rss_mb("VmRSS:")
+    step()
+    return _rss_mb("VmHWM:") - before
+
+
+def time_pair(steps: list, n: int, warmup: int) -> list[float]:
+    """Median time of each step function, run in alternation (a, b, a, b, ...) so that
+    a machine whose speed drifts over minutes slows both alike."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return statistics.median(times), (rss1 - rss0) / 1024
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
+    for _ in range(n):
+        for step, ts in zip(steps, times):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def step_flops(model, precision: str) -> float:
@@ -116,11 +143,12 @@ def main() -> None:
     eager = {}
     for precision in ("fp32", "bf16", "bf16-module"):
         pair = (ref, ours) if precision != "bf16-module" else (copy.deepcopy(ref).bfloat16(), copy.deepcopy(ours).bfloat16())
-        t_ref, m_ref = time_steps(pair[0], x, y, precision, args.steps, args.warmup)
-        t_ours, m_ours = time_steps(pair[1], x, y, precision, args.steps, args.warmup)
+        steps = [make_step(m, x, y, precision) for m in pair]
+        t_ref, t_ours = time_pair(steps, args.steps, args.warmup)
+        m_ref, m_ours = (peak_growth_mb(step) for step in steps)
         eager[precision] = t_ref
         print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
-              f"(peak RSS growth: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)", flush=True)
+              f"(peak memory of a step: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)", flush=True)
         # Roofline: even if every FLOP ran at the best GEMM rate and nothing else cost
         # time, a step could not be faster than this.
         rates = gemm_rate(torch.float32 if precision == "fp32" else torch.bfloat16)
@@ -136,11 +164,11 @@ def main() -> None:
     # would slow down any eager measurement taken after them.
     for precision in ("fp32", "bf16") if args.compile else ():
         torch._dynamo.reset()
-        compiled = torch.compile(ours)
+        step = make_step(torch.compile(ours), x, y, precision)
         t0 = time.perf_counter()
-        time_steps(compiled, x, y, precision, 1, 0)
+        step()
         compile_s = time.perf_counter() - t0
-        t_c, _ = time_steps(compiled, x, y, precision, args.steps, args.warmup)
+        (t_c,) = time_pair([step], args.steps, args.warmup)
         print(f"{precision}: ours compiled {t_c:.3f} s/step   speed-up vs timm eager {eager[precision] / t_c:.2f}x   "
               f"(first step incl. compile {compile_s:.0f} s)", flush=True)
 

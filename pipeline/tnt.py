@@ -491,7 +491,11 @@ class PixelEmbed(nn.Module):
         # (B, C, gh, ph, gw, pw) -> (B*gh*gw, C, ph, pw): row-major patch order, like nn.Unfold
         x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
         x = self.proj(x) + pixel_pos
-        return x.flatten(2).transpose(1, 2)  # (B*N, pixels, c)
+        # (B*N, pixels, c), contiguous: a transposed view here (timm's) would be the
+        # layout of the whole inner stream, since every residual add keeps its input's
+        # strides, and every LayerNorm, linear layer and reshape for the projection
+        # would copy it (~10 ms a TNT-S step)
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class TNT(nn.Module):
