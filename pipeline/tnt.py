@@ -83,6 +83,7 @@ _KERNELS = {
     "onednn_fp32": _onednn_linear is not None and os.environ.get("TNTP_ONEDNN_FP32", "1") != "0",
     "fused_inner": os.environ.get("TNTP_FUSED_INNER", "1") != "0",
     "fused_norm": os.environ.get("TNTP_FUSED_NORM", "1") != "0",
+    "fused_softmax": os.environ.get("TNTP_FUSED_SOFTMAX", "1") != "0",
 }
 
 
@@ -249,6 +250,23 @@ class _InnerAttention(torch.autograd.Function):
         return dqk, dv, None, None
 
 
+class _ScaledSoftmax(torch.autograd.Function):
+    """softmax(scale * x) over the last dimension through our C++ kernel (half precision
+    on CPU): see :func:`attention`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float):
+        y = torch.ops.tntp.scaled_softmax_fwd(x, scale)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.ops.tntp.scaled_softmax_bwd(grad.to(y.dtype), y, ctx.scale), None
+
+
 class Mlp(nn.Module):
     """timm's ``Mlp`` (fc1 -> act -> drop -> fc2 -> drop, same parameter names) on ``Linear``."""
 
@@ -396,6 +414,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     accurate one (script: bench/tnt_bench.py, see bench/README.md).
     """
     if q.device.type == "cpu" and q.dtype != torch.float32:
+        if (
+            _KERNELS["fused_softmax"]
+            and q.dtype in _FUSED_DTYPES
+            and not torch.compiler.is_compiling()
+            and cpu_kernels() is not None
+        ):
+            attn = _ScaledSoftmax.apply(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
+            return F.dropout(attn, dropout_p) @ v
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         attn = attn.float().softmax(dim=-1).to(q.dtype) if attn.shape[-1] < 32 else attn.softmax(dim=-1)
         return F.dropout(attn, dropout_p) @ v

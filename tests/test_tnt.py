@@ -294,6 +294,37 @@ def test_model_gradients_equal_with_reference_kernels():
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_kernels_under_bf16_autocast_are_as_accurate_as_torchs_ops():
+    """Under bf16 autocast our CPU kernels (inner attention, LayerNorm writing bf16 for
+    the linear layers, the outer attention's softmax) run, and the model's outputs and
+    gradients are no further from the float32 ones than with torch's ops."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
+    x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
+
+    def run(autocast: bool):
+        model.zero_grad()
+        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            torch.nn.functional.cross_entropy(out.float(), y).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        return out.detach().float(), grads, {e.name for e in prof.events()}
+
+    with tnt.reference_kernels():
+        out32, grad32, _ = run(False)
+        out_ref, grad_ref, _ = run(True)
+    out, grad, ops = run(True)
+    assert {"tntp::inner_attention_bwd", "tntp::layer_norm_bwd", "tntp::scaled_softmax_bwd"} <= ops
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert err(out, out32) <= 1.25 * err(out_ref, out32)
+    assert err(grad, grad32) <= 1.25 * err(grad_ref, grad32)
+
+
 @pytest.mark.parametrize("width", [12, 24, 40, 384])  # the inner widths of TNT-Ti, -S, -B and TNT-S's outer
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_norm_kernel_matches_float32_maths(width, dtype):
@@ -359,7 +390,8 @@ def _reference_attention(qk, v, heads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("P,T,C,heads", [(64, 16, 24, 4), (9, 16, 40, 4), (5, 7, 12, 3)])  # TNT-S, TNT-B, odd sizes
+# TNT-S, TNT-B and TNT-Ti (compile-time sizes, the first two also compile-time head widths), odd sizes
+@pytest.mark.parametrize("P,T,C,heads", [(64, 16, 24, 4), (9, 16, 40, 4), (6, 16, 12, 4), (5, 7, 12, 3)])
 def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
     assert tnt.cpu_kernels() is not None, "the CPU kernel did not build (g++ and torch's headers are needed)"
     torch.manual_seed(0)
@@ -376,6 +408,29 @@ def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounding of inputs and results
     for a, b in zip(got, (ref.detach(), qk32.grad, v32.grad)):
         assert (a.float() - b).abs().max() <= tol * b.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 6, 197, 197), (3, 16), (5, 1)])  # TNT-S's outer attention, short rows, one
+def test_scaled_softmax_matches_torch(dtype, shape):
+    from torch.profiler import profile
+
+    assert tnt.cpu_kernels() is not None
+    torch.manual_seed(0)
+    scale = 64 ** -0.5
+    x = (torch.randn(shape) * 20).to(dtype).requires_grad_()
+    g = torch.randn(shape).to(dtype)
+    with profile() as prof:
+        y = tnt._ScaledSoftmax.apply(x, scale)
+        y.backward(g)
+    assert {"tntp::scaled_softmax_fwd", "tntp::scaled_softmax_bwd"} <= {e.name for e in prof.events()}
+    x32 = x.detach().float().requires_grad_()
+    want = (x32 * scale).softmax(-1)
+    want.backward(g.float())
+    assert y.dtype == x.grad.dtype == dtype
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # one rounding of the result
+    assert ((y.float() - want).abs() <= ulp * want + 1e-6).all()
+    assert (x.grad.float() - x32.grad).abs().max() <= 4 * ulp * x32.grad.abs().max()
 
 
 def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
@@ -437,5 +492,7 @@ def test_float64_model_keeps_torchs_ops():
     assert tnt.cpu_kernels() is not None
     with pytest.raises(RuntimeError, match="inner_attention"):
         torch.ops.tntp.inner_attention_fwd(torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0)
+    with pytest.raises(RuntimeError, match="scaled_softmax"):
+        torch.ops.tntp.scaled_softmax_fwd(torch.zeros(4, 24), 1.0)  # half precision only: float32 takes SDPA
     with pytest.raises(RuntimeError, match="layer_norm"):
         torch.ops.tntp.layer_norm_fwd(torch.zeros(4, 24, dtype=torch.float64), None, None, 1e-6, torch.float64)

@@ -19,7 +19,7 @@
 #include <cmath>
 #include <vector>
 
-#include "convert.h"
+#include "common.h"
 
 namespace {
 
