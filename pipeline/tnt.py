@@ -25,11 +25,13 @@ Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
 * with class-token pooling, ``forward`` computes only the class token in the last
   block (timm computes all tokens and keeps one);
 * float32 linear layers on CPU run through oneDNN instead of MKL (:class:`Linear`);
-* on CPU the inner attention runs in a fused C++ kernel built on first use
-  (``pipeline/csrc/inner_attention.cpp``, :class:`_InnerAttention`; torch's ops if it
-  cannot be built); without it, in bf16/fp16 its softmax runs in float32 (:func:`attention`);
-* half-precision LayerNorm over rows narrower than 64 (the inner stream) computes in
-  float32 (:class:`LayerNorm`: torch's bf16 kernel is 3x slower there);
+* on CPU, our C++ kernels (``pipeline/csrc``, built on first use by
+  :func:`cpu_kernels`; torch's ops if they cannot be built): the inner attention in
+  one fused pass (:class:`_InnerAttention`), LayerNorm in float32 maths for every
+  dtype, writing the autocast dtype when only linear layers read it
+  (:class:`LayerNorm`), and the outer attention's softmax with the scale folded in,
+  in half precision (:class:`_ScaledSoftmax`);
+* the inner stream is kept contiguous (timm's is a transposed view throughout);
 * optional activation checkpointing per block (``set_grad_checkpointing``).
 
 No parameter is created outside ``__init__`` and nothing writes into a parameter in
@@ -159,7 +161,8 @@ class Linear(nn.Linear):
 # CPU model (it is compiled for the host's instruction set). If it cannot be built,
 # one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
 # (SDPA's fused kernels) or while torch.compile traces. The same library holds our
-# LayerNorm (pipeline/csrc/layer_norm.cpp, see :class:`LayerNorm`).
+# LayerNorm (layer_norm.cpp, see :class:`LayerNorm`) and the outer attention's
+# half-precision softmax (softmax.cpp, see :func:`attention`).
 _MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
 
@@ -411,7 +414,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     attention's 16 tokens) in float32: the half-precision softmax kernels vectorise
     along a row and fall back to scalar code for short ones (inner fwd+bwd 10.9 ->
     7.2 ms, TNT-S bf16 step 0.66 -> 0.58 s), and the float32 softmax is also the more
-    accurate one (script: bench/tnt_bench.py, see bench/README.md).
+    accurate one (script: bench/tnt_bench.py, see bench/README.md). With our CPU
+    kernels built, the softmax is ours (:class:`_ScaledSoftmax`: float32 maths, the
+    scale applied as the scores are read instead of a pass over q, fwd+bwd+scale of
+    TNT-S's outer attention 12.0 -> 8.7 ms a step); TNTP_FUSED_SOFTMAX=0 turns it off.
     """
     if q.device.type == "cpu" and q.dtype != torch.float32:
         if (
