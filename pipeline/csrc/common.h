@@ -1,18 +1,23 @@
 // Helpers shared by our CPU kernels, written so that the compiler vectorises loops
 // over them.
 //
-// float32 <-> storage dtype conversions. c10's
-// BFloat16 conversions are correct but written so that gcc keeps loops over them
-// scalar (measured: a LayerNorm writing bf16 rows of 24 ran 3.4x slower than writing
+// float32 <-> storage dtype conversions. c10's BFloat16 conversions are correct but
+// written so that gcc keeps loops over them scalar (measured: a LayerNorm writing bf16 rows of 24 ran 3.4x slower than writing
 // float32); these are the same bit operations (round to nearest even, NaN kept NaN)
 // in a form that vectorises.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
+
+// The dtypes our kernels take: float32 and the two 16-bit floats, all computed in
+// float32 (float64 would lose precision, so it is refused and callers keep torch's ops).
+#define TNTP_HALF_CASES(...) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
+#define TNTP_FLOAT_CASES(...) AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) TNTP_HALF_CASES(__VA_ARGS__)
 
 namespace tntp {
 

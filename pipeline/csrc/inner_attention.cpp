@@ -5,7 +5,7 @@
 // PyTorch this attention is ~20 small passes over memory (head layout copies, a batched
 // 16x16x6 matmul that runs at a few % of the GEMM peak, dtype casts, a softmax whose
 // vector code is idle on 16-element rows), ~9 ms per TNT-S block, fwd+bwd, on 2 cores.
-// Here one pass per patch and head does all of it in registers and L1: it reads q, k
+// Here one pass per patch (all its heads) does all of it in registers and L1: it reads q, k
 // and v straight from the layout the qk and v linear layers wrote, writes the output
 // in the layout the projection reads, and stores only the max and 1/sum of each
 // softmax row for the backward pass (which recomputes the probabilities, as flash
@@ -24,13 +24,6 @@
 #include "common.h"
 
 namespace {
-
-// The input dtypes: float32 and the two 16-bit floats (float64 would lose precision
-// in the float32 maths, so it is refused and the caller keeps torch's ops).
-#define DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                     \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)              \
-                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 constexpr int64_t kMaxTokens = 64;
 constexpr int64_t kMaxHeadDim = 64;
@@ -311,10 +304,10 @@ std::tuple<at::Tensor, at::Tensor> inner_attention_fwd(const at::Tensor& qk, con
   const int64_t P = v.size(0), T = v.size(1), C = v.size(2);
   auto out = at::empty_like(v);
   auto stats = at::empty({P, heads, 2, T}, v.options().dtype(at::kFloat));
-  DISPATCH_FLOAT_TYPES(v.scalar_type(), "inner_attention_fwd", [&] {
+  AT_DISPATCH_SWITCH(v.scalar_type(), "inner_attention_fwd", TNTP_FLOAT_CASES([&] {
     forward_kernel<scalar_t>(qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              stats.mutable_data_ptr<float>(), P, T, C, heads, static_cast<float>(scale));
-  });
+  }));
   return {out, stats};
 }
 
@@ -328,11 +321,11 @@ std::tuple<at::Tensor, at::Tensor> inner_attention_bwd(const at::Tensor& grad_in
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == P * heads * 2 * T, "inner_attention: bad stats");
   auto dqk = at::empty_like(qk);
   auto dv = at::empty_like(v);
-  DISPATCH_FLOAT_TYPES(v.scalar_type(), "inner_attention_bwd", [&] {
+  AT_DISPATCH_SWITCH(v.scalar_type(), "inner_attention_bwd", TNTP_FLOAT_CASES([&] {
     backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                               out.const_data_ptr<scalar_t>(), stats.const_data_ptr<float>(), dqk.mutable_data_ptr<scalar_t>(),
                               dv.mutable_data_ptr<scalar_t>(), P, T, C, heads, static_cast<float>(scale));
-  });
+  }));
   return {dqk, dv};
 }
 

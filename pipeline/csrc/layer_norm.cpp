@@ -23,10 +23,6 @@
 
 namespace {
 
-#define LN_DISPATCH_CASES(...)                                                                   \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                                                      \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
-
 // Rows of kN (> 0: known at compile time, for TNT's inner widths) or n channels.
 template <int64_t kN, typename in_t, typename out_t>
 void forward_rows(const in_t* __restrict x, const float* __restrict w, const float* __restrict b, out_t* __restrict y,
@@ -144,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
   at::Tensor mean = at::empty({R}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "layer_norm_fwd", LN_DISPATCH_CASES([&] {
+  AT_DISPATCH_SWITCH(x.scalar_type(), "layer_norm_fwd", TNTP_FLOAT_CASES([&] {
     using in_t = scalar_t;
-    AT_DISPATCH_SWITCH(out_dtype, "layer_norm_fwd", LN_DISPATCH_CASES([&] {
+    AT_DISPATCH_SWITCH(out_dtype, "layer_norm_fwd", TNTP_FLOAT_CASES([&] {
       forward_kernel<in_t, scalar_t>(x.data_ptr<in_t>(), data_or_null(weight), data_or_null(bias),
                                      y.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), R, N,
                                      static_cast<float>(eps));
@@ -169,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
               "layer_norm: mean and rstd from layer_norm_fwd expected");
   at::Tensor dx = at::empty_like(x);
   at::Tensor acc = at::zeros({at::get_num_threads(), 2, N}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "layer_norm_bwd", LN_DISPATCH_CASES([&] {
+  AT_DISPATCH_SWITCH(x.scalar_type(), "layer_norm_bwd", TNTP_FLOAT_CASES([&] {
     using in_t = scalar_t;
-    AT_DISPATCH_SWITCH(dy.scalar_type(), "layer_norm_bwd", LN_DISPATCH_CASES([&] {
+    AT_DISPATCH_SWITCH(dy.scalar_type(), "layer_norm_bwd", TNTP_FLOAT_CASES([&] {
       backward_kernel<in_t, scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<in_t>(), data_or_null(weight),
                                       mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<in_t>(),
                                       acc.data_ptr<float>(), R, N);

@@ -62,22 +62,19 @@ void backward_rows(const scalar_t* __restrict dy, const scalar_t* __restrict y, 
   }
 }
 
-#define SOFTMAX_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 at::Tensor scaled_softmax_fwd(const at::Tensor& x_in, double scale) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "scaled_softmax: empty rows");
   TORCH_CHECK(scale > 0, "scaled_softmax: the scale must be positive");
   const int64_t N = x.size(-1), R = x.numel() / N;
   at::Tensor y = at::empty_like(x);
-  SOFTMAX_DISPATCH(x.scalar_type(), "scaled_softmax_fwd", [&] {
+  AT_DISPATCH_SWITCH(x.scalar_type(), "scaled_softmax_fwd", TNTP_HALF_CASES([&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
       forward_rows<scalar_t>(xp, yp, begin, end, N, static_cast<float>(scale));
     });
-  });
+  }));
   return y;
 }
 
@@ -87,14 +84,14 @@ at::Tensor scaled_softmax_bwd(const at::Tensor& dy_in, const at::Tensor& y_in, d
               "scaled_softmax: gradient and output differ in shape or dtype");
   const int64_t N = y.size(-1), R = y.numel() / N;
   at::Tensor dx = at::empty_like(y);
-  SOFTMAX_DISPATCH(y.scalar_type(), "scaled_softmax_bwd", [&] {
+  AT_DISPATCH_SWITCH(y.scalar_type(), "scaled_softmax_bwd", TNTP_HALF_CASES([&] {
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
       backward_rows<scalar_t>(dyp, yp, dxp, begin, end, N, static_cast<float>(scale));
     });
-  });
+  }));
   return dx;
 }
 
