@@ -155,11 +155,11 @@ class Linear(nn.Linear):
 # a fused CPU kernel for the inner attention (16 pixel tokens per patch, head width 6
 # in TNT-S). In eager PyTorch that attention is ~20 small passes over memory per block
 # (head layout copies, batched 16x16x6 matmuls at a few % of the GEMM rate, casts, a
-# softmax whose vector code idles on 16-wide rows); the kernel does one pass per patch
-# and head. Built with torch's C++ extension loader (g++, as DeepSpeed's JIT ops) the
-# first time a CPU forward needs it, ~8 s, cached under ~/.cache/torch_extensions per
-# CPU model (it is compiled for the host's instruction set). If it cannot be built,
-# one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
+# softmax whose vector code idles on 16-wide rows); the kernel does one pass per patch.
+# Built with torch's C++ extension loader (g++, as DeepSpeed's JIT ops) the first time
+# a CPU forward needs it, ~13 s for all our kernels, cached under ~/.cache/torch_extensions
+# per CPU model (they are compiled for the host's instruction set). If they cannot be
+# built, one warning and torch's ops are used. Off with TNTP_FUSED_INNER=0; never used on CUDA
 # (SDPA's fused kernels) or while torch.compile traces. The same library holds our
 # LayerNorm (layer_norm.cpp, see :class:`LayerNorm`) and the outer attention's
 # half-precision softmax (softmax.cpp, see :func:`attention`).
@@ -222,7 +222,7 @@ def cpu_kernels():
                 key.update(fh.read())
         name = f"tntp_cpu_kernels_{key.hexdigest()[:10]}"
         _remove_stale_build_lock(name)
-        logging.getLogger(__name__).info("building the CPU kernels (once per machine type, ~10 s)")
+        logging.getLogger(__name__).info("building the CPU kernels (once per machine type, ~13 s)")
         load(name=name, sources=[f for f in files if f.endswith(".cpp")], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
         return torch.ops.tntp
