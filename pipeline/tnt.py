@@ -91,8 +91,9 @@ _KERNELS = {
 
 @contextlib.contextmanager
 def reference_kernels():
-    """Run ``Linear`` through ``F.linear`` (MKL), the inner attention and LayerNorm
-    through torch's ops instead of our CPU kernels: for FLOP counting and comparisons."""
+    """Run ``Linear`` through ``F.linear`` (MKL), and the inner attention, LayerNorm and
+    the outer attention's softmax through torch's ops, instead of our CPU kernels: for
+    FLOP counting and comparisons."""
     saved = dict(_KERNELS)
     _KERNELS.update(dict.fromkeys(_KERNELS, False))
     try:
@@ -164,7 +165,7 @@ class Linear(nn.Linear):
 # LayerNorm (layer_norm.cpp, see :class:`LayerNorm`) and the outer attention's
 # half-precision softmax (softmax.cpp, see :func:`attention`).
 _MAX_FUSED_TOKENS = _MAX_FUSED_HEAD_DIM = 64  # the kernel's static buffers (csrc: kMaxTokens, kMaxHeadDim)
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # our kernels compute in float32
 
 
 def _cpu_description() -> str:
@@ -230,7 +231,7 @@ def cpu_kernels():
         import warnings
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"TNT: the CPU kernels (inner attention, LayerNorm) could not be built ({first}); "
+        warnings.warn(f"TNT: the CPU kernels (inner attention, LayerNorm, softmax) could not be built ({first}); "
                       "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
         return None
 
