@@ -1,0 +1,146 @@
+"""TNT-S training throughput and model FLOPs utilisation (MFU): ours vs timm's
+``tnt_s_patch16_224``, eager and ``torch.compile``, same run, same weights.
+
+    .venv/bin/python bench/tnt_gpu_bench.py                        # on a GPU: batch 128, bf16 autocast
+    .venv/bin/python bench/tnt_gpu_bench.py --no-compile --batch 64
+    .venv/bin/python bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 2 --warmup 1 --no-compile   # smoke run
+
+A training step is forward, backward and a fused AdamW step (what the trainer does per
+micro-batch, without DeepSpeed). Precision: bf16 autocast with float32 weights (the
+paper recipe's mixed precision) or fp32 (TF32 matmuls on GPU). Steps of timm's and
+ours alternate, so that clock and thermal drift hit both alike; the median step time
+of each is reported as images/s.
+
+MFU = model FLOPs per second / the GPU's peak dense bf16 (or TF32) FLOP/s. Model FLOPs
+are timm's TNT-S forward+backward counted by torch's FlopCounterMode (batch 1, on CPU,
+times the batch): the same work for both models, so the MFU ratio is the throughput
+ratio (ours computes only the class token in the last block, ~5.6% fewer FLOPs, which
+counts as our speed, not as extra utilisation). The peak comes from ``--peak-tflops``
+or, for H100/H200/A100, from the vendor's dense figure (H100 SXM and H200: 989 bf16,
+494 TF32; H100 PCIe: 756 / 378; A100: 312 / 156).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pipeline.compat  # noqa: E402,F401
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import tnt  # noqa: E402
+
+# dense (not sparse) peak TFLOP/s: (bf16, tf32), from the vendors' data sheets
+_PEAKS = {"H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}
+
+
+def peak_tflops(device: torch.device, precision: str, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in _PEAKS.items():  # "H100 PCIe" before "H100"
+        if all(word in name for word in key.split()):
+            return peaks[0 if precision == "bf16" else 1]
+    return None
+
+
+def model_flops_per_image() -> float:
+    """timm's TNT-S forward+backward FLOPs for one 224x224 image, counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = timm.create_model("tnt_s_patch16_224")
+    x, y = torch.randn(1, 3, 224, 224), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, device: torch.device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(steps: dict, n: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each step function, run in alternation."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when present) or cpu")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 128 on GPU, 8 on CPU)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast (default) or fp32/TF32")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (and compilation)")
+    p.add_argument("--no-compile", action="store_true", help="eager only (compiling both models takes minutes)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense FLOP/s for --precision, in TFLOP/s "
+                   "(default: known for H100/H200/A100; elsewhere MFU is not printed)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    batch = args.batch or (128 if device.type == "cuda" else 8)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(0)
+    ref = timm.create_model("tnt_s_patch16_224")
+    ours = tnt.create("tntp_s_patch16_224")
+    tnt.load_timm_state_dict(ours, ref.state_dict())
+    flops = model_flops_per_image() * batch
+    peak = peak_tflops(device, args.precision, args.peak_tflops)
+    ref, ours = ref.to(device), ours.to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, timm {timm.__version__}, TNT-S, batch {batch}, {args.precision}, "
+          f"fwd+bwd+AdamW; model FLOPs {flops / batch / 1e9:.1f} G per image; peak "
+          f"{f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}", flush=True)
+
+    variants = {"timm eager": ref, "ours eager": ours}
+    if not args.no_compile:
+        variants.update({"timm compiled": torch.compile(ref), "ours compiled": torch.compile(ours)})
+    steps = {k: make_step(m, x, y, args.precision, device) for k, m in variants.items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_alternating(steps, args.steps, args.warmup, device)
+    for k, s in seconds.items():
+        mfu = f"   MFU {flops / s / (peak * 1e12):.1%}" if peak else ""
+        print(f"{k:14s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{mfu}   "
+              f"speed-up vs timm eager {seconds['timm eager'] / s:.2f}x", flush=True)
+    if device.type == "cuda":
+        print(f"peak GPU memory (all variants): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
