@@ -5,9 +5,10 @@
     python launch/slurm.py shard --array 8 -- /data/imagenet --out shards/imagenet
 
 Training: one task per GPU (``--gpus-per-node``; one task per node without GPUs).
-Inside each task rank, local rank, world size and the rendezvous come from
-submitit's ``TorchDistributedEnvironment``; then ``pipeline.train`` runs, the same
-code path for 1 or N nodes.
+Inside each task rank, local rank, world size and the rendezvous address come from
+submitit's ``TorchDistributedEnvironment``, the rendezvous port from
+:func:`rendezvous_port` (below Linux's ephemeral ports, new for each requeued attempt);
+then ``pipeline.train`` runs, the same code path for 1 or N nodes.
 
 Time limits and preemption: submitit asks Slurm for ``--signal=USR2@<delay>``. Every
 task receives the signal; the trainer notes it and, at the next optimizer step, all
@@ -44,6 +45,21 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def rendezvous_port(job_id: str, restart: int) -> int:
+    """The rendezvous (MASTER_PORT) of a job attempt, the same in every task.
+
+    submitit derives it from the job id alone, anywhere in 20000-60000, which overlaps
+    Linux's ephemeral range (32768-60999): a port the kernel had handed to some outgoing
+    connection on the first node then fails the whole job with EADDRINUSE (seen in our
+    Slurm tests). This picks a port in 20000-32767, below that range, and varies it with
+    the requeue count, so that a requeued attempt does not meet its predecessor's socket
+    either. A MASTER_PORT set by the user still wins.
+    """
+    import zlib
+
+    return 20000 + zlib.crc32(f"{job_id}:{restart}".encode()) % (32768 - 20000)
+
+
 class TrainJob:
     """The callable submitit runs in every task; requeues itself on timeout."""
 
@@ -56,7 +72,12 @@ class TrainJob:
 
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if "MASTER_PORT" not in os.environ:
+            job = submitit.JobEnvironment()
+            os.environ["MASTER_PORT"] = str(rendezvous_port(job.job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0"))))
+        # overwrite: RANK, WORLD_SIZE... inherited from the submitting shell (sbatch
+        # exports its environment) would be another job's
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
             socket.gethostbyname(env.master_addr)
         except OSError:  # node names that do not resolve (several slurmd on one host): use the launch node's IP

@@ -53,6 +53,21 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
         assert line in out.stdout
 
 
+def test_rendezvous_port_is_below_the_ephemeral_range_and_changes_on_requeue():
+    """submitit's own port (20000-60000 from the job id) can be an ephemeral port some
+    outgoing connection holds (EADDRINUSE, seen here); ours stays below Linux's
+    ephemeral range and differs between a job's attempts."""
+    from launch.slurm import rendezvous_port
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = {(job, restart): rendezvous_port(str(job), restart) for job in range(1, 200) for restart in range(3)}
+    assert all(1024 <= port < min(ephemeral_low, 32768) for port in ports.values())
+    assert ports == {(job, restart): rendezvous_port(str(job), restart) for job, restart in ports}  # all tasks agree
+    assert all(ports[job, 0] != ports[job, 1] for job in range(1, 200))
+    assert len(set(ports.values())) > 500  # spread, not a handful of ports
+
+
 def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp_path):
     from mlflow import MlflowClient
 
