@@ -236,6 +236,19 @@ def cpu_kernels():
         return None
 
 
+def _kernel_on(name: str, x: torch.Tensor) -> bool:
+    """Whether our C++ kernel ``name`` (a key of ``_KERNELS``) runs on ``x``: switched on,
+    a CPU tensor of a dtype our kernels take (float64 keeps torch's ops: they compute in
+    float32), not while torch.compile traces, and the kernels built."""
+    return (
+        _KERNELS[name]
+        and x.device.type == "cpu"
+        and x.dtype in _FUSED_DTYPES
+        and not torch.compiler.is_compiling()
+        and cpu_kernels() is not None
+    )
+
+
 class _InnerAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v per patch and head, q/k/v read from the qk and v layers'
     outputs as they are, the result in the layout the projection reads."""
@@ -328,15 +341,7 @@ class LayerNorm(nn.LayerNorm):
     feeds_linear = False  # set by feeding_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            _KERNELS["fused_norm"]
-            and x.device.type == "cpu"
-            and x.dtype in _FUSED_DTYPES
-            and len(self.normalized_shape) == 1
-            and x.numel() > 0
-            and not torch.compiler.is_compiling()
-            and cpu_kernels() is not None
-        ):
+        if len(self.normalized_shape) == 1 and x.numel() > 0 and _kernel_on("fused_norm", x):
             out_dtype = x.dtype
             if self.feeds_linear and torch.is_autocast_enabled("cpu"):
                 out_dtype = torch.get_autocast_dtype("cpu")
@@ -389,16 +394,12 @@ class Attention(nn.Module):
     def _use_kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> bool:
         return (
             self.fused_cpu
-            and _KERNELS["fused_inner"]
-            and v.device.type == "cpu"
             and qk.dtype == v.dtype
-            and v.dtype in _FUSED_DTYPES  # float64 keeps torch's ops: the kernel computes in float32
             and queries is None
             and not (self.training and self.attn_drop > 0)
             and v.shape[1] <= _MAX_FUSED_TOKENS
             and self.head_dim <= _MAX_FUSED_HEAD_DIM
-            and not torch.compiler.is_compiling()
-            and cpu_kernels() is not None
+            and _kernel_on("fused_inner", v)
         )
 
 
@@ -421,12 +422,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     TNT-S's outer attention 12.0 -> 8.7 ms a step); TNTP_FUSED_SOFTMAX=0 turns it off.
     """
     if q.device.type == "cpu" and q.dtype != torch.float32:
-        if (
-            _KERNELS["fused_softmax"]
-            and q.dtype in _FUSED_DTYPES
-            and not torch.compiler.is_compiling()
-            and cpu_kernels() is not None
-        ):
+        if _kernel_on("fused_softmax", q):  # half precision here (float32 goes to SDPA)
             attn = _ScaledSoftmax.apply(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
             return F.dropout(attn, dropout_p) @ v
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
