@@ -73,17 +73,20 @@ def peak_growth_mb(step) -> float:
     return _rss_mb("VmHWM:") - before
 
 
-def time_pair(steps: list, n: int, warmup: int) -> list[float]:
+def time_alternating(steps: list, n: int, warmup: int, sync=lambda: None) -> list[float]:
     """Median time of each step function, run in alternation (a, b, a, b, ...) so that
-    a machine whose speed drifts over minutes slows both alike."""
+    a machine whose speed drifts over minutes slows all alike. ``sync`` waits for the
+    device (GPU steps return before their work ends)."""
     for _ in range(warmup):
         for step in steps:
             step()
     times = [[] for _ in steps]
     for _ in range(n):
         for step, ts in zip(steps, times):
+            sync()
             t = time.perf_counter()
             step()
+            sync()
             ts.append(time.perf_counter() - t)
     return [statistics.median(ts) for ts in times]
 
@@ -144,7 +147,7 @@ def main() -> None:
     for precision in ("fp32", "bf16", "bf16-module"):
         pair = (ref, ours) if precision != "bf16-module" else (copy.deepcopy(ref).bfloat16(), copy.deepcopy(ours).bfloat16())
         steps = [make_step(m, x, y, precision) for m in pair]
-        t_ref, t_ours = time_pair(steps, args.steps, args.warmup)
+        t_ref, t_ours = time_alternating(steps, args.steps, args.warmup)
         m_ref, m_ours = (peak_growth_mb(step) for step in steps)
         eager[precision] = t_ref
         print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
@@ -168,7 +171,7 @@ def main() -> None:
         t0 = time.perf_counter()
         step()
         compile_s = time.perf_counter() - t0
-        (t_c,) = time_pair([step], args.steps, args.warmup)
+        (t_c,) = time_alternating([step], args.steps, args.warmup)
         print(f"{precision}: ours compiled {t_c:.3f} s/step   speed-up vs timm eager {eager[precision] / t_c:.2f}x   "
               f"(first step incl. compile {compile_s:.0f} s)", flush=True)
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +33,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import tnt  # noqa: E402
+from tnt_bench import step_flops, time_alternating  # noqa: E402
 
 # dense (not sparse) peak TFLOP/s: (bf16, tf32), from the vendors' data sheets
 _PEAKS = {"H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}
@@ -52,17 +51,6 @@ def peak_tflops(device: torch.device, precision: str, given: float | None) -> fl
     return None
 
 
-def model_flops_per_image() -> float:
-    """timm's TNT-S forward+backward FLOPs for one 224x224 image, counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = timm.create_model("tnt_s_patch16_224")
-    x, y = torch.randn(1, 3, 224, 224), torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    return float(counter.get_total_flops())
-
-
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
@@ -74,27 +62,6 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precisio
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternating(steps: dict, n: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per step of each step function, run in alternation."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(n):
-        for name, step in steps.items():
-            sync(device)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -117,7 +84,7 @@ def main() -> None:
     ref = timm.create_model("tnt_s_patch16_224")
     ours = tnt.create("tntp_s_patch16_224")
     tnt.load_timm_state_dict(ours, ref.state_dict())
-    flops = model_flops_per_image() * batch
+    flops = step_flops(ref, "fp32") * batch  # timm's fwd+bwd, counted on CPU before the move
     peak = peak_tflops(device, args.precision, args.peak_tflops)
     ref, ours = ref.to(device), ours.to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
@@ -133,7 +100,8 @@ def main() -> None:
     steps = {k: make_step(m, x, y, args.precision, device) for k, m in variants.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_alternating(steps, args.steps, args.warmup, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    seconds = dict(zip(steps, time_alternating(list(steps.values()), args.steps, args.warmup, sync)))
     for k, s in seconds.items():
         mfu = f"   MFU {flops / s / (peak * 1e12):.1%}" if peak else ""
         print(f"{k:14s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{mfu}   "
