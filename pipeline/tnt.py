@@ -281,7 +281,7 @@ class _ScaledSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return torch.ops.tntp.scaled_softmax_bwd(grad.to(y.dtype), y, ctx.scale), None
+        return torch.ops.tntp.scaled_softmax_bwd(grad, y, ctx.scale), None  # it casts grad to y's dtype
 
 
 class Mlp(nn.Module):

@@ -79,9 +79,8 @@ at::Tensor scaled_softmax_fwd(const at::Tensor& x_in, double scale) {
 }
 
 at::Tensor scaled_softmax_bwd(const at::Tensor& dy_in, const at::Tensor& y_in, double scale) {
-  const at::Tensor dy = dy_in.contiguous(), y = y_in.contiguous();
-  TORCH_CHECK(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type(),
-              "scaled_softmax: gradient and output differ in shape or dtype");
+  const at::Tensor y = y_in.contiguous(), dy = dy_in.to(y.scalar_type()).contiguous();
+  TORCH_CHECK(dy.sizes() == y.sizes(), "scaled_softmax: gradient and output shapes differ");
   const int64_t N = y.size(-1), R = y.numel() / N;
   at::Tensor dx = at::empty_like(y);
   AT_DISPATCH_SWITCH(y.scalar_type(), "scaled_softmax_bwd", TNTP_HALF_CASES([&] {
