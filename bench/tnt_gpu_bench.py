@@ -16,8 +16,8 @@ are timm's TNT-S forward+backward counted by torch's FlopCounterMode (batch 1, o
 times the batch): the same work for both models, so the MFU ratio is the throughput
 ratio (ours computes only the class token in the last block, ~5.6% fewer FLOPs, which
 counts as our speed, not as extra utilisation). The peak comes from ``--peak-tflops``
-or, for H100/H200/A100, from the vendor's dense figure (H100 SXM and H200: 989 bf16,
-494 TF32; H100 PCIe: 756 / 378; A100: 312 / 156).
+or from ``pipeline/mfu.py``'s table of exact device names (dense figures; H100 SXM and
+H200: 989 bf16, 495 TF32; H100 PCIe: 756 / 378; NVL: 836 / 418; A100: 312 / 156).
 """
 
 from __future__ import annotations
@@ -32,23 +32,16 @@ import pipeline.compat  # noqa: E402,F401
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import tnt  # noqa: E402
+from pipeline import mfu, tnt  # noqa: E402
 from tnt_bench import step_flops, time_alternating  # noqa: E402
 
-# dense (not sparse) peak TFLOP/s: (bf16, tf32), from the vendors' data sheets
-_PEAKS = {"H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}
-
-
 def peak_tflops(device: torch.device, precision: str, given: float | None) -> float | None:
+    """--peak-tflops, else the exact device name in pipeline/mfu.py's table (the trainer's)."""
     if given is not None:
         return given
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in _PEAKS.items():  # "H100 PCIe" before "H100"
-        if all(word in name for word in key.split()):
-            return peaks[0 if precision == "bf16" else 1]
-    return None
+    return mfu.peak_tflops(torch.cuda.get_device_name(device), mfu.matmul_precision(precision, True))
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, device: torch.device):
@@ -73,7 +66,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (and compilation)")
     p.add_argument("--no-compile", action="store_true", help="eager only (compiling both models takes minutes)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense FLOP/s for --precision, in TFLOP/s "
-                   "(default: known for H100/H200/A100; elsewhere MFU is not printed)")
+                   "(default: pipeline/mfu.py's table by exact device name; elsewhere MFU is not printed)")
     args = p.parse_args()
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 8)
@@ -103,8 +96,8 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     seconds = dict(zip(steps, time_alternating(list(steps.values()), args.steps, args.warmup, sync)))
     for k, s in seconds.items():
-        mfu = f"   MFU {flops / s / (peak * 1e12):.1%}" if peak else ""
-        print(f"{k:14s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{mfu}   "
+        util = f"   MFU {flops / s / (peak * 1e12):.1%}" if peak else ""
+        print(f"{k:14s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{util}   "
               f"speed-up vs timm eager {seconds['timm eager'] / s:.2f}x", flush=True)
     if device.type == "cuda":
         print(f"peak GPU memory (all variants): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

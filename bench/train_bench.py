@@ -29,7 +29,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from pipeline import tnt
-    from pipeline.train import init_distributed, soft_cross_entropy
+    from pipeline.distributed import init_distributed
+    from pipeline.train import soft_cross_entropy
 
     rank, world, _ = init_distributed()
     torch.manual_seed(0)

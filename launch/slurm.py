@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
+import shlex
 import shutil
 import socket
 import subprocess
@@ -60,6 +60,26 @@ def rendezvous_port(job_id: str, restart: int) -> int:
     return 20000 + zlib.crc32(f"{job_id}:{restart}".encode()) % (32768 - 20000)
 
 
+def master_address(first_node: str, launch_ip: str | None, num_nodes: int) -> str:
+    """The rendezvous host: the first node's name when it resolves, else the launch
+    node's IP (several slurmd on one host have node names that do not resolve); with
+    neither, loopback works for one node only, and several nodes are refused (each
+    would rendezvous with itself and wait for ranks that never come)."""
+    try:
+        socket.gethostbyname(first_node)
+        return first_node
+    except OSError:
+        pass
+    if launch_ip:
+        return launch_ip
+    if num_nodes > 1:
+        from pipeline.imagenet import InputError
+
+        raise InputError(f"the first node's name {first_node!r} does not resolve and Slurm gave no "
+                         f"SLURM_LAUNCH_NODE_IPADDR: {num_nodes} nodes cannot rendezvous; set MASTER_ADDR")
+    return "127.0.0.1"
+
+
 class TrainJob:
     """The callable submitit runs in every task; requeues itself on timeout."""
 
@@ -78,10 +98,8 @@ class TrainJob:
         # overwrite: RANK, WORLD_SIZE... inherited from the submitting shell (sbatch
         # exports its environment) would be another job's
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        try:
-            socket.gethostbyname(env.master_addr)
-        except OSError:  # node names that do not resolve (several slurmd on one host): use the launch node's IP
-            os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        os.environ["MASTER_ADDR"] = master_address(env.master_addr, os.environ.get("SLURM_LAUNCH_NODE_IPADDR"),
+                                                   int(os.environ.get("SLURM_JOB_NUM_NODES", "1")))
         os.chdir(self.workdir)
         from pipeline import train
 
@@ -134,6 +152,8 @@ def executor(args):
     )
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
+    # one dead task ends the step at once (its peers would otherwise wait in a collective)
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     if args.mem:
         params["mem_gb"] = args.mem
     for key in ("partition", "account", "qos", "constraint"):
@@ -170,10 +190,24 @@ def wait(job, timeout: float, env: dict | None = None) -> tuple[bool, str]:
     return False, f"still running after {timeout:.0f}s"
 
 
+def check_trainer_args(trainer_args: list[str]) -> None:
+    """The trainer's config, loaded as the job will load it: a missing file or an
+    unknown key fails here, not minutes later in the queue."""
+    from pipeline import config
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.train")
+    config.add_arguments(p)
+    parsed = p.parse_args(trainer_args)
+    config.load(parsed.config, parsed.overrides)
+
+
 def submit_train(args, trainer_args: list[str]) -> int:
+    check_trainer_args(trainer_args)
     ex = executor(args)
     if args.dry_run:
-        print(ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>"))
+        script = ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>")
+        print(script)
+        print(f"# each task runs: python -m pipeline.train {shlex.join(trainer_args)}")
         return 0
     job = ex.submit(TrainJob(trainer_args, os.getcwd()))
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)")
@@ -204,12 +238,17 @@ def submit_shard(args, shard_args: list[str]) -> int:
     return 1 if failed else 0
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__, formatter_class=_Help)
     p.add_argument("mode", nargs="?", choices=("train", "shard"), default="train", help="train (default) or shard (a job array)")
     p.add_argument("--nodes", type=int, default=1, help="nodes for training")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: one CPU task per node)")
-    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (DataLoader workers + main process)")
+    p.add_argument("--cpus-per-task", type=int, default=10,
+                   help="CPU cores per task: at least data.workers + 2 (the main process and the pin-memory thread)")
     p.add_argument("--partition", default="", help="Slurm partition")
     p.add_argument("--account", default="", help="Slurm account")
     p.add_argument("--qos", default="", help="Slurm QOS")
@@ -221,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int, default=20, help="requeues on timeout/preemption before giving up")
     p.add_argument("--array", type=int, default=8, help="shard mode: tasks in the job array")
     p.add_argument("--job-name", default="tntpipe", help="Slurm job name")
-    p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles); on a shared filesystem")
+    p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles), relative to the current directory; on a shared filesystem")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it failed")
     p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="give up waiting after this many seconds")
@@ -229,13 +268,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_slurm(env: dict | None = None) -> None:
+    """A Slurm controller answers: else one line, before submitit writes anything."""
+    from pipeline.imagenet import InputError
+
+    if shutil.which("sbatch") is None:
+        raise InputError("no Slurm here (sbatch not found): run on a cluster's login node, or use launch/local.py")
+    try:
+        probe = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InputError(f"Slurm's controller did not answer ({exc}); check SLURM_CONF and slurmctld") from None
+    if probe.returncode != 0 or "UP" not in probe.stdout:
+        said = [line.strip() for line in (probe.stderr + probe.stdout).splitlines() if line.strip().strip("*")]
+        raise InputError(f"Slurm's controller is not reachable ({said[0] if said else 'scontrol ping failed'}); "
+                         "check SLURM_CONF and slurmctld")
+
+
 def main(argv=None) -> int:
+    from pipeline.imagenet import InputError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    if args.mode == "shard":
-        return submit_shard(args, rest)
-    return submit_train(args, rest)
+    try:
+        if not args.dry_run:
+            check_slurm()
+        if args.mode == "shard":
+            return submit_shard(args, rest)
+        return submit_train(args, rest)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

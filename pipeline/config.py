@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -58,25 +58,44 @@ class TrainCfg:
     micro_batch: int = 128  # per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # bf16 | fp16 | fp32 (TF32 matmuls on CUDA)
     ema: bool = True  # keep and evaluate a weight EMA (ZeRO 0-2)
     ema_decay: float = 0.99996  # per optimizer step
     seed: int = 0  # model init, data order and augmentation
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     log_every: int = 50  # optimizer steps
     eval_every: int = 1  # epochs (0: only at the end)
-    ckpt_every: int = 1000  # optimizer steps; also at each epoch end and at the end
-    keep_last: int = 3  # complete checkpoints kept
+    ckpt_every: int = 1000  # optimizer steps between checkpoints (0: off); always one at the end
+    ckpt_every_min: float = 0.0  # minutes between checkpoints by rank 0's clock (0: off)
+    keep_last: int = 3  # complete checkpoints kept (>= 2: one to fall back to)
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
-    device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the device name
+    device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the exact device name (pipeline/mfu.py)
+    dist_timeout_s: float = 600.0  # seconds a collective waits for a missing rank before failing
+    allow_schedule_change: bool = False  # resume although the lr schedule (epochs, lr, batch...) changed
+    compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA, off on CPU
+
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise InputError(f"train.precision must be bf16, fp16 or fp32, not {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise InputError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage!r}")
+        if self.zero_stage == 3 and self.ema:
+            raise InputError("train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false")
+        if self.keep_last < 1:
+            raise InputError(f"train.keep_last must be >= 1, not {self.keep_last}")
+        if self.compile not in (None, True, False):
+            raise InputError(f"train.compile must be true, false or null (on CUDA only), not {self.compile!r}")
+        if self.dist_timeout_s <= 0:
+            raise InputError(f"train.dist_timeout_s must be > 0 seconds, not {self.dist_timeout_s}")
 
 
 @dataclasses.dataclass
 class MlflowCfg:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db
-    experiment: str = "tnt"  # MLflow experiment
-    run_name: str = ""  # default: the config name
-    register_as: str = "tnt"  # registered model name ("" to skip the registry)
+    artifact_root: str = ""  # new experiments' artifacts; default: <out>/mlartifacts with the SQLite store
+    experiment: str = "tnt-{data}"  # MLflow experiment; {data}: the data set's name (shards/<data>/train)
+    run_name: str = ""  # default: the config name; {data} as above
+    register_as: str = "tnt-{data}"  # registered model name ("" to skip the registry); {data} as above
     system_metrics: bool = True  # CPU/GPU/memory metrics of rank 0
 
 
@@ -93,6 +112,18 @@ class Config:
     @property
     def out_dir(self) -> str:
         return self.train.out.format(name=self.name)
+
+    @property
+    def data_name(self) -> str:
+        """The data set's name: ``mnist`` for ``shards/mnist/train``, ``x`` for ``x/``."""
+        path = os.path.normpath(os.path.abspath(self.data.train)) if self.data.train else ""
+        if os.path.basename(path) in ("train", "val", "validation", "test"):
+            path = os.path.dirname(path)
+        return os.path.basename(path) or "data"
+
+    def named(self, template: str) -> str:
+        """``template`` with ``{name}`` and ``{data}`` filled in (MLflow names)."""
+        return template.format(name=self.name, data=self.data_name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

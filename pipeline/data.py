@@ -825,6 +825,12 @@ class Loader:
     def __len__(self) -> int:
         return len(self.stream)
 
+    @property
+    def completed_epochs(self) -> int:
+        """Epochs whose every batch has been handed out (the one convention for epoch
+        numbers in logs, metrics and the registry)."""
+        return self.epoch_index + (1 if self.batch_index >= len(self) else 0)
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch_index,

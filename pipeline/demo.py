@@ -93,13 +93,11 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     from pipeline import config
 
-    cfg = config.load(os.path.join(here, "configs", "tiny_cpu.yaml"), args.overrides)
+    overrides = [f"data.train={os.path.join(args.shards, 'train')}", f"data.val={os.path.join(args.shards, 'val')}",
+                 *args.overrides]
+    cfg = config.load(os.path.join(here, "configs", "tiny_cpu.yaml"), overrides)
     out = cfg.out_dir
-    train_args = [
-        "--config", os.path.join(here, "configs", "tiny_cpu.yaml"),
-        f"data.train={os.path.join(args.shards, 'train')}", f"data.val={os.path.join(args.shards, 'val')}",
-        *args.overrides,
-    ]
+    train_args = ["--config", os.path.join(here, "configs", "tiny_cpu.yaml"), *overrides]
     print(f"\ntraining the tiny TNT on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) -> {out}")
     status = subprocess.call([sys.executable, os.path.join(here, "launch", "local.py"), "--nproc", str(args.nproc), "--", *train_args])
     if status:
@@ -110,13 +108,13 @@ def main(argv=None) -> int:
     uri = cfg.mlflow.tracking_uri or default_uri(out)
     print("\nchecking the registered model:")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.mlflow.register_as, os.path.join(args.shards, "val")], env=env)
+    status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(args.shards, "val")], env=env)
     print(
         f"""
 next steps:
   MLflow UI:     mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)
   load it:       import mlflow; mlflow.set_tracking_uri("{uri}")
-                 model = mlflow.pytorch.load_model("models:/{cfg.mlflow.register_as}@best")
+                 model = mlflow.pytorch.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
   timm weights:  {os.path.join(out, "export", "model.safetensors")} (timm's TNT layout, safetensors)"""
     )
     return status

@@ -112,10 +112,16 @@ def _read_id_to_wnid(path: str) -> list[str]:
         return [line.split()[0] for line in f if line.strip()]
 
 
-def _flat_labels(val_dir: str, data_root: str) -> dict[str, str] | None:
-    """Image file name stem -> WNID for a flat val folder, or None if no labels found."""
+def _label_dirs(val_dir: str, data_root: str) -> list[str]:
+    """Where the ground truth of a flat val folder is looked for, in order."""
     here = [val_dir, os.path.dirname(val_dir), data_root]
     here += [os.path.join(d, sub) for d in list(here) for sub in ("data", os.path.join("ILSVRC2012_devkit_t12", "data"))]
+    return list(dict.fromkeys(os.path.normpath(d) for d in here))
+
+
+def _flat_labels(val_dir: str, data_root: str) -> dict[str, str] | None:
+    """Image file name stem -> WNID for a flat val folder, or None if no labels found."""
+    here = _label_dirs(val_dir, data_root)
 
     def find(name):
         for d in here:
@@ -143,11 +149,14 @@ def _flat_labels(val_dir: str, data_root: str) -> dict[str, str] | None:
 
 
 def list_flat_val(val_dir: str, data_root: str) -> SplitListing:
+    if not any(_is_image_name(p) for p in _walk_files(val_dir)):
+        raise InputError(f"{val_dir} holds no images and no class folders")
     labels = _flat_labels(val_dir, data_root)
     if labels is None:
         raise InputError(
             f"{val_dir} holds images but no class folders and no ground truth "
-            "(LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt)"
+            "(LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt); looked in "
+            + ", ".join(_label_dirs(val_dir, data_root))
         )
     entries, ignored = [], []
     for path in _walk_files(val_dir):

@@ -326,6 +326,22 @@ def inputs_digest(entries: list[Entry]) -> str:
     return h.hexdigest()
 
 
+def _only_quality_differs(out_dir: str, old: dict, build: dict) -> bool:
+    """Only --quality changed and the complete build re-encoded no image (its manifest
+    lists none converted), so the new quality would change no byte."""
+    rest = {k: v for k, v in old.items() if k != "options"}
+    if rest != {k: v for k, v in build.items() if k != "options"}:
+        return False
+    o, n = old.get("options", {}), build["options"]
+    if {k for k in set(o) | set(n) if o.get(k) != n.get(k)} != {"quality"}:
+        return False
+    try:
+        with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
+            return not json.load(f).get("converted", ["?"])
+    except (OSError, ValueError):
+        return False
+
+
 def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
     """Refuse to mix shards of different inputs/options in one directory."""
     path = os.path.join(out_dir, "build.json")
@@ -336,6 +352,8 @@ def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
         old = None
     except ValueError:
         old = {}
+    if old is not None and old != build and _only_quality_differs(out_dir, old, build):
+        old = build  # nothing was re-encoded: the shards are the same bytes at any quality
     if old is not None and old != build:
         if not overwrite:
             diff = sorted(k for k in set(old.get("options", {})) | set(build["options"]) if old.get("options", {}).get(k) != build["options"].get(k))
@@ -541,11 +559,23 @@ def _size(text: str) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for options whose help already names their default, nor
+    for flags and unset options."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pipeline/shard.py",
         description="Convert an ImageNet-style image tree into WebDataset tar shards plus a manifest.json per split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
+        epilog="Exit status: 0 done; 2 bad input or options (one 'error:' line); 1 --verify found problems "
+               "(listed one per line); 130 interrupted (completed shards are kept).",
     )
     p.add_argument("src", nargs="?", help="data root: holds train/ val/ ... split folders, or is itself one class-per-folder split")
     p.add_argument("--out", help="output directory (default: shards/<name>)")

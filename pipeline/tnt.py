@@ -18,7 +18,9 @@ names through timm's own filter) and :func:`to_timm_state_dict` is what timm loa
 Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
 
 * attention uses ``F.scaled_dot_product_attention`` (fused kernels: no materialised
-  softmax matrix to store for backward) instead of ``q @ k.T -> softmax -> @ v``;
+  softmax matrix to store for backward) instead of ``q @ k.T -> softmax -> @ v``
+  where it suits the shapes (:func:`attention_path`: not for the inner attention's
+  6-wide heads on CUDA);
 * patches are cut with a view/permute instead of ``nn.Unfold`` (im2col);
 * the pixel->patch projection is added to the patch tokens with one padded add
   instead of slicing + ``torch.cat`` of the class token;
@@ -201,30 +203,64 @@ def _remove_stale_build_lock(name: str, max_age_s: float = 300.0) -> None:
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
+def _stable_sources(name: str, files: list[str]) -> list[str]:
+    """Copies of ``files`` in the build directory of ``name`` (keyed by the sources' content
+    and the CPU), written once. torch's loader writes the sources' absolute paths
+    into its ninja file, so the same sources at another path (a model's bundled copy of
+    ``pipeline/`` pulled from the registry, a fresh clone) rebuilt everything (~26 s);
+    from a path that depends only on the content, the existing build is reused."""
+    import shutil
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    src = os.path.join(_get_build_directory(name, verbose=False), "src")
+    if not os.path.isdir(src):
+        tmp = f"{src}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for f in files:
+            shutil.copy2(f, tmp)
+        try:
+            os.rename(tmp, src)
+        except OSError:  # another process put the same copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [os.path.join(src, os.path.basename(f)) for f in files]
+
+
+def _kernel_sources() -> list[str]:
+    import glob
+
+    return sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.h")))
+
+
+def kernel_build_name() -> str:
+    """The build's name: a hash of the CPU and of the sources' content (not their path)."""
+    import hashlib
+
+    # -march=native: one build per CPU model, so a cache directory shared by several
+    # kinds of machines never hands one a binary it cannot run. The headers are in the
+    # key too (torch's loader rehashes the .cpp files only, not the headers they include).
+    key = hashlib.sha1(_cpu_description().encode())
+    for f in _kernel_sources():
+        with open(f, "rb") as fh:
+            key.update(fh.read())
+    return f"tntp_cpu_kernels_{key.hexdigest()[:10]}"
+
+
 @functools.cache
 def cpu_kernels():
     """The ``torch.ops.tntp`` namespace with our C++ kernels, built on the first call;
     None when they cannot be built (said once, in a warning)."""
     try:
-        import glob
-        import hashlib
         import logging
 
         from torch.utils.cpp_extension import load
 
-        # -march=native: one build per CPU model, so a cache directory shared by
-        # several kinds of machines never hands one a binary it cannot run. The
-        # sources and headers are in the key too (torch's loader rehashes the .cpp
-        # files only, not the headers they include).
-        files = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.h")))
-        key = hashlib.sha1(_cpu_description().encode())
-        for f in files:
-            with open(f, "rb") as fh:
-                key.update(fh.read())
-        name = f"tntp_cpu_kernels_{key.hexdigest()[:10]}"
+        files = _kernel_sources()
+        name = kernel_build_name()
         _remove_stale_build_lock(name)
-        logging.getLogger(__name__).info("building the CPU kernels (once per machine type, ~13 s)")
-        load(name=name, sources=[f for f in files if f.endswith(".cpp")], is_python_module=False,
+        logging.getLogger(__name__).info("loading the CPU kernels (built once per machine type and source, ~13 s)")
+        load(name=name, sources=[f for f in _stable_sources(name, files) if f.endswith(".cpp")], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
         return torch.ops.tntp
     except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
@@ -406,7 +442,8 @@ class Attention(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v: the fused kernel, except where it was measured slower.
 
-    On CUDA and in float32 on CPU, ``F.scaled_dot_product_attention``. On a 2-core Xeon
+    The path is :func:`attention_path`'s. On CUDA: SDPA for the outer attention, the explicit
+    form for the inner one. In float32 on CPU, ``F.scaled_dot_product_attention``. On a 2-core Xeon
     (AVX-512/AMX) the CPU flash kernel took fwd+bwd of the inner attention of TNT-S
     (1568x4 heads x 16 tokens x 6) in 10.5 ms vs 31.7 ms for the explicit form; on a
     2-core AMD EPYC (Zen 5) the explicit form is faster alone (7.9 vs 11.9 ms) but the
@@ -421,14 +458,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     scale applied as the scores are read instead of a pass over q, fwd+bwd+scale of
     TNT-S's outer attention 12.0 -> 8.7 ms a step); TNTP_FUSED_SOFTMAX=0 turns it off.
     """
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        if _kernel_on("fused_softmax", q):  # half precision here (float32 goes to SDPA)
-            attn = _ScaledSoftmax.apply(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
-            return F.dropout(attn, dropout_p) @ v
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        attn = attn.float().softmax(dim=-1).to(q.dtype) if attn.shape[-1] < 32 else attn.softmax(dim=-1)
+    path = attention_path(q.device.type, q.dtype, q.shape[-1], q.shape[0])
+    if path == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if path == "cpu_half" and _kernel_on("fused_softmax", q):
+        attn = _ScaledSoftmax.apply(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
         return F.dropout(attn, dropout_p) @ v
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    # float32 softmax for short rows (CPU: see above; CUDA: the inner attention's 16
+    # tokens, where the exponentials' rounding in bf16 would be the largest error)
+    attn = attn.float().softmax(dim=-1).to(q.dtype) if attn.shape[-1] < 32 else attn.softmax(dim=-1)
+    return F.dropout(attn, dropout_p) @ v
+
+
+# SDPA on CUDA only for heads at least this wide. FlashAttention pads narrower heads and
+# runs 128x128 tiles, so TNT's inner attention (16 tokens x 4 heads x 6 dims) would do
+# ~300x the tensor-core work it needs; three batched matmuls and a softmax suit it.
+_SDPA_MIN_HEAD_DIM = 32
+# SDPA's fused CUDA kernels have launched the batch along a grid axis of at most 65,535
+# blocks ("invalid configuration argument", pytorch issue 146704): the inner attention's
+# batch is micro-batch x 196 patches, past the limit from micro-batch 335 on.
+_CUDA_GRID_MAX = 65535
+
+
+def attention_path(device_type: str, dtype: torch.dtype, head_dim: int, batch: int) -> str:
+    """Which form :func:`attention` computes with, for q of shape (batch, heads, N, head_dim):
+
+    * ``"sdpa"``: ``F.scaled_dot_product_attention`` (CUDA with heads >= 32 wide and a
+      batch within the kernels' grid; CPU in float32);
+    * ``"explicit"``: q·kᵀ scaled, softmax in float32 for rows shorter than 32, ·v as
+      batched matmuls (CUDA: narrow heads or a huge batch; any other device);
+    * ``"cpu_half"``: half precision on CPU, our softmax kernel when built, else explicit.
+    """
+    if device_type == "cpu":
+        return "sdpa" if dtype == torch.float32 else "cpu_half"
+    if device_type == "cuda":
+        return "sdpa" if head_dim >= _SDPA_MIN_HEAD_DIM and batch <= _CUDA_GRID_MAX else "explicit"
+    return "explicit"
 
 
 class SE(nn.Module):
@@ -737,14 +803,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: TNT, batch_size: int = 1) -> dict[str, float]:
+def count_flops(model: TNT, batch_size: int = 1, as_run: bool = False) -> dict[str, float]:
     """FLOPs of one forward pass per image at the model's input size, measured.
 
     ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls, convolutions and
     attention; a multiply-add is 2 FLOPs. Returns ``{"flops": ..., "macs": ...}`` per
     image; the TNT paper's "FLOPs" are the ``macs`` figure. Counted with the full last
     block, as the paper does; ``TNT.forward`` with class-token pooling computes only the
-    class token in the last block (TNT-S: 4.93 GMACs instead of 5.22).
+    class token in the last block (TNT-S: 4.93 GMACs instead of 5.22); ``as_run=True``
+    counts that forward, the work training and inference do.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -758,7 +825,10 @@ def count_flops(model: TNT, batch_size: int = 1) -> dict[str, float]:
         # The CPU flash-attention kernel is not registered with the flop counter; the
         # math backend runs attention as counted matmuls (same result).
         with torch.no_grad(), reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model.forward_head(model.forward_features(x))  # all tokens, as the paper counts
+            if as_run:
+                model(x)
+            else:
+                model.forward_head(model.forward_features(x))  # all tokens, as the paper counts
     finally:
         model.train(was_training)
     flops = counter.get_total_flops() / batch_size

@@ -5,8 +5,9 @@ unreachable, store error...) is logged once as a one-line warning and tracking i
 switched off for the rest of the process, while training and checkpoints go on.
 What is lost then: the metrics and artifacts after the failure (they are still in
 the training log and the output directory) and the registration; the run id stays
-in the checkpoints, so a restart resumes the same MLflow run, and
-``python -m pipeline.register <out dir>`` registers an exported model later.
+in the checkpoints, so a restart resumes the same MLflow run. The exported model
+(``<train.out>/export/``) can be registered later by hand (``mlflow.pytorch.log_model``
+on the model built from ``export/model.safetensors``).
 
 MLflow's HTTP client retries for minutes by default; we set
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` unless
@@ -29,11 +30,29 @@ def default_uri(out_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
 
 
+def default_artifact_root(tracking_uri: str, out_dir: str) -> str | None:
+    """Where new experiments keep artifacts: inside ``out_dir`` with the local SQLite
+    store (MLflow's default is ``./mlruns`` of the current directory, which made
+    ``train.out`` depend on where the command ran); the server's own with a server."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and not uri.startswith("sqlite:"):
+        return None
+    return "file://" + os.path.abspath(os.path.join(out_dir, "mlartifacts"))
+
+
 class Tracker:
-    def __init__(self, uri: str, experiment: str, enabled: bool = True):
+    def __init__(self, uri: str, experiment: str, enabled: bool = True, artifact_root: str | None = None):
         self.uri = uri
         self.experiment = experiment
+        self.artifact_root = artifact_root
         self.enabled = enabled
+        if enabled:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:  # e.g. a GPU check run with only the carried wheels
+                log.warning("MLflow is not installed: training goes on without tracking or registry "
+                            "(metrics stay in the log, exports in the output directory)")
+                self.enabled = False
         self.run_id: str | None = None
         self.failed: str | None = None
 
@@ -52,37 +71,61 @@ class Tracker:
             return None
 
     def start(self, run_id: str | None, run_name: str, system_metrics: bool) -> str | None:
+        if not self.enabled:
+            self.run_id = run_id
+            return run_id
         import mlflow
 
         def start():
             mlflow.set_tracking_uri(self.uri)
             if run_id is None:
+                client = mlflow.MlflowClient(self.uri)
+                if self.artifact_root and client.get_experiment_by_name(self.experiment) is None:
+                    client.create_experiment(self.experiment, artifact_location=self.artifact_root)
                 mlflow.set_experiment(self.experiment)
                 run = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
             else:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
             return run.info.run_id
 
-        self.run_id = self._call("start run", start) or run_id
+        started = self._call("start run", start)
+        if started is None and run_id is not None and self.enabled:
+            log.warning("MLflow run %s could not be reopened: this attempt's metrics are not tracked", run_id)
+        self.run_id = started or run_id
         return self.run_id
 
+    def log(self, metrics: dict, step: int) -> None:
+        """The metrics-sink interface (``pipeline/metrics.py``)."""
+        self.metrics(metrics, step)
+
+    def close(self) -> None:
+        pass
+
     def params(self, params: dict) -> None:
+        if not self.enabled or self.failed:
+            return
         import mlflow
 
         clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
         self._call("log params", mlflow.log_params, clean)
 
     def metrics(self, metrics: dict, step: int) -> None:
+        if not self.enabled or self.failed:
+            return
         import mlflow
 
         self._call("log metrics", mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
     def artifact(self, path: str, subdir: str | None = None) -> None:
+        if not self.enabled or self.failed:
+            return
         import mlflow
 
         self._call("log artifact", mlflow.log_artifact, path, subdir)
 
     def tags(self, tags: dict) -> None:
+        if not self.enabled or self.failed:
+            return
         import mlflow
 
         self._call("set tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
@@ -106,7 +149,7 @@ class Tracker:
                 pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
                 registered_model_name=name,
             )
-            for path in weights:
+            for path in dict.fromkeys(weights):
                 mlflow.log_artifact(path, "weights")
             client = MlflowClient(self.uri)
             version = str(info.registered_model_version)
@@ -126,6 +169,8 @@ class Tracker:
         return self._call("register model", register)
 
     def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.failed:
+            return
         import mlflow
 
         self._call("end run", mlflow.end_run, status)

@@ -30,8 +30,25 @@ def test_paper_recipe_in_tnt_s():
     assert c.aug.mean == c.aug.std == (0.5, 0.5, 0.5)
 
 
+def test_paper_recipe_in_tnt_b():
+    c = config.load(os.path.join(ROOT, "configs", "tnt_b.yaml"))
+    s = config.load(os.path.join(ROOT, "configs", "tnt_s.yaml"))
+    assert c.model.variant == "tntp_b_patch16_224" and c.model.drop_path == 0.1
+    for section in ("optim", "aug"):  # the same recipe as TNT-S (Han et al. 2021, Table 2)
+        assert getattr(c, section) == getattr(s, section)
+    assert (c.train.ema, c.train.ema_decay, c.data.repeats) == (True, 0.99996, s.data.repeats)
+
+
+@pytest.mark.parametrize("train,data", [("shards/mnist/train", "mnist"), ("/data/shards/flowers/val", "flowers"),
+                                        ("/x/mydata", "mydata"), ("/x/mydata/", "mydata")])
+def test_mlflow_names_come_from_the_data_set(train, data):
+    c = config.load(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), [f"data.train={train}"])
+    assert c.data_name == data
+    assert c.named(c.mlflow.register_as) == f"tnt-tiny-{data}" and c.named(c.mlflow.experiment) == f"tntpipe-{data}"
+
+
 def test_overrides_and_errors():
-    c = config.load("", ["train.zero_stage=3", "optim.lr=4e-3", "aug.scale=[0.5, 1.0]", "name=x", "train.out=/tmp/{name}"])
+    c = config.load("", ["train.zero_stage=3", "train.ema=false", "optim.lr=4e-3", "aug.scale=[0.5, 1.0]", "name=x", "train.out=/tmp/{name}"])
     assert c.train.zero_stage == 3 and c.optim.lr == 4e-3 and c.aug.scale == (0.5, 1.0) and c.out_dir == "/tmp/x"
     with pytest.raises(InputError, match=r"unknown config key train.zero \(valid: .*zero_stage"):
         config.load("", ["train.zero=1"])

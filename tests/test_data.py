@@ -324,3 +324,22 @@ def test_workers_start_after_opencv_threads_ran_here(photo_shards):
     loader = Loader(TrainStream(m, 8, augment=Augment(img_size=32)), workers=1, pin_memory=False)
     assert cv2.getNumThreads() == 1
     assert sum(1 for _ in loader.epoch(0)) == len(loader)
+
+
+def test_ranks_through_real_dataloader_workers_are_disjoint_and_eval_exactly_once(photo_shards):
+    """The in-process simulation (rank_batches) checked against what real DataLoader
+    worker processes yield: 2 ranks x 2 workers, training disjoint with equal batch
+    counts, evaluation every sample exactly once."""
+    m = load_manifest(photo_shards)
+    train_keys, train_counts, eval_keys, eval_counts = [], [], [], []
+    for rank in range(2):
+        batches = list(Loader(TrainStream(m, 4, rank=rank, world_size=2, augment=LIGHT), workers=2).epoch(0))
+        train_counts.append(len(batches))
+        train_keys += keys(batches)
+        simulated = rank_batches(TrainStream(m, 4, rank=rank, world_size=2, augment=LIGHT), 2)
+        assert keys(batches) == keys(simulated)  # the same batches, in the same order
+        evals = list(Loader(EvalStream(m, 8, rank=rank, world_size=2, augment=Augment(img_size=32)), workers=2).epoch(0))
+        eval_counts.append(len(evals))
+        eval_keys += [k for b in evals for k in b["key"] if k]
+    assert train_counts == [15, 15] and len(train_keys) == len(set(train_keys)) == 120
+    assert eval_counts[0] == eval_counts[1] and sorted(eval_keys) == sorted(set(eval_keys)) and len(eval_keys) == 123

@@ -253,6 +253,35 @@ def test_flat_val_without_ground_truth_is_a_clear_error(tmp_path, capsys):
     assert run(root, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "ground truth" in err and "\n" not in err
+    assert f"looked in {os.path.join(root, 'val')}, {root}," in err  # where it looked
+
+
+def test_empty_directory_says_it_holds_no_images(tmp_path, capsys):
+    os.makedirs(tmp_path / "empty")
+    assert run(tmp_path / "empty", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "holds no images" in err and "holds images" not in err
+
+
+def test_quality_change_is_accepted_when_nothing_was_reencoded(tmp_path, capsys):
+    for i, img in enumerate(photo_crops(6, (40, 30), seed=1)):
+        write(os.path.join(tmp_path, "src", "train", WNIDS[i % 2], f"{i}.JPEG"), jpeg_bytes(img))
+    out = tmp_path / "out"
+    assert run(tmp_path / "src", "--out", out) == 0
+    assert load_manifest(out)["converted"] == []
+    shards = lambda: {k: v for k, v in digests(out).items() if k.endswith(".tar")}  # noqa: E731
+    before = shards()
+    assert run(tmp_path / "src", "--out", out, "--quality", 90) == 0, capsys.readouterr().err
+    assert shards() == before and load_manifest(out)["options"]["quality"] == 90
+
+
+def test_help_names_each_default_once():
+    text = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "shard.py"), "--help"],
+                          capture_output=True, text=True, timeout=60).stdout
+    import re
+
+    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\)\s*\(default:", text)
+    assert "(default: 1000)" in " ".join(text.split()) and "--verify found problems" in " ".join(text.split())
 
 
 def test_clear_errors_exit_2(tmp_path, imagenet_tree, capsys):

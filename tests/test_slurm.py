@@ -49,8 +49,42 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120"):
+                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --cpus-per-task=10", "--kill-on-bad-exit=1",  # one dead task ends the step
+                 "# each task runs: python -m pipeline.train --config configs/tnt_s.yaml"):
         assert line in out.stdout
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("trainer,error", [
+    (["--config", "configs/nope.yaml"], "error: no config file configs/nope.yaml"),
+    (["--config", "configs/tnt_s.yaml", "train.bogus=1"], "error: unknown config key train.bogus"),
+])
+def test_dry_run_checks_the_trainer_config(trainer, error, tmp_path):
+    out = subprocess.run([*SLURM, "--folder", str(tmp_path / "sub"), "--dry-run", "--", *trainer],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith(error) and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "sub").exists()
+
+
+def test_without_a_reachable_slurm_one_line_and_nothing_left(tmp_path):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=1\nNodeName=n1 CPUs=1\n"
+                    "PartitionName=p Nodes=n1\n")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    cmd = [*SLURM, "--folder", str(tmp_path / "sub" / "%j"), "--", "--config", "configs/tiny_cpu.yaml"]
+    for e in (env, dict(env, PATH=os.path.dirname(sys.executable))):  # a controller that is down; no Slurm at all
+        out = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+        assert "Traceback" not in out.stderr and sorted(os.listdir(tmp_path)) == ["slurm.conf"]
+
+
+def test_help_shows_every_default():
+    out = subprocess.run([*SLURM, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python launch/slurm.py")
+    text = " ".join(out.stdout.split())
+    for default in ("(default: 1440)", "(default: 120)", "(default: 10)", "relative to the current directory"):
+        assert default in text
 
 
 def test_rendezvous_port_is_below_the_ephemeral_range_and_changes_on_requeue():

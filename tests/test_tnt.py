@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import timm
@@ -496,3 +497,30 @@ def test_float64_model_keeps_torchs_ops():
         torch.ops.tntp.scaled_softmax_fwd(torch.zeros(4, 24), 1.0)  # half precision only: float32 takes SDPA
     with pytest.raises(RuntimeError, match="layer_norm"):
         torch.ops.tntp.layer_norm_fwd(torch.zeros(4, 24, dtype=torch.float64), None, None, 1e-6, torch.float64)
+
+
+def test_kernels_are_not_rebuilt_for_a_copy_of_the_code_elsewhere(tmp_path):
+    """A model pulled from the registry runs its bundled copy of ``pipeline/``: the
+    build for the same sources and CPU is reused, whatever the copy's path (two copies
+    in fresh folders, one after the other: neither compiles)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert tnt.cpu_kernels() is not None  # built (or found) for this checkout
+    name = tnt.kernel_build_name()
+    so = os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")
+    built = os.stat(so).st_mtime_ns
+    here = os.path.dirname(os.path.dirname(os.path.abspath(tnt.__file__)))
+    for copy in ("downloaded_a", "downloaded_b"):
+        root = tmp_path / copy
+        shutil.copytree(os.path.join(here, "pipeline"), root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        code = "import pipeline.tnt as t, sys; assert t.__file__.startswith(sys.argv[1]), t.__file__; " \
+               "assert t.cpu_kernels() is not None"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert os.stat(so).st_mtime_ns == built, f"the kernels were rebuilt for {copy}"

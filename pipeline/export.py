@@ -1,0 +1,106 @@
+"""Export (consolidated fp32 weights in timm's layout) and registration in MLflow.
+
+Both run on rank 0 alone, after the other ranks have left the process group: they
+can take minutes for TNT-B over a network, longer than a collective may wait.
+
+``export/``: ``model.safetensors`` (+ ``model_ema.safetensors``), ``classes.json``,
+``pretrained_cfg.json`` (what the model is: classes, input size, eval transform).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from pipeline import tnt
+
+log = logging.getLogger("tntpipe.export")
+
+
+def pretrained_cfg(variant: str, aug, classes: tuple[str, ...]) -> dict:
+    """timm's ``pretrained_cfg`` of the trained model: its real classes, input size and
+    evaluation transform (not the variant's ImageNet defaults)."""
+    cfg = dict(tnt.default_cfgs[variant].default.to_dict()) if hasattr(tnt.default_cfgs[variant], "default") else {}
+    cfg.update(
+        num_classes=len(classes),
+        input_size=(3, aug.img_size, aug.img_size),
+        crop_pct=aug.crop_pct,
+        interpolation=aug.interpolation,
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+        label_names=list(classes),
+    )
+    return cfg
+
+
+def build(variant: str, classes: tuple[str, ...], aug) -> torch.nn.Module:
+    model = tnt.create(variant, num_classes=len(classes), img_size=aug.img_size)
+    model.pretrained_cfg = pretrained_cfg(variant, aug, classes)
+    return model
+
+
+def gather_fp32_state(module: torch.nn.Module) -> dict:
+    """The fp32 weights of a DeepSpeed module, whole, on every rank: the masters where
+    the optimizer keeps them (ZeRO 1-3 and DeepSpeed's BF16_Optimizer, assembled from
+    the partitions by ``safe_get_full_fp32_param``), the module's own weights at ZeRO-0
+    (no fp32 copy exists there). Synchronizes ranks: one all-reduce per parameter, so
+    every rank calls it, before the process group is closed. (DeepSpeed's offline
+    ``zero_to_fp32`` reads the checkpoint instead, but refuses BF16_Optimizer's files:
+    "is not a zero checkpoint".)"""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        state[name] = (p.detach() if full is None else full).float().cpu().contiguous()
+    for name, b in module.named_buffers():
+        state[name] = b.detach().float().cpu().contiguous()
+    return state
+
+
+def export(out: str, variant: str, classes: tuple[str, ...], aug, state: dict, ema: torch.nn.Module | None,
+           step: int, epoch: int) -> dict:
+    from safetensors.torch import save_file
+
+    model = build(variant, classes, aug)
+    model.load_state_dict(state)
+    folder = os.path.join(out, "export")
+    os.makedirs(folder, exist_ok=True)
+    meta = {"variant": variant, "num_classes": str(len(classes)), "step": str(step), "epoch": str(epoch)}
+    files = {"model": os.path.join(folder, "model.safetensors")}
+    save_file(tnt.to_timm_state_dict(model), files["model"], metadata=meta)
+    if ema is not None:
+        files["ema"] = os.path.join(folder, "model_ema.safetensors")
+        save_file({k: v.contiguous() for k, v in tnt.to_timm_state_dict(ema).items()}, files["ema"], metadata=meta)
+    files["classes"] = os.path.join(folder, "classes.json")
+    with open(files["classes"], "w") as f:
+        json.dump(list(classes), f)
+    files["pretrained_cfg"] = os.path.join(folder, "pretrained_cfg.json")
+    with open(files["pretrained_cfg"], "w") as f:
+        json.dump(model.pretrained_cfg, f, indent=1)
+    log.info("exported %s", ", ".join(files.values()))
+    return files
+
+
+def register(tracker, name: str, variant: str, classes: tuple[str, ...], aug, files: dict, tags: dict,
+             aliases: list[str]) -> str | None:
+    """Log the exported model to the run and register a new version of ``name``."""
+    from safetensors.torch import load_file
+
+    model = build(variant, classes, aug)
+    tnt.load_timm_state_dict(model, load_file(files["model"]))
+    model.eval()
+    example = np.zeros((1, 3, aug.img_size, aug.img_size), np.float32)
+    weights = [files["model"], files.get("ema", files["model"]), files["classes"], files["pretrained_cfg"]]
+    version = tracker.register(model, name, example, weights, tags, aliases)
+    if version:
+        log.info(
+            "registered %s version %s; load with mlflow.set_tracking_uri('%s'); "
+            "mlflow.pytorch.load_model('models:/%s@last') (or @best: the best top-1 registered)",
+            name, version, tracker.uri, name,
+        )
+    return version

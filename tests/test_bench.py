@@ -1,0 +1,21 @@
+"""The GPU check's CPU-reachable parts: ``bench/gpu_check.sh --dry-run`` runs every step
+(tests marked gpu: skipped; the demo trained 3 steps under ZeRO-1 and ZeRO-3; the
+TNT-S bench at batch 2) and writes its summary table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for step in ("machine", "tests_gpu", "train_zero1", "train_zero3", "bench_tnt_s"):
+        assert f"| {step} | ok |" in summary, summary
+    assert "ZeRO-1 bf16 tiny TNT" in summary and "ZeRO-3 bf16 tiny TNT" in summary
+    assert "timm eager" in summary and "ours eager" in summary

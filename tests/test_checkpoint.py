@@ -1,0 +1,104 @@
+"""The checkpoint component alone, with a fake engine (torchtitan's test_checkpoint.py
+style) in a one-process gloo group: which tag resumes after a crash mid-save, pruning,
+the in-memory save decision, RNG round trips, schedule and layout checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint import CheckpointManager, check_layout, check_schedule, rng_state, set_rng_state
+from pipeline.imagenet import InputError
+
+
+class FakeEngine:
+    """What CheckpointManager needs of a DeepSpeed engine: a file per save, the client state back."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def save_checkpoint(self, folder, tag, client_state, save_latest):
+        assert save_latest is False
+        os.makedirs(os.path.join(folder, tag), exist_ok=True)
+        with open(os.path.join(folder, tag, "mp_rank_00_model_states.pt"), "w") as f:
+            json.dump(client_state, f)
+
+    def load_checkpoint(self, folder, tag):
+        with open(os.path.join(folder, tag, "mp_rank_00_model_states.pt")) as f:
+            self.loaded = tag
+            return None, json.load(f)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(tmp_path_factory):
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def manager(tmp_path, keep_last=2):
+    return CheckpointManager(str(tmp_path / "checkpoints"), rank=0, world=1, every_steps=4, keep_last=keep_last)
+
+
+def save(m, engine, step):
+    return m.save(step, engine, {"step": step, "loader": {}}, {"world_size": 1, "zero_stage": 1})
+
+
+def test_save_writes_complete_then_latest_and_prunes(tmp_path):
+    m, engine = manager(tmp_path), FakeEngine()
+    for step in (4, 8, 12):
+        save(m, engine, step)
+        assert m.saved(step) and not m.saved(step - 4)  # decided in memory, not from the filesystem
+    kept = sorted(os.listdir(m.folder))
+    assert kept == ["latest", "step00000008", "step00000012"]
+    assert open(os.path.join(m.folder, "latest")).read() == "step00000012"
+    assert all(os.path.isfile(os.path.join(m.folder, t, "COMPLETE")) for t in kept[1:])
+    assert m.due(16) and not m.due(15)
+
+
+def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path):
+    m, engine = manager(tmp_path, keep_last=3), FakeEngine()
+    save(m, engine, 4)
+    save(m, engine, 8)
+    # a save of step 12 killed before COMPLETE: its files, no COMPLETE, latest untouched
+    os.makedirs(os.path.join(m.folder, "step00000012"))
+    open(os.path.join(m.folder, "step00000012", "mp_rank_00_model_states.pt"), "w").write("{partial")
+    fresh = manager(tmp_path)
+    assert fresh.latest() == "step00000008"
+    assert fresh.load("step00000008", engine)["step"] == 8 and fresh.last_step == 8
+    # latest itself naming an incomplete checkpoint (written by hand, or a lost COMPLETE): the newest complete one
+    open(os.path.join(m.folder, "latest"), "w").write("step00000012")
+    assert manager(tmp_path).latest() == "step00000008"
+    os.remove(os.path.join(m.folder, "latest"))
+    assert manager(tmp_path).latest() == "step00000008"
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert manager(tmp_path).latest() is None
+
+
+def test_rng_states_round_trip(tmp_path):
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    state = rng_state()
+    a = (torch.rand(4), random.random(), np.random.rand())
+    set_rng_state(state)
+    b = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_schedule_and_layout_checks_name_the_change_and_the_way_out():
+    saved = {"optim.epochs": 2, "optim.lr": 1e-3}
+    assert check_schedule(saved, dict(saved), "checkpoint x", allow=False) == []
+    assert check_schedule(None, dict(saved), "checkpoint x", allow=False) == []  # written before schedules were kept
+    with pytest.raises(InputError, match=r"optim.epochs 2 -> 4\).*train.allow_schedule_change=true"):
+        check_schedule(saved, {**saved, "optim.epochs": 4}, "checkpoint x", allow=False)
+    assert check_schedule(saved, {**saved, "optim.epochs": 4}, "checkpoint x", allow=True) == ["optim.epochs 2 -> 4"]
+    with pytest.raises(InputError, match=r"written by 2 ranks.*model.init_from=/o/export/model.safetensors"):
+        check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 1, "/o")

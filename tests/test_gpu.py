@@ -1,0 +1,78 @@
+"""Tests that need a CUDA device (marked ``gpu``; skipped on CPU with the reason).
+``bench/gpu_check.sh`` runs them on a lent GPU machine. What can be pinned on CPU (the
+path choice, the MFU table, the seeds) is tested in test_gpu_readiness.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import tnt
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)"),
+]
+
+
+def reference_attention(q, k, v):
+    """float32 softmax(q kᵀ / sqrt(d)) v."""
+    q, k, v = q.float(), k.float(), v.float()
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("batch,heads,tokens,dim", [(8 * 196, 4, 16, 6), (8 * 196, 4, 16, 10), (8, 6, 197, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_on_cuda_matches_float32_reference(batch, heads, tokens, dim, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", generator=g).to(dtype) for _ in range(3))
+    expect = "explicit" if dim < 32 else "sdpa"
+    assert tnt.attention_path("cuda", dtype, dim, batch) == expect
+    out = tnt.attention(q, k, v)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3  # TF32 matmuls are on in the trainer; here default
+    assert (out.float() - reference_attention(q, k, v)).abs().max().item() < tol
+
+
+def test_inner_attention_past_the_cuda_grid_limit():
+    """micro-batch 400 x 196 patches = 78,400 sequences, past SDPA's 65,535 grid limit
+    (pytorch issue 146704): our path runs and is right."""
+    batch = 400 * 196
+    q, k, v = (torch.randn(batch, 4, 16, 6, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = tnt.attention(q, k, v)
+    torch.cuda.synchronize()
+    ref = reference_attention(q[-64:], k[-64:], v[-64:])
+    assert (out[-64:].float() - ref).abs().max().item() < 2e-2
+
+
+def test_tnt_s_trains_on_cuda_in_bf16_close_to_float32():
+    torch.manual_seed(0)
+    model = tnt.create("tntp_s_patch16_224", num_classes=10).cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = model(x)
+    assert (got.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_cuda_rng_state_is_saved_and_restored():
+    from pipeline.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    assert "cuda" in state
+    a = torch.rand(8, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(8, device="cuda"), a)
+
+
+def test_this_gpu_is_in_the_mfu_table():
+    from pipeline import mfu
+
+    name = torch.cuda.get_device_name()
+    if not any(part in name for part in ("H100", "H200", "A100", "GH200", "L40S")):
+        pytest.skip(f"{name!r} is not a part the table covers")
+    assert mfu.peak_tflops(name, "bf16"), f"{name!r} (as torch reports it) is missing from pipeline/mfu.py"

@@ -1,0 +1,97 @@
+"""One run through its life with the embedded defaults (local SQLite store), started
+from a directory other than the repository: artifacts stay inside ``train.out``, epochs
+are counted one way everywhere, the registered model describes itself truly and is
+named after the data set, a re-run of the finished command does nothing, and a
+schedule change on resume is refused unless asked for (and then logged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from test_train import command, metrics
+
+
+def run(cmd, cwd, timeout=400):
+    return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    data = tmp_path / "digits"  # the data set's name, as shard.py lays it out: <name>/{train,val}
+    data.mkdir()
+    for split in ("train", "val"):
+        os.symlink(demo_shards[split], data / split)
+    shards = {"train": str(data / "train"), "val": str(data / "val")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = str(tmp_path / "run")
+    # the tiny config's own names: tntpipe-{data} / tnt-tiny-{data}
+    base = [a for a in command(out, shards, "optim.epochs=2", "train.eval_every=1", "data.eval_batch=500")
+            if a != "mlflow.register_as="]
+
+    first = run(base, elsewhere)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # 1. artifacts inside train.out, nothing in the current directory
+    assert os.listdir(elsewhere) == []
+    assert os.path.isdir(os.path.join(out, "mlartifacts"))
+    uri = "sqlite:///" + os.path.join(out, "mlflow.db")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tntpipe-digits")
+    assert exp is not None and exp.artifact_location == "file://" + os.path.join(out, "mlartifacts")
+    versions = client.search_model_versions("name='tnt-tiny-digits'")
+    assert len(versions) == 1
+    version = versions[0]
+    # 2. epochs: completed epochs everywhere (31 steps an epoch)
+    assert "eval epoch 1 step 31:" in first.stderr and "eval epoch 2 step 62:" in first.stderr
+    assert [m["val/epoch"] for m in metrics(out) if "val/epoch" in m] == [1, 2]
+    assert version.tags["epoch"] == "2" and version.tags["step"] == "62"
+    with open(os.path.join(out, "FINISHED.json")) as f:
+        assert json.load(f)["epoch"] == 2
+    # 3. the model says what it is: 10 digits at 32 px, crop_pct 1.0, the class names
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/tnt-tiny-digits@last")
+    cfg = model.pretrained_cfg
+    assert cfg["num_classes"] == 10 and tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == 1.0
+    assert cfg["interpolation"] == "bicubic" and tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert cfg["label_names"] == [str(d) for d in range(10)]
+    with open(os.path.join(out, "export", "pretrained_cfg.json")) as f:
+        assert json.load(f)["num_classes"] == 10
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "weights")}
+    assert {"weights/model.safetensors", "weights/model_ema.safetensors", "weights/classes.json",
+            "weights/pretrained_cfg.json"} <= artifacts
+
+    # 4. the same command again: finished, nothing logged or registered
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    again = run(base, elsewhere)
+    assert again.returncode == 0 and again.stdout.startswith("finished: "), again.stderr[-2000:]
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    assert len(client.search_model_versions("name='tnt-tiny-digits'")) == 1
+
+    # 5. another schedule: refused in one line, unless asked for
+    longer = run([*base, "optim.epochs=4"], elsewhere)
+    assert longer.returncode == 2
+    errors = [line for line in longer.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "optim.epochs 2 -> 4" in errors[0]
+    assert "train.allow_schedule_change=true" in longer.stderr
+    allowed = run([*base, "optim.epochs=4", "train.allow_schedule_change=true", "train.max_steps=64"], elsewhere)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "with a changed schedule (train.allow_schedule_change=true): optim.epochs 2 -> 4" in allowed.stderr
+    assert client.get_run(version.run_id).data.tags["schedule_change.step62"].startswith("optim.epochs 2 -> 4")
+    assert len(client.search_model_versions("name='tnt-tiny-digits'")) == 2
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("bad", ["data.train=/nonexistent/train", "train.precision=fp8"])
+def test_input_errors_come_before_any_setup_and_leave_nothing(bad, demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run(command(str(out), demo_shards, bad, nproc=2), tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr
+    assert "DeepSpeed" not in proc.stderr and "deepspeed" not in proc.stdout
+    assert not out.exists()
