@@ -68,7 +68,7 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python launch/local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=1, help="processes (ranks) to start on this machine; one per GPU on GPU machines")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the trainer, after --")
     a = p.parse_args(argv)

@@ -17,7 +17,9 @@ checkpoint together (ZeRO files need every rank), and then global rank 0 lets
 submitit requeue the job. The requeued job resumes mid-epoch from that checkpoint,
 into the same MLflow run. Preemption is only signalled this way when the cluster sets
 ``preempt_send_user_signal``; otherwise a preempted job resumes from its last periodic
-checkpoint (``train.ckpt_every``). ``--max-requeues`` bounds the loop.
+checkpoint (``train.ckpt_every``). ``--max-requeues`` bounds the requeues at the time
+limit (submitit's rule: a signal once the job has run min(80% of the limit, the limit
+minus 10 minutes) is a time-out; an earlier one is a preemption, requeued without bound).
 
 The cluster needs a filesystem shared by all nodes for the submitit folder
 (``--folder``), the checkpoints (``train.out``) and the shards (or object-store URLs
@@ -257,7 +259,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", default="", help="Slurm --constraint (node features)")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. --sbatch exclusive=")
     p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit at which to checkpoint and requeue")
-    p.add_argument("--max-requeues", type=int, default=20, help="requeues on timeout/preemption before giving up")
+    p.add_argument("--max-requeues", type=int, default=20, help="requeues at the time limit before giving up (submitit requeues preemptions without bound; "
+                        "with --time under 10 minutes it counts every USR2 as a time-out)")
     p.add_argument("--array", type=int, default=8, help="shard mode: tasks in the job array")
     p.add_argument("--job-name", default="tntpipe", help="Slurm job name")
     p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles), relative to the current directory; on a shared filesystem")

@@ -6,10 +6,18 @@ Layout under ``<train.out>/checkpoints/``::
         meta.json            step, world size, ZeRO stage, schedule, loader state, run id
         rng_rank<r>.pt       each rank's torch (CPU and CUDA), python and numpy RNG states
         ema.safetensors      the fp32 EMA (rank 0), when there is one
+        checksums.json       size and CRC-32 of every file above
         COMPLETE             written after every rank's files are on disk (fsynced)
     latest                   the newest complete tag: written last, atomically
+    damaged-step00000900-*   a checkpoint found damaged on resume, moved aside (kept)
 
 A crash at any point of a save leaves ``latest`` on the previous complete checkpoint.
+On resume every file is checked against ``checksums.json`` (a node that crashes after
+``COMPLETE`` but before its page cache reached the disk leaves truncated files): a
+damaged checkpoint is moved aside, with a warning naming the file, and the newest
+intact one is used. A save that would not fit on the disk is refused before writing
+(one line: free and needed bytes, which checkpoint is intact); one that fails while
+writing has its partial directory removed.
 Decisions that every rank must take alike (whether to save now, which tag to resume)
 are never read from the shared filesystem by each rank: on NFS with attribute caching
 ranks can see different contents and then meet in mismatched collectives. The step
@@ -92,6 +100,59 @@ def fsync_tree(path: str) -> None:
         fsync_dir(root)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (no space, I/O error); the previous one is intact.
+    ``everywhere``: every rank raises it (an agreed decision), else only the rank that failed."""
+
+    def __init__(self, message: str, everywhere: bool):
+        super().__init__(message)
+        self.everywhere = everywhere
+
+
+def file_crc(path: str) -> int:
+    """CRC-32 of a file: enough to find a truncated or damaged file (not an attacker),
+    at ~1 GB/s, so checking a TNT-B checkpoint (~1 GB) takes about a second."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def checksums(path: str) -> dict[str, list[int]]:
+    return {name: [os.path.getsize(os.path.join(path, name)), file_crc(os.path.join(path, name))]
+            for name in sorted(os.listdir(path)) if name not in ("checksums.json", "meta.json", "COMPLETE")
+            and os.path.isfile(os.path.join(path, name))}
+
+
+def damage(path: str) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None when all match."""
+    listed = os.path.join(path, "checksums.json")
+    if not os.path.isfile(listed):  # written before checksums were kept
+        return None
+    with open(listed) as f:
+        expected = json.load(f)
+    for name, (size, crc) in expected.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} has {os.path.getsize(file)} bytes, {size} were written"
+        if file_crc(file) != crc:
+            return f"{file} does not match its checksum"
+    return None
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes of the filesystem that holds ``path`` (or would: its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
 def rng_state() -> dict:
     state = {
         "torch": torch.random.get_rng_state(),
@@ -130,6 +191,7 @@ class CheckpointManager:
         self.every_steps, self.every_min = every_steps, every_min
         self.keep_last = max(1, keep_last)
         self.last_step: int | None = None  # the step of the newest complete checkpoint, in memory
+        self.last_bytes = 0  # its size on disk
         self.last_time = time.monotonic()
 
     # ----- policy
@@ -147,20 +209,32 @@ class CheckpointManager:
 
     # ----- save
 
-    def save(self, step: int, engine, client: dict, meta: dict, ema=None) -> str:
-        """Synchronizes ranks (DeepSpeed's save, barriers): every rank calls it together."""
+    def save(self, step: int, engine, client: dict, meta: dict, ema=None, needed_bytes: int = 0) -> str:
+        """Synchronizes ranks (the space check's all-reduce, DeepSpeed's save, barriers):
+        every rank calls it together. ``needed_bytes``: the size of a checkpoint before
+        the first one was written (after that, the last one's size)."""
         tag = tag_of(step)
         path = os.path.join(self.folder, tag)
-        engine.save_checkpoint(self.folder, tag=tag, client_state=client, save_latest=False)
-        torch.save(rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
-        if ema is not None and self.rank == 0:
-            from safetensors.torch import save_file
+        self._check_space(tag, self.last_bytes or needed_bytes)
+        try:
+            engine.save_checkpoint(self.folder, tag=tag, client_state=client, save_latest=False)
+            torch.save(rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
+            if ema is not None and self.rank == 0:
+                from safetensors.torch import save_file
 
-            state = {k: v.contiguous() for k, v in ema.state_dict().items()}
-            save_file(state, os.path.join(path, "ema.safetensors"))
-        fsync_tree(path)  # each rank, before anyone marks the checkpoint complete
+                state = {k: v.contiguous() for k, v in ema.state_dict().items()}
+                save_file(state, os.path.join(path, "ema.safetensors"))
+            fsync_tree(path)  # each rank, before anyone marks the checkpoint complete
+        except (OSError, RuntimeError) as exc:
+            # this rank alone may fail here: the others then wait at the barrier below
+            # until the launcher stops them (it does when one rank exits non-zero) or
+            # train.dist_timeout_s passes
+            raise self._write_failed(tag, path, exc) from None
         dist.barrier()
         if self.rank == 0:
+            sums = checksums(path)
+            self.last_bytes = sum(size for size, _ in sums.values())
+            write_atomic(os.path.join(path, "checksums.json"), json.dumps(sums, indent=1))
             write_atomic(os.path.join(path, "meta.json"), json.dumps({**client, **meta, "time": time.time()}, indent=1))
             write_atomic(os.path.join(path, "COMPLETE"), "")
             write_atomic(os.path.join(self.folder, "latest"), tag)
@@ -169,6 +243,34 @@ class CheckpointManager:
         dist.barrier()
         self.last_step, self.last_time = step, time.monotonic()
         return path
+
+    def _check_space(self, tag: str, needed: int) -> None:
+        """Rank 0 compares the free space with the size a checkpoint takes; every rank
+        agrees on its answer before anyone writes. Synchronizes ranks."""
+        free = free_bytes(self.folder) if self.rank == 0 else 0
+        short = torch.tensor([1.0 if self.rank == 0 and needed and free < needed * 1.05 else 0.0])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(short, op=dist.ReduceOp.MAX)  # gloo and NCCL both take a CPU/CUDA tensor: CPU here
+        if short.item() > 0:
+            raise CheckpointWriteError(
+                f"checkpoint {tag} cannot be written to {self.folder}: no space left on the device "
+                f"({free / 1e6:.1f} MB free, ~{needed / 1e6:.1f} MB needed); "
+                f"{self._intact()}; free space and run the same command to resume", everywhere=True,
+            )
+
+    def _intact(self) -> str:
+        return f"the previous checkpoint {tag_of(self.last_step)} is intact" if self.last_step is not None \
+            else "no checkpoint was written yet"
+
+    def _write_failed(self, tag: str, path: str, exc: BaseException) -> CheckpointWriteError:
+        free = free_bytes(self.folder)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        nospace = isinstance(exc, OSError) and exc.errno == 28 or free < max(self.last_bytes, 1) or \
+            "iostream error" in str(exc) or "No space" in str(exc)
+        why = f"no space left on the device ({free / 1e6:.1f} MB free)" if nospace else first
+        shutil.rmtree(path, ignore_errors=True)  # the partial directory would keep the disk full
+        return CheckpointWriteError(f"checkpoint {tag} could not be written to {self.folder} ({why}); "
+                                    f"its partial directory was removed; {self._intact()}", everywhere=False)
 
     def _prune(self, latest: str) -> None:
         tags = sorted(d for d in os.listdir(self.folder) if d.startswith("step") and os.path.isdir(os.path.join(self.folder, d)))
@@ -192,21 +294,32 @@ class CheckpointManager:
         return os.path.isfile(os.path.join(self.folder, tag, "COMPLETE"))
 
     def _read_latest(self) -> str | None:
-        """``latest`` when it names a complete checkpoint; else (it is missing, or names
-        one that is not complete) the newest complete one, with a warning."""
+        """``latest`` when it names a complete, intact checkpoint; else the newest one
+        that is, with a warning. A damaged one is moved aside (never deleted)."""
         path = os.path.join(self.folder, "latest")
         tag = None
         if os.path.isfile(path):
             with open(path) as f:
                 tag = f.read().strip()
-            if self._complete(tag):
-                return tag
         complete = sorted(d for d in os.listdir(self.folder) if d.startswith("step") and self._complete(d)) \
             if os.path.isdir(self.folder) else []
-        if complete:
-            log.warning("%s names %s, which is not a complete checkpoint: resuming from %s, the newest complete one",
-                        path, tag or "nothing", complete[-1])
-            return complete[-1]
+        candidates = ([tag] if tag in complete else []) + [d for d in reversed(complete) if d != tag]
+        for i, candidate in enumerate(candidates):
+            wrong = damage(os.path.join(self.folder, candidate))
+            if wrong:
+                aside = os.path.join(self.folder, f"damaged-{candidate}-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(os.path.join(self.folder, candidate), aside)
+                log.warning("checkpoint %s is damaged (%s): moved to %s, trying the one before", candidate, wrong, aside)
+                continue
+            if candidate != tag:
+                log.warning("%s names %s, which is not a complete intact checkpoint: resuming from %s, "
+                            "the newest that is", path, tag or "nothing", candidate)
+                write_atomic(path, candidate)
+            listed = os.path.join(self.folder, candidate, "checksums.json")
+            if os.path.isfile(listed):
+                with open(listed) as f:
+                    self.last_bytes = sum(size for size, _ in json.load(f).values())
+            return candidate
         return None
 
     def meta(self, tag: str) -> dict:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     from pipeline import shard
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=DEFAULT_ROOT, help="where the demo image tree is written")
     p.add_argument("--shards", default=os.path.join("shards", "mnist"), help="where the shards are written")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks on gloo)")

@@ -571,7 +571,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pipeline/shard.py",
+        prog="python pipeline/shard.py",
         description="Convert an ImageNet-style image tree into WebDataset tar shards plus a manifest.json per split.",
         formatter_class=_Help,
         epilog="Exit status: 0 done; 2 bad input or options (one 'error:' line); 1 --verify found problems "

@@ -42,7 +42,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import distributed, mfu, tnt
 from pipeline import export as export_mod
-from pipeline.checkpoint import CheckpointManager, check_layout, check_schedule, write_atomic
+from pipeline.checkpoint import CheckpointManager, CheckpointWriteError, check_layout, check_schedule, write_atomic
 from pipeline.data import EvalStream, Loader, TrainStream, load_manifest
 from pipeline.evaluate import Validator
 from pipeline.imagenet import InputError
@@ -330,7 +330,16 @@ class Trainer:
                 "epoch": self.loader.completed_epochs}
         with self.metrics.paused():
             self.checkpointer.save(self.step, self.engine, self._client_state(), meta,
-                                   self.ema.module if self.ema else None)
+                                   self.ema.module if self.ema else None, self._checkpoint_bytes())
+
+    def _checkpoint_bytes(self) -> int:
+        """A checkpoint's size before the first is written: the 16- or 32-bit weights,
+        AdamW's two fp32 moments, the fp32 masters (ZeRO >= 1 in 16 bits), the EMA."""
+        t = self.cfg.train
+        per_param = {"bf16": 2, "fp16": 2, "fp32": 4}[t.precision] + 8
+        per_param += 4 if t.zero_stage >= 1 and t.precision != "fp32" else 0
+        per_param += 4 if self.ema is not None else 0
+        return self.num_params * per_param
 
     def resume(self) -> bool:
         tag = self.checkpointer.latest()
@@ -535,6 +544,10 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"finished: {exc}")
         return 0
+    except CheckpointWriteError as exc:  # a fault of the storage, not of the input: exit 4
+        if not exc.everywhere or int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 4
     except TrainingError as exc:  # decided on agreed values: every rank raises it together
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr)

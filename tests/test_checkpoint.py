@@ -102,3 +102,50 @@ def test_schedule_and_layout_checks_name_the_change_and_the_way_out():
     assert check_schedule(saved, {**saved, "optim.epochs": 4}, "checkpoint x", allow=True) == ["optim.epochs 2 -> 4"]
     with pytest.raises(InputError, match=r"written by 2 ranks.*model.init_from=/o/export/model.safetensors"):
         check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 1, "/o")
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_the_intact_one_used(tmp_path, caplog):
+    m, engine = manager(tmp_path, keep_last=3), FakeEngine()
+    save(m, engine, 4)
+    save(m, engine, 8)
+    sums = json.load(open(os.path.join(m.folder, "step00000008", "checksums.json")))
+    assert set(sums) == {"mp_rank_00_model_states.pt", "rng_rank0.pt"}
+    victim = os.path.join(m.folder, "step00000008", "rng_rank0.pt")
+    with open(victim, "r+b") as f:  # same size, one byte flipped
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    with caplog.at_level("WARNING", logger="tntpipe.checkpoint"):
+        assert manager(tmp_path).latest() == "step00000004"
+    assert f"checkpoint step00000008 is damaged ({victim} does not match its checksum)" in caplog.text
+    aside = [d for d in os.listdir(m.folder) if d.startswith("damaged-step00000008-")]
+    assert len(aside) == 1 and os.path.isfile(os.path.join(m.folder, aside[0], "rng_rank0.pt"))
+    assert open(os.path.join(m.folder, "latest")).read() == "step00000004"
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path):
+    from pipeline.checkpoint import CheckpointWriteError
+
+    m, engine = manager(tmp_path), FakeEngine()
+    save(m, engine, 4)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step00000008 cannot be written to .*: no space left on "
+                       r"the device \(.* MB free, ~.* MB needed\); the previous checkpoint step00000004 is intact") as e:
+        m._check_space("step00000008", 1 << 60)
+    assert e.value.everywhere
+    assert not os.path.isdir(os.path.join(m.folder, "step00000008"))
+
+
+def test_a_failed_write_removes_its_partial_directory(tmp_path):
+    from pipeline.checkpoint import CheckpointWriteError
+
+    class FailingEngine(FakeEngine):
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            super().save_checkpoint(folder, tag, client_state, save_latest)
+            raise OSError(5, "Input/output error")
+
+    m = manager(tmp_path)
+    save(m, FakeEngine(), 4)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step00000008 could not be written to .* \(.*Input/output "
+                       r"error\); its partial directory was removed; the previous checkpoint step00000004 is intact"):
+        save(m, FailingEngine(), 8)
+    assert sorted(os.listdir(m.folder)) == ["latest", "step00000004"]

@@ -68,3 +68,5 @@ def test_readme_command_exists_and_explains_itself(line):
     target = ["-m", argv[2]] if argv[1] == "-m" else [os.path.join(ROOT, argv[1])]
     proc = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, f"{line}\n{proc.stderr[-2000:]}"
+    # the usage line names the command as the README writes it
+    assert proc.stdout.startswith(f"usage: {' '.join(argv[:3] if argv[1] == '-m' else argv[:2])}"), proc.stdout[:200]

@@ -126,27 +126,22 @@ def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp
 
 def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, demo_shards, tmp_path):
     """Slurm delivers the job's ``--signal=USR2@...`` with up to a minute of jitter, so
-    the test sends the same signal with ``scancel --signal=USR2`` while the job runs:
-    every rank gets it, they checkpoint together, submitit requeues the job, and the
-    requeued job resumes and ends with the weights of an uninterrupted run."""
-    steps = ("train.max_steps=40", "train.ckpt_every=1000", "data.val=", "mlflow.register_as=")
+    the test sends the same signal with ``scancel --signal=USR2`` while the job runs,
+    after its first evaluation: every rank gets it, they checkpoint together, submitit
+    requeues the job, and the requeued job resumes (with the best top-1 so far) into
+    the same MLflow run and ends with the weights and EMA of an uninterrupted run."""
+    from mlflow import MlflowClient
+
+    steps = ("train.max_steps=40", "train.ckpt_every=1000", "train.eval_every=1", "data.eval_batch=500",
+             "mlflow.register_as=")
     ref = str(tmp_path / "ref")
-    train(ref, demo_shards, *steps[:1], "train.ckpt_every=1000", "data.val=", "mlflow.system_metrics=false",
-          "train.log_every=1", "optim.warmup_epochs=0.1")
+    train(ref, demo_shards, *steps)
     out = str(tmp_path / "run")
     cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
            "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, *steps)]
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        job_id = line.split()[2].rstrip(":")
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5:
-                break
-            assert proc.poll() is None
-            time.sleep(0.2)
-        subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster, check=True)
+        job_id = signal_after_eval(proc, out, cluster)
         stdout, stderr = proc.communicate(timeout=450)
     finally:
         if proc.poll() is None:
@@ -154,9 +149,65 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
     assert proc.returncode == 0, stdout + stderr
     log = open(os.path.join(out, "train.log")).read()
     assert "checkpoint signal (time limit or preemption)" in log and "resumed from" in log
-    wr = load_file(os.path.join(ref, "export", "model.safetensors"))
-    wo = load_file(os.path.join(out, "export", "model.safetensors"))
-    assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6
+    best_before = next(m["val/top1"] for m in metrics(ref) if "val/top1" in m and m["step"] == 31)
+    assert f"best top-1 {best_before:.2f}" in log.split("resumed from")[1].splitlines()[0]
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        wr = load_file(os.path.join(ref, "export", name))
+        wo = load_file(os.path.join(out, "export", name))
+        assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6, name
+    # one MLflow run holds both attempts' metrics
+    client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", job_id
+    logged = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert {1, 32, 40} <= logged
+
+
+def signal_after_eval(proc, out, env) -> str:
+    """The job id from the launcher's first line; USR2 once the first evaluation is logged."""
+    job_id = proc.stdout.readline().split()[2].rstrip(":")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and any("val/top1" in m for m in metrics(out)):
+            break
+        assert proc.poll() is None
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+    return job_id
+
+
+def test_max_requeues_is_honoured(cluster, demo_shards, tmp_path):
+    """--max-requeues 1: the first time-limit signal requeues, the second ends the job
+    (with --time under 10 minutes submitit counts every USR2 as a time-out, not a
+    preemption, which it would requeue without bound)."""
+    out = str(tmp_path / "run")
+    cmd = [*SLURM, "--nodes", "1", "--cpus-per-task", "1", "--time", "5", "--max-requeues", "1", "--folder",
+           str(tmp_path / "sub" / "%j"), "--wait", "--wait-timeout", "300", "--",
+           *trainer_args(out, demo_shards, "train.max_steps=2000", "data.val=", "mlflow.register_as=")]
+    proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = proc.stdout.readline().split()[2].rstrip(":")
+        log = os.path.join(out, "train.log")
+        for attempt in range(2):
+            deadline = time.time() + 200
+            while time.time() < deadline:
+                text = open(log).read() if os.path.isfile(log) else ""
+                if text.count("| loss ") > 10 * (attempt + 1) and text.count("resumed from") == attempt:
+                    break
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+            subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster, check=True)
+            if attempt == 0:  # wait for the requeued attempt to be training
+                while time.time() < deadline + 200 and "resumed from" not in open(log).read():
+                    time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = open(log).read()
+    assert proc.returncode == 1, stdout + stderr
+    assert text.count("checkpoint signal (time limit or preemption)") == 2 and text.count("resumed from") == 1
+    assert not os.path.isdir(os.path.join(out, "export"))
 
 
 def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
