@@ -53,7 +53,8 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
             failed = [p for p in procs if p.poll() not in (None, 0)]
             if failed:
                 status = failed[0].returncode
-                print(f"launch/local.py: rank {procs.index(failed[0])} exited with {status}; stopping the others", file=sys.stderr)
+                rank = procs.index(failed[0])
+                print(f"launch/local.py: rank {rank} {_fault(status, rank, args)}; stopping the others", file=sys.stderr)
                 stop()
                 break
             time.sleep(0.2)
@@ -65,6 +66,25 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
             p.wait()
         return 130
     return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def _fault(status: int, rank: int, args: list[str]) -> str:
+    """What a rank's exit status means; a death by signal (which the rank could not
+    record itself) goes into <train.out>/failures.jsonl."""
+    if status >= 0:
+        return f"exited with {status}"
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from pipeline import config, failures
+
+    kind = failures.signal_kind(status)
+    try:
+        out = config.load_argv(args).out_dir
+        entry = failures.record(out, kind, kind, rank)
+    except Exception:  # noqa: BLE001 - no config to find train.out by: say what happened anyway
+        return f"was {kind}"
+    resume = f"the same command resumes from {entry['resume_from']}" if entry["resume_from"] else "no checkpoint yet"
+    return f"was {kind} (recorded in {os.path.join(out, failures.FILE)}; {resume})"
 
 
 def main(argv=None) -> int:

@@ -197,10 +197,7 @@ def check_trainer_args(trainer_args: list[str]) -> None:
     unknown key fails here, not minutes later in the queue."""
     from pipeline import config
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.train")
-    config.add_arguments(p)
-    parsed = p.parse_args(trainer_args)
-    config.load(parsed.config, parsed.overrides)
+    config.load_argv(trainer_args)
 
 
 def submit_train(args, trainer_args: list[str]) -> int:

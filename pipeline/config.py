@@ -217,3 +217,11 @@ def describe() -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="", help="YAML config file (configs/*.yaml); defaults: the TNT-S recipe")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied after the file")
+
+
+def load_argv(argv: list[str]) -> Config:
+    """The config a trainer command line (``--config FILE key=value ...``) loads."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.train")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return load(args.config, args.overrides)

@@ -528,41 +528,74 @@ class Trainer:
         return tuple(str(i) for i in range(self.train_manifest.num_classes))
 
 
+def _record(cfg, trainer, exc: BaseException, everywhere: bool, kind: str | None = None) -> None:
+    """Into <train.out>/failures.jsonl: by rank 0 when every rank has the same fault,
+    else by each rank that has it."""
+    rank = int(os.environ.get("RANK", 0))
+    if everywhere and rank != 0:
+        return
+    try:
+        from pipeline import failures
+
+        failures.record(cfg.out_dir, kind or failures.classify(exc), f"{type(exc).__name__}: {exc}", rank,
+                        trainer.step if trainer is not None else None)
+    except OSError:  # the record must not hide the fault itself (a full disk, say)
+        pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys and defaults:\n" + config_mod.describe(),
+        epilog="config keys and defaults:\n" + config_mod.describe()
+        + "\n\nexit status: 0 done (or already finished); 2 input, config or training error (one 'error:' line; "
+        "retrying cannot help); 3 checkpointed on the time-limit signal; 4 a checkpoint could not be written "
+        "(disk full or I/O error); faults are recorded in <train.out>/failures.jsonl",
     )
     config_mod.add_arguments(p)
     args = p.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    cfg = trainer = None
     try:
         cfg = config_mod.load(args.config, args.overrides)
-        result = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        result = trainer.run()
     except Finished as exc:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             print(f"finished: {exc}")
         return 0
     except CheckpointWriteError as exc:  # a fault of the storage, not of the input: exit 4
-        if not exc.everywhere or int(os.environ.get("RANK", 0)) == 0:
+        _record(cfg, trainer, exc, exc.everywhere)
+        if not exc.everywhere or rank0:
             print(f"error: {exc}", file=sys.stderr)
         return 4
     except TrainingError as exc:  # decided on agreed values: every rank raises it together
-        if int(os.environ.get("RANK", 0)) == 0:
+        _record(cfg, trainer, exc, everywhere=True)
+        if rank0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except InputError as exc:
         # before the process group, every rank finds the same error: rank 0 says it
-        if torch.distributed.is_initialized() or int(os.environ.get("RANK", 0)) == 0:
+        if torch.distributed.is_initialized() or rank0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Requeued as exc:
+        _record(cfg, trainer, exc, everywhere=True, kind="checkpointed and requeued (time limit or preemption)")
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
+    except Exception as exc:  # a fault: recorded and said in one line, then the traceback
+        if cfg is not None:
+            _record(cfg, trainer, exc, everywhere=False)
+            from pipeline.failures import classify
+
+            print(f"error: rank {os.environ.get('RANK', 0)}: {classify(exc)}: {type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''} "
+                  f"(recorded in {os.path.join(cfg.out_dir, 'failures.jsonl')})", file=sys.stderr)
+        raise
     finally:
         distributed.close()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank0:
         ev = result["eval"]
         print(f"done: step {result['step']}" + (f", top-1 {ev['top1']:.2f}%" if ev else "") + f", MLflow run {result['run_id']}")
     return 0

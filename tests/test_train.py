@@ -242,6 +242,42 @@ def test_nonfinite_losses_skip_together_then_stop_without_a_bad_checkpoint(demo_
     tags = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step"))
     assert tags == ["step00000001"] and open(os.path.join(out, "checkpoints", "latest")).read() == "step00000001"
     assert not os.path.isdir(os.path.join(out, "export"))
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        (record,) = [json.loads(line) for line in f]  # one record for the whole run, by rank 0
+    assert record["kind"] == "training error" and record["rank"] == 0 and record["step"] == 1
+    assert record["resume_from"] == "step00000001" and "non-finite" in record["error"]
+
+
+def test_a_rank_killed_from_outside_is_recorded_and_the_run_resumes(demo_shards, tmp_path):
+    """SIGKILL to rank 1 alone (what the OOM killer does): the launcher stops the other
+    rank, says in one line what happened and where the run resumes, and records it."""
+    import psutil
+
+    steps = ("train.max_steps=30", "train.ckpt_every=4", "data.val=")
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(command(out, demo_shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000008"):
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (line,) = [line for line in stderr.splitlines() if line.startswith("launch/local.py: rank 1")]
+    assert "was killed by SIGKILL (from outside, or the OOM killer)" in line and "the same command resumes from step" in line
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    killed = [r for r in records if r["rank"] == 1]
+    assert [r["kind"] for r in killed] == ["killed by SIGKILL (from outside, or the OOM killer)"]
+    # rank 0 may have seen its peer vanish before the launcher stopped it: that is recorded as such
+    assert all(r["kind"].startswith("lost a peer rank") for r in records if r["rank"] == 0), records
+    assert killed[0]["resume_from"] >= "step00000008" and killed[0]["step"] >= 8
+    records = killed
+    resumed = train(out, demo_shards, *steps)
+    assert "resumed from " + os.path.join(out, "checkpoints", records[0]["resume_from"]) in resumed.stderr
 
 
 def test_bad_samples_on_another_rank_reach_the_metrics(demo_shards, tmp_path):
