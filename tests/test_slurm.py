@@ -181,7 +181,9 @@ def test_max_requeues_is_honoured(cluster, demo_shards, tmp_path):
     (with --time under 10 minutes submitit counts every USR2 as a time-out, not a
     preemption, which it would requeue without bound)."""
     out = str(tmp_path / "run")
-    cmd = [*SLURM, "--nodes", "1", "--cpus-per-task", "1", "--time", "5", "--max-requeues", "1", "--folder",
+    # --signal-delay 10: Slurm's own USR2 comes 10 s before the 5-minute limit, long after the test's two
+    cmd = [*SLURM, "--nodes", "1", "--cpus-per-task", "1", "--time", "5", "--signal-delay", "10", "--max-requeues", "1",
+           "--folder",
            str(tmp_path / "sub" / "%j"), "--wait", "--wait-timeout", "300", "--",
            *trainer_args(out, demo_shards, "train.max_steps=2000", "data.val=", "mlflow.register_as=")]
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
