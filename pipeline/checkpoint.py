@@ -247,11 +247,12 @@ class CheckpointManager:
     def _check_space(self, tag: str, needed: int) -> None:
         """Rank 0 compares the free space with the size a checkpoint takes; every rank
         agrees on its answer before anyone writes. Synchronizes ranks."""
+        from pipeline import distributed
+
         free = free_bytes(self.folder) if self.rank == 0 else 0
-        short = torch.tensor([1.0 if self.rank == 0 and needed and free < needed * 1.05 else 0.0])
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(short, op=dist.ReduceOp.MAX)  # gloo and NCCL both take a CPU/CUDA tensor: CPU here
-        if short.item() > 0:
+        (short,) = distributed.agree_any([self.rank == 0 and bool(needed) and free < needed * 1.05],
+                                         distributed.device())
+        if short:
             raise CheckpointWriteError(
                 f"checkpoint {tag} cannot be written to {self.folder}: no space left on the device "
                 f"({free / 1e6:.1f} MB free, ~{needed / 1e6:.1f} MB needed); "

@@ -77,11 +77,17 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def agree_any(flags: list[bool | torch.Tensor], dev: torch.device) -> list[bool]:
-    """Synchronizes ranks: one all-reduce (MAX) of ``flags``; True where any rank has
-    it set. Ranks must branch on these agreed values only, never on their own flag."""
-    t = torch.stack([torch.as_tensor(f, dtype=torch.float32).to(dev).reshape(()) for f in flags])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]  # one device sync for all flags
+    """Synchronizes ranks: one all-reduce (MAX) of ``flags`` (Python bools or 0-d
+    tensors on ``dev``); True where any rank has it set. Ranks must branch on these
+    agreed values only, never on their own flag. On ``dev`` (NCCL reduces CUDA
+    tensors only); the Python flags cross to it in one copy."""
+    host = torch.tensor([float(f) if isinstance(f, bool) else 0.0 for f in flags], device=dev)
+    on_dev = [i for i, f in enumerate(flags) if isinstance(f, torch.Tensor)]
+    if on_dev:
+        host[on_dev] = torch.stack([flags[i].to(torch.float32).reshape(()) for i in on_dev])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(host, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in host.tolist()]  # one device sync for all flags
 
 
 def barrier() -> None:

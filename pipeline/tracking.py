@@ -56,11 +56,15 @@ class Tracker:
         self.run_id: str | None = None
         self.failed: str | None = None
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn):
+        """``fn(mlflow)``, unless tracking is off or has failed; mlflow is imported only
+        here, so a process without it (tracking off) never imports it."""
         if not self.enabled or self.failed:
             return None
         try:
-            return fn(*args, **kwargs)
+            import mlflow
+
+            return fn(mlflow)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self.failed = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             log.warning(
@@ -71,12 +75,7 @@ class Tracker:
             return None
 
     def start(self, run_id: str | None, run_name: str, system_metrics: bool) -> str | None:
-        if not self.enabled:
-            self.run_id = run_id
-            return run_id
-        import mlflow
-
-        def start():
+        def start(mlflow):
             mlflow.set_tracking_uri(self.uri)
             if run_id is None:
                 client = mlflow.MlflowClient(self.uri)
@@ -102,33 +101,18 @@ class Tracker:
         pass
 
     def params(self, params: dict) -> None:
-        if not self.enabled or self.failed:
-            return
-        import mlflow
-
         clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
-        self._call("log params", mlflow.log_params, clean)
+        self._call("log params", lambda mlflow: mlflow.log_params(clean))
 
     def metrics(self, metrics: dict, step: int) -> None:
-        if not self.enabled or self.failed:
-            return
-        import mlflow
-
-        self._call("log metrics", mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+        values = {k: float(v) for k, v in metrics.items()}
+        self._call("log metrics", lambda mlflow: mlflow.log_metrics(values, step=step))
 
     def artifact(self, path: str, subdir: str | None = None) -> None:
-        if not self.enabled or self.failed:
-            return
-        import mlflow
-
-        self._call("log artifact", mlflow.log_artifact, path, subdir)
+        self._call("log artifact", lambda mlflow: mlflow.log_artifact(path, subdir))
 
     def tags(self, tags: dict) -> None:
-        if not self.enabled or self.failed:
-            return
-        import mlflow
-
-        self._call("set tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+        self._call("set tags", lambda mlflow: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
     def register(self, model, name: str, example, weights: list[str], tags: dict, aliases: list[str]) -> str | None:
         """Log ``model`` (pickle flavour, see README) and register a new version.
@@ -136,8 +120,7 @@ class Tracker:
         ``aliases`` are set on it; so is ``best`` when its ``top1`` tag beats the
         version that holds ``best`` now (or none does)."""
 
-        def register():
-            import mlflow
+        def register(mlflow):
             from mlflow import MlflowClient
 
             info = mlflow.pytorch.log_model(
@@ -169,8 +152,4 @@ class Tracker:
         return self._call("register model", register)
 
     def end(self, status: str = "FINISHED") -> None:
-        if not self.enabled or self.failed:
-            return
-        import mlflow
-
-        self._call("end run", mlflow.end_run, status)
+        self._call("end run", lambda mlflow: mlflow.end_run(status))

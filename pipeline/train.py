@@ -196,6 +196,7 @@ class Trainer:
         self.nonfinite = 0
         self.signal = CheckpointSignal()
         self.run_id: str | None = None
+        self.schedule_changes: list[str] = []  # schedule keys changed on resume (train.allow_schedule_change)
         self.tracker = Tracker(
             cfg.mlflow.tracking_uri or default_uri(self.out), cfg.named(cfg.mlflow.experiment), enabled=self.rank == 0,
             artifact_root=cfg.mlflow.artifact_root or default_artifact_root(cfg.mlflow.tracking_uri, self.out),
@@ -366,7 +367,6 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.schedule_changes: list[str] = []
         resumed = self.resume()
         self._start_tracking(resumed)
         last_eval = None
@@ -507,25 +507,23 @@ class Trainer:
     def _finish(self, state: dict, last_eval: dict | None) -> dict:
         cfg = self.cfg
         epoch = self.loader.completed_epochs
-        files = export_mod.export(self.out, cfg.model.variant, self.train_manifest.classes or self._class_ids(),
-                                  cfg.aug, state, self.ema.module if self.ema else None, self.step, epoch)
+        # a manifest without a class list: the indices are the names
+        classes = self.train_manifest.classes or tuple(str(i) for i in range(self.train_manifest.num_classes))
+        files = export_mod.export(self.out, cfg.model.variant, classes, cfg.aug, state,
+                                  self.ema.module if self.ema else None, self.step, epoch)
         version = None
         name = cfg.named(cfg.mlflow.register_as) if cfg.mlflow.register_as else ""
         if name:
             tags = {"run_id": self.run_id, "step": self.step, "epoch": epoch, "variant": cfg.model.variant}
             if last_eval:
                 tags["top1"] = f"{last_eval['top1']:.2f}"
-            version = export_mod.register(self.tracker, name, cfg.model.variant, self.train_manifest.classes or self._class_ids(),
-                                          cfg.aug, files, tags, ["last"])
+            version = export_mod.register(self.tracker, name, cfg.model.variant, classes, cfg.aug, files, tags, ["last"])
         self.tracker.end()
         done = {"step": self.step, "epoch": epoch, "run_id": self.run_id, "version": version,
                 "world_size": self.world, "zero_stage": cfg.train.zero_stage,
                 "registered_as": name, "schedule": self.schedule, "time": time.time()}
         write_atomic(os.path.join(self.out, "FINISHED.json"), json.dumps(done, indent=1))
         return {"step": self.step, "eval": last_eval, "export": files, "run_id": self.run_id}
-
-    def _class_ids(self) -> tuple[str, ...]:
-        return tuple(str(i) for i in range(self.train_manifest.num_classes))
 
 
 def _record(cfg, trainer, exc: BaseException, everywhere: bool, kind: str | None = None) -> None:

@@ -35,6 +35,18 @@ def train(out, shards, *overrides, nproc=2, env=None, timeout=300):
     return proc
 
 
+def start_until_checkpoint(out, shards, steps, at_least: str, **popen):
+    """Start a 2-rank run in the background; return it (still running) once ``latest``
+    names a checkpoint at or past the tag ``at_least``."""
+    proc = subprocess.Popen(command(out, shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""), **popen)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= at_least):
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    return proc
+
+
 def fp16_supported() -> bool:
     from deepspeed.accelerator import get_accelerator
 
@@ -156,13 +168,9 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_shards, tmp_path):
     train(ref, demo_shards, *steps)
 
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(command(out, demo_shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_until_checkpoint(out, demo_shards, steps, "step00000032", stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
     latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000032"):
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # launcher, ranks and their DataLoader workers
     proc.wait()
     killed_at = open(latest).read().strip()
@@ -255,13 +263,8 @@ def test_a_rank_killed_from_outside_is_recorded_and_the_run_resumes(demo_shards,
 
     steps = ("train.max_steps=30", "train.ckpt_every=4", "data.val=")
     out = str(tmp_path / "run")
-    proc = subprocess.Popen(command(out, demo_shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000008"):
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
+    proc = start_until_checkpoint(out, demo_shards, steps, "step00000008", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
     rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
