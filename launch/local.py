@@ -5,7 +5,8 @@
 Starts N copies of ``python -m pipeline.train`` with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set (what torchrun would set), streams their output
 (rank 0 logs; other ranks only warn), and if one fails stops the others and exits
-with its status. Ctrl-C stops all of them; the last complete checkpoint stays, and
+with its status. The config is loaded once before any rank starts, so a bad key or
+value is one 'error:' line and nothing is started. Ctrl-C stops all of them; the last complete checkpoint stays, and
 running the same command again resumes from it.
 """
 
@@ -54,8 +55,9 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
             if failed:
                 status = failed[0].returncode
                 rank = procs.index(failed[0])
-                print(f"launch/local.py: rank {rank} {_fault(status, rank, args)}; stopping the others", file=sys.stderr)
-                stop()
+                if not _all_exit_together(procs, status):
+                    print(f"launch/local.py: rank {rank} {_fault(status, rank, args)}; stopping the others", file=sys.stderr)
+                    stop()
                 break
             time.sleep(0.2)
         for p in procs:
@@ -66,6 +68,21 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
             p.wait()
         return 130
     return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def _all_exit_together(procs: list[subprocess.Popen], status: int) -> bool:
+    """Status 2 is an error every rank finds and rank 0 explains (bad input before the
+    process group, or a training error decided on agreed values): wait a little for
+    the others to exit the same way, so that rank 0 is not stopped before it says why."""
+    if status != 2:
+        return False  # a fault in one rank: the others would only wait for it in a collective
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    return all(p.poll() == status for p in procs)
+
+
+EXIT_GRACE_S = 30.0
 
 
 def _fault(status: int, rank: int, args: list[str]) -> str:
@@ -93,6 +110,16 @@ def main(argv=None) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the trainer, after --")
     a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from pipeline import config
+    from pipeline.imagenet import InputError
+
+    try:
+        config.load_argv(args)  # as every rank will: a bad key or value is said once, before any rank starts
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return launch(a.nproc, args)
 
 
