@@ -46,6 +46,13 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+                p.send_signal(signal.SIGCONT)  # a stopped rank (SIGSTOP, a debugger) acts on SIGTERM only when continued
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
     signal.signal(signal.SIGTERM, stop)
     status = 0
@@ -82,12 +89,15 @@ def _all_exit_together(procs: list[subprocess.Popen], status: int) -> bool:
     return all(p.poll() == status for p in procs)
 
 
-EXIT_GRACE_S = 30.0
+EXIT_GRACE_S = 30.0  # for ranks that all end with status 2 to say so themselves
+STOP_GRACE_S = 10.0  # from SIGTERM to SIGKILL for the ranks left when one has failed
 
 
 def _fault(status: int, rank: int, args: list[str]) -> str:
     """What a rank's exit status means; a death by signal (which the rank could not
     record itself) goes into <train.out>/failures.jsonl."""
+    if status == 5:
+        return "exited with 5: it lost a peer rank (see failures.jsonl)"
     if status >= 0:
         return f"exited with {status}"
     if ROOT not in sys.path:

@@ -27,13 +27,20 @@ for the shards, ``data.url_base``), and an MLflow server reachable from the node
 (``MLFLOW_TRACKING_URI``); the default SQLite store works only on a shared filesystem
 that supports locking.
 
+Faults: a job that fails (a rank killed or crashed, a node lost, a lost peer; not an
+input error, a cancel or the time limit) is resubmitted by a companion job, up to
+``--max-failures`` times; each attempt resumes from ``latest`` into the same MLflow
+run (see "automatic resubmission" below and the README's Faults section).
+
 Without Slurm accounting (``sacct``) submitit cannot tell that a job died; ``--wait``
-therefore follows the job with ``squeue`` and submitit's result files, bounded.
+therefore follows the job (and each resubmitted attempt) with ``squeue`` and
+submitit's result files, bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -85,9 +92,10 @@ def master_address(first_node: str, launch_ip: str | None, num_nodes: int) -> st
 class TrainJob:
     """The callable submitit runs in every task; requeues itself on timeout."""
 
-    def __init__(self, args: list[str], workdir: str):
+    def __init__(self, args: list[str], workdir: str, resubmission: int = 0):
         self.args = list(args)
         self.workdir = workdir
+        self.resubmission = resubmission  # resubmissions after faults before this job (--max-failures)
 
     def __call__(self) -> int:
         import submitit
@@ -102,6 +110,7 @@ class TrainJob:
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ["MASTER_ADDR"] = master_address(env.master_addr, os.environ.get("SLURM_LAUNCH_NODE_IPADDR"),
                                                    int(os.environ.get("SLURM_JOB_NUM_NODES", "1")))
+        os.environ["TNTPIPE_RESUBMISSION"] = str(self.resubmission)  # into the failure record
         os.chdir(self.workdir)
         from pipeline import train
 
@@ -114,7 +123,166 @@ class TrainJob:
         """Called by submitit on global rank 0 at the time-limit signal: requeue."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(self.args, self.workdir))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.args, self.workdir, self.resubmission))
+
+
+# --- automatic resubmission after a fault (--max-failures) ---------------------------
+#
+# submitit requeues a job only on USR2 (time limit, preemption). A job that *fails*
+# (a rank killed, a node lost, a lost peer) is resubmitted by a small companion job
+# that Slurm itself starts only if the training job ends badly
+# (``--dependency=afternotok:<id>``; with ``--kill-on-invalid-dep=yes`` Slurm drops it
+# when the job succeeds). It looks at how the job ended, and either submits the next
+# attempt (training job + its own companion) or says why not. So recovery needs no
+# process left running on the login node, one attempt runs at a time (the next is
+# submitted only after the previous one has left the queue, and train.out is locked by
+# its rank 0: pipeline/runlock.py), and a Slurm requeue (node failure with
+# JobRequeue, or submitit's on USR2) keeps the same job id, so the companion waits
+# for it. The chain is written to <train.out>/attempts.jsonl; --wait follows it.
+
+ATTEMPTS = "attempts.jsonl"
+FAULT_STATES = ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def decide(state: str | None, statuses: list[int | None], resubmissions: int, max_failures: int,
+           space_ok: bool = True) -> tuple[bool, str]:
+    """(resubmit?, why) for a training job that did not end well.
+
+    ``state``: Slurm's JobState (None if Slurm no longer knows the job); ``statuses``:
+    each task's trainer exit status from submitit's result files (0 done, None: no
+    result, the task was killed or crashed)."""
+    if state in ("CANCELLED",):
+        return False, "the job was cancelled: not resubmitted"
+    if state in ("TIMEOUT", "DEADLINE"):
+        return False, "the time limit was reached with --max-requeues spent: not resubmitted"
+    if 2 in statuses:
+        return False, "an input, config or training error (exit status 2): retrying cannot help"
+    if 3 in statuses:
+        return False, "checkpointed at the time limit with --max-requeues spent (exit status 3): not resubmitted"
+    if statuses and all(s == 0 for s in statuses):
+        return False, "the job finished"
+    if state not in (None, *FAULT_STATES):
+        return False, f"the job ended {state}: not resubmitted"
+    if resubmissions >= max_failures:
+        return False, f"gave up: {resubmissions} resubmission(s) after faults, --max-failures {max_failures}"
+    if 4 in statuses and not space_ok:
+        return False, "a checkpoint could not be written and train.out still lacks the space: not resubmitted"
+    return True, "a fault (" + ", ".join("killed or crashed" if s is None else f"exit status {s}" for s in statuses) + ")"
+
+
+def job_state(job_id: str) -> tuple[str | None, str]:
+    """(JobState, NodeList) as slurmctld still knows them (MinJobAge after the end)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState"), fields.get("NodeList", "")
+
+
+def task_statuses(results: list[str]) -> list[int | None]:
+    """Each task's trainer exit status from submitit's result file (None: none written)."""
+    import re
+
+    from submitit.core.utils import pickle_load
+
+    statuses: list[int | None] = []
+    for path in results:
+        if not os.path.exists(path):
+            statuses.append(None)
+            continue
+        outcome, value = pickle_load(path)
+        found = re.search(r"training exited with status (\d+)", str(value)) if outcome != "success" else None
+        statuses.append(0 if outcome == "success" else int(found.group(1)) if found else None)
+    return statuses
+
+
+def space_after_full_disk(out: str) -> bool:
+    """Whether train.out now has room for another checkpoint as large as the last one."""
+    from pipeline import failures
+
+    tag = failures.resume_point(out)
+    path = os.path.join(out, "checkpoints", tag) if tag else None
+    needed = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) if path else 0
+    return shutil.disk_usage(out).free > 1.1 * needed
+
+
+def append_attempt(out: str, entry: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
+    with open(os.path.join(out, ATTEMPTS), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_attempts(out: str) -> list[dict]:
+    try:
+        with open(os.path.join(out, ATTEMPTS)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+class RecoverJob:
+    """The companion of a training job: runs only if it ended badly (afternotok)."""
+
+    def __init__(self, args: argparse.Namespace, trainer_args: list[str], workdir: str, job_id: str,
+                 results: list[str], resubmissions: int):
+        self.args, self.trainer_args, self.workdir = args, list(trainer_args), workdir
+        self.job_id, self.results, self.resubmissions = job_id, list(results), resubmissions
+
+    def __call__(self) -> str:
+        os.chdir(self.workdir)
+        from pipeline import config, failures
+
+        out = os.path.abspath(config.load_argv(self.trainer_args).out_dir)
+        state, nodes = job_state(self.job_id)
+        statuses = task_statuses(self.results)
+        space_ok = 4 not in statuses or space_after_full_disk(out)
+        again, why = decide(state, statuses, self.resubmissions, self.args.max_failures, space_ok)
+        if state is not None and state != "CANCELLED":
+            failures.record(out, f"job {state}", job_summary(self.job_id, state, nodes, statuses), None)
+        entry = {"after": str(self.job_id), "state": state, "statuses": statuses, "resubmit": again, "why": why}
+        if not again:
+            append_attempt(out, entry)
+            print(f"job {self.job_id} ended {state}: {why}", flush=True)
+            return why
+        time.sleep(min(60.0, self.args.failure_backoff * (self.resubmissions + 1)))
+        for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
+            del os.environ[key]  # this job's own settings must not leak into the next one's srun
+        job, recover = submit_chain(self.args, self.trainer_args, self.workdir, self.resubmissions + 1, out, entry)
+        print(f"job {self.job_id} ended {state}: {why}; resubmitted as job {job.job_id} "
+              f"({self.resubmissions + 1} of --max-failures {self.args.max_failures}), resuming from "
+              f"{failures.resume_point(out) or 'the start'}", flush=True)
+        return job.job_id
+
+
+def job_summary(job_id: str, state: str, nodes: str, statuses: list[int | None]) -> str:
+    """One line on how a job ended: which ranks (submitit's task = global rank) on
+    which hosts left no result (killed, crashed, or their node went down)."""
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split() if nodes else []
+    per_node = max(1, -(-len(statuses) // max(1, len(hosts))))  # Slurm's default block distribution
+    lost = [f"rank {r} ({hosts[r // per_node] if r // per_node < len(hosts) else '?'})"
+            for r, s in enumerate(statuses) if s is None]
+    said = [f"rank {r}: exit status {s}" for r, s in enumerate(statuses) if s not in (None, 0)]
+    return (f"Slurm job {job_id} ended {state} on {nodes or '?'}"
+            + (f"; killed or crashed without a result: {', '.join(lost)}" if lost else "")
+            + (f"; {', '.join(said)}" if said else ""))
+
+
+def submit_chain(args, trainer_args: list[str], workdir: str, resubmissions: int, out: str, cause: dict | None = None):
+    """Submit one training attempt and (with --max-failures) its companion; (job, companion)."""
+    import copy
+
+    job = executor(args).submit(TrainJob(trainer_args, workdir, resubmissions))
+    recover = None
+    if args.max_failures > 0:
+        small = copy.copy(args)
+        small.nodes, small.gpus_per_node, small.cpus_per_task, small.time, small.mem = 1, 0, 1, 15, 0
+        small.job_name = f"{args.job_name}-recover"
+        small.sbatch = [*args.sbatch, f"dependency=afternotok:{job.job_id}", "kill_on_invalid_dep=yes"]
+        results = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
+        recover = executor(small, srun_args=[]).submit(
+            RecoverJob(args, trainer_args, workdir, job.job_id, [str(r) for r in results], resubmissions))
+    append_attempt(out, {**(cause or {}), "job": job.job_id, "recover_job": recover.job_id if recover else None,
+                         "tasks": job.num_tasks, "resubmission": resubmissions})
+    return job, recover
 
 
 class ShardTask:
@@ -134,7 +302,7 @@ class ShardTask:
         return status
 
 
-def executor(args):
+def executor(args, srun_args: list[str] | None = None):
     import submitit
 
     if args.dry_run and shutil.which("srun") is None:
@@ -155,7 +323,7 @@ def executor(args):
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     # one dead task ends the step at once (its peers would otherwise wait in a collective)
-    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"] if srun_args is None else srun_args
     if args.mem:
         params["mem_gb"] = args.mem
     for key in ("partition", "account", "qos", "constraint"):
@@ -192,31 +360,58 @@ def wait(job, timeout: float, env: dict | None = None) -> tuple[bool, str]:
     return False, f"still running after {timeout:.0f}s"
 
 
-def check_trainer_args(trainer_args: list[str]) -> None:
-    """The trainer's config, loaded as the job will load it: a missing file or an
-    unknown key fails here, not minutes later in the queue."""
+def submit_train(args, trainer_args: list[str]) -> int:
     from pipeline import config
 
-    config.load_argv(trainer_args)
-
-
-def submit_train(args, trainer_args: list[str]) -> int:
-    check_trainer_args(trainer_args)
+    out = os.path.abspath(config.load_argv(trainer_args).out_dir)  # a missing file or unknown key fails here
     ex = executor(args)
     if args.dry_run:
         script = ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>")
         print(script)
         print(f"# each task runs: python -m pipeline.train {shlex.join(trainer_args)}")
+        if args.max_failures:
+            print(f"# after a fault, a companion job (--dependency=afternotok) resubmits it, up to {args.max_failures} times")
         return 0
-    job = ex.submit(TrainJob(trainer_args, os.getcwd()))
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)")
+    job, recover = submit_chain(args, trainer_args, os.getcwd(), 0, out)
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)"
+          + (f"; recovery job {recover.job_id} resubmits it after a fault (--max-failures {args.max_failures})" if recover else ""))
     print(f"  logs: {job.paths.stdout} / {job.paths.stderr}")
+    print(f"  attempts: {os.path.join(out, ATTEMPTS)}; faults: {os.path.join(out, 'failures.jsonl')}")
     print(f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id in train.log and checkpoints)", flush=True)
     if not args.wait:
         return 0
-    ok, message = wait(job, args.wait_timeout)
+    ok, message = follow(job, recover, out, args)
     print(f"job {job.job_id}: {message}", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def follow(job, recover, out: str, args) -> tuple[bool, str]:
+    """--wait: follow the training job and, after a fault, each resubmitted attempt;
+    (ok, message), ok only when an attempt finished."""
+    import submitit
+
+    deadline = time.time() + args.wait_timeout
+    while True:
+        ok, message = wait(job, max(1.0, deadline - time.time()))
+        if ok or recover is None or message.startswith("still running"):
+            return ok, message
+        print(f"job {job.job_id}: {message}; its recovery job {recover.job_id} decides what next", file=sys.stderr, flush=True)
+        while time.time() < deadline and in_queue(recover.job_id):
+            time.sleep(1)
+        after = [a for a in read_attempts(out) if a.get("after") == str(job.job_id)]
+        if not after:
+            return False, f"{message}; recovery job {recover.job_id} left no decision (see its log {recover.paths.stdout})"
+        if not after[-1]["resubmit"]:
+            return False, f"{message}; {after[-1]['why']}"
+        nxt = after[-1]
+        print(f"job {job.job_id} failed ({nxt['why']}): resubmitted as job {nxt['job']} "
+              f"(resubmission {nxt['resubmission']} of --max-failures {args.max_failures})", file=sys.stderr, flush=True)
+        job = submitit.SlurmJob(args.folder, nxt["job"], tasks=tuple(range(nxt["tasks"])))
+        recover = submitit.SlurmJob(args.folder, nxt["recover_job"]) if nxt["recover_job"] else None
+
+
+def in_queue(job_id: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True).stdout.strip())
 
 
 def submit_shard(args, shard_args: list[str]) -> int:
@@ -258,11 +453,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit at which to checkpoint and requeue")
     p.add_argument("--max-requeues", type=int, default=20, help="requeues at the time limit before giving up (submitit requeues preemptions without bound; "
                         "with --time under 10 minutes it counts every USR2 as a time-out)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="resubmit a training job that failed from a fault (a rank or node lost, a crash; not an input error, "
+                        "a cancel or the time limit) up to this many times, each resuming from the last checkpoint (0: never)")
+    p.add_argument("--failure-backoff", type=float, default=10.0,
+                   help="seconds before the n-th resubmission: n times this (at most 60)")
     p.add_argument("--array", type=int, default=8, help="shard mode: tasks in the job array")
     p.add_argument("--job-name", default="tntpipe", help="Slurm job name")
     p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles), relative to the current directory; on a shared filesystem")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
-    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it failed")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end (and, after a fault, each resubmitted attempt); exit 1 unless the run finished")
     p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="give up waiting after this many seconds")
     p.epilog = "Everything after -- goes to the trainer (python -m pipeline.train) or, in shard mode, to pipeline/shard.py."
     return p

@@ -36,6 +36,14 @@ class DataCfg:
     shuffle_buffer: int = 1000  # samples held per worker for shuffling (memory: x mean JPEG size)
     repeats: int = 1  # repeated augmentation (the official recipe uses 3)
     eval_batch: int = 0  # 0: the training micro-batch
+    finish: str = "auto"  # normalise/erase/Mixup: worker (float batches), device (uint8 batches, done on the GPU), auto: device on CUDA
+    timeout_s: float = 600.0  # a rank whose DataLoader workers deliver no batch for this long fails (0: wait forever)
+
+    def __post_init__(self):
+        if self.finish not in ("auto", "worker", "device"):
+            raise InputError(f"data.finish must be auto, worker or device, not {self.finish!r}")
+        if self.timeout_s < 0:
+            raise InputError(f"data.timeout_s must be >= 0 seconds (0: wait forever), not {self.timeout_s}")
 
 
 @dataclasses.dataclass
@@ -71,6 +79,8 @@ class TrainCfg:
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the exact device name (pipeline/mfu.py)
     dist_timeout_s: float = 600.0  # seconds a collective waits for a missing rank before failing
+    lock_wait_s: float = 120.0  # wait this long for another job's lock on train.out (a dead NFS client's lease) before refusing
+    heartbeat_timeout_s: float = 30.0  # a rank silent this long (stopped, hung, node or network down) ends the run (0: off)
     allow_schedule_change: bool = False  # resume although the lr schedule (epochs, lr, batch...) changed
     compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA, off on CPU
 
@@ -87,6 +97,8 @@ class TrainCfg:
             raise InputError(f"train.compile must be true, false or null (on CUDA only), not {self.compile!r}")
         if self.dist_timeout_s <= 0:
             raise InputError(f"train.dist_timeout_s must be > 0 seconds, not {self.dist_timeout_s}")
+        if self.heartbeat_timeout_s < 0:
+            raise InputError(f"train.heartbeat_timeout_s must be >= 0 seconds (0: off), not {self.heartbeat_timeout_s}")
 
 
 @dataclasses.dataclass

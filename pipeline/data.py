@@ -63,7 +63,9 @@ The DeiT/TNT recipe through timm's own transforms: RandomResizedCrop (bicubic),
 flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm disables colour jitter when
 RandAugment is on), normalisation (TNT's mean/std 0.5), random erasing 0.25 (pixel
 mode), then on the batch Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (timm's
-``Mixup``, batch mode), all in the workers. Our own code only where it measurably
+``Mixup``, batch mode), all in the workers; or, with ``finish="device"``
+(``data.finish``, the default on CUDA), the workers stop at uint8 pixels and
+normalisation, erasing and Mixup/CutMix run on the GPU (:class:`DeviceFinish`). Our own code only where it measurably
 pays (``bench/loader_bench.py``): the crop is drawn from the JPEG header's size and
 the JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL draft mode) whenever the crop
 stays at least the output size; the crop and resize are one PIL call;
@@ -388,8 +390,12 @@ class BatchFinish:
             )
 
     def image(self, out: torch.Tensor, array: np.ndarray) -> None:
-        """uint8 HWC ``array`` -> normalised CHW float written into ``out``; erasing."""
+        """uint8 HWC ``array`` -> normalised CHW float written into ``out``; erasing.
+        A uint8 ``out`` (``finish="device"``) gets the pixels only: :class:`DeviceFinish`
+        does the rest on the device."""
         out.copy_(torch.from_numpy(array).permute(2, 0, 1))
+        if out.dtype == torch.uint8:
+            return
         out.mul_(self.scale).add_(self.shift)
         if self.erase is not None:
             self.erase(out)
@@ -419,6 +425,53 @@ class BatchFinish:
         return mixup_target(labels, self.num_classes, lam, self.smoothing)
 
 
+class DeviceFinish:
+    """``finish="device"``: the workers send uint8 batches (a quarter of the bytes over
+    PCIe, and none of their CPU time on the float work); normalisation, random erasing
+    and Mixup/CutMix run here, on the batch on the device, with timm's own
+    ``RandomErasing`` and ``Mixup`` (batch mode, as timm's GPU prefetcher pipeline
+    does). Every random draw (Python, NumPy, torch on the device) is seeded from
+    ``(seed, epoch, rank, batch index)`` and the global RNG states are restored after,
+    so a batch is a pure function of the loader state (exact resume) and the
+    training RNG (DropPath) is untouched. The values are not those of the worker path
+    (the erasing noise comes from the device's generator); with erasing off they are
+    the same up to float rounding (``test_data.py``)."""
+
+    def __init__(self, aug: Augment, num_classes: int, train: bool, seed: int, rank: int, device: torch.device):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        self.train, self.seed, self.rank, self.device = train, seed, rank, device
+        self.scale = (1 / (torch.tensor(aug.std) * 255)).view(1, 3, 1, 1).to(device)
+        self.shift = (-torch.tensor(aug.mean) / torch.tensor(aug.std)).view(1, 3, 1, 1).to(device)
+        self.num_classes, self.smoothing = num_classes, aug.label_smoothing
+        self.erase = self.mixup = None
+        if train and aug.re_prob > 0:
+            self.erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=str(device))
+        if train and (aug.mixup > 0 or aug.cutmix > 0):
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
+                               num_classes=num_classes)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float32 images, targets) on the device: soft targets when
+        training, the labels for evaluation."""
+        from timm.data.mixup import mixup_target
+
+        x = batch["image"].to(self.device, non_blocking=True)
+        x = x.float().mul_(self.scale).add_(self.shift) if x.dtype == torch.uint8 else x
+        label = batch["label"].to(self.device, non_blocking=True)
+        if not self.train:
+            return x, label
+        with _seeded(_seed_of("batch", self.seed, batch["epoch"], self.rank, batch["index"]), restore=True,
+                     device=self.device):
+            if self.erase is not None:
+                self.erase(x)
+            if self.mixup is not None and len(x) % 2 == 0:
+                return self.mixup(x, label)  # in place on x; (x, soft targets)
+        return x, mixup_target(label, self.num_classes, 1.0, self.smoothing)
+
+
 # ---------------------------------------------------------------- reading shards
 
 
@@ -429,17 +482,23 @@ def _seed_of(*parts) -> int:
 
 
 @contextmanager
-def _seeded(seed: int, restore: bool):
-    """Seed python, numpy and torch (CPU) RNGs: timm's transforms draw from them.
+def _seeded(seed: int, restore: bool, device: torch.device | None = None):
+    """Seed python, numpy and torch (CPU; and ``device``'s if CUDA) RNGs: timm's
+    transforms draw from them.
 
     In a DataLoader worker the global state is ours to take; in the main process
-    (``workers=0``) it is restored afterwards so training randomness is unaffected."""
+    (``workers=0``, or :class:`DeviceFinish`) it is restored afterwards so training
+    randomness is unaffected."""
+    cuda = device is not None and device.type == "cuda"
     saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state()) if restore else None
+    saved_cuda = torch.cuda.get_rng_state(device) if cuda and restore else None
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     # The CPU generator only: torch.manual_seed also queues lazy CUDA/XPU/MPS seeding,
     # which formats a stack trace on every call (~60 us, x2 per image).
     torch.default_generator.manual_seed(seed)
+    if cuda:
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
     try:
         yield
     finally:
@@ -447,6 +506,8 @@ def _seeded(seed: int, restore: bool):
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.random.set_rng_state(saved[2])
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state(saved_cuda, device)
 
 
 class _Reporter:
@@ -551,14 +612,14 @@ def _worker() -> tuple[int, int, bool]:
     return (0, 1, True) if info is None else (info.id, info.num_workers, False)
 
 
-def _batch_tensor(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """A float batch; in a DataLoader worker, allocated in shared memory straight away
+def _batch_tensor(shape: tuple[int, ...], shared: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch; in a DataLoader worker, allocated in shared memory straight away
     (as ``default_collate`` does), so sending it to the main process copies nothing
     (otherwise the worker copies each batch, 38.5 MB at 64x224^2, into shared memory)."""
     if not shared:
-        return torch.empty(shape)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # float32
-    return torch.empty(0).set_(storage, 0, shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _uses(t: torch.Tensor) -> int:
@@ -601,13 +662,14 @@ class _Buffers:
                 self.free.add(self.recycle.get())
             self.free &= self.held.keys()
 
-    def take(self, shape: tuple[int, ...], zero: bool = False) -> tuple[int, torch.Tensor]:
+    def take(self, shape: tuple[int, ...], zero: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
         """(id, a view of a free buffer of ``shape``); the caller may write it freely."""
         self._collect()
-        found = next((i for i in self.held if i in self.free and self.held[i][0].shape == shape), None)
+        found = next((i for i in self.held if i in self.free and self.held[i][0].shape == shape
+                      and self.held[i][0].dtype == dtype), None)
         if found is None:
             found, self.next = self.next, self.next + 1
-            t = _batch_tensor(shape, self.shared)
+            t = _batch_tensor(shape, self.shared, dtype)
             self.held[found] = (t, _uses(t))
             while len(self.held) > self.keep:
                 self.free.discard(oldest := next(iter(self.held)))
@@ -623,13 +685,22 @@ class _Buffers:
 # ---------------------------------------------------------------- streams
 
 
+def _finish_mode(finish: str) -> str:
+    if finish not in ("worker", "device"):
+        raise InputError(f"data.finish must be auto, worker or device, not {finish!r}")
+    return finish
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless-source, fixed-length training epochs; see the module docstring.
 
     Yields whole batches (the DataLoader runs with ``batch_size=None``): dicts with
     ``image`` float (B, 3, S, S), ``target`` float (B, classes) (Mixup/CutMix and
-    smoothing applied), ``label`` long (B,) (before mixing), ``key`` list of str, and
-    ``bad`` (bad samples, bad shards) counted since the worker's previous batch.
+    smoothing applied), ``label`` long (B,) (before mixing), ``key`` list of str,
+    ``bad`` (bad samples, bad shards) counted since the worker's previous batch, and
+    ``epoch``/``index`` (the batch's place in the rank's epoch). With
+    ``finish="device"``: ``image`` is uint8 and there is no ``target``
+    (:class:`DeviceFinish` makes both on the device).
     """
 
     train = True
@@ -646,8 +717,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         repeats: int = 1,
         shuffle_buffer: int = 1000,
         epoch_samples: int | None = None,
+        finish: str = "worker",
     ):
         self.manifest = manifest
+        self.finish = _finish_mode(finish)
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.seed = seed
@@ -662,10 +735,13 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise InputError(
                 f"batch {batch_size} x {world_size} ranks is more than the {self.epoch_samples} samples of {manifest.path}"
             )
-        # Set by Loader before each epoch (pickled into the workers with the dataset).
+        # Set by Loader before each epoch: plain attributes for in-process use, and
+        # through ``shared`` (shared memory, made before the workers fork) for its
+        # persistent DataLoader workers, which keep the copy of this object they forked with.
         self.epoch, self.start, self.num_workers = 0, 0, 1
+        self.shared = None
         self.returns, self.keep = None, 4  # per worker: ids of buffers free again (_Buffers)
-        self._transform = self._finish = None
+        self._transform = self._finish = self._worker_buffers = None
 
     def __len__(self) -> int:
         return self.batches
@@ -702,6 +778,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         yield from _shuffled(in_range, self.shuffle_buffer, rng)
         yield from source  # only reached when bad samples must be made up for
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.finish == "device" else torch.float32
+
     def _setup(self) -> None:
         if self._transform is None:
             self._transform = (TrainTransform if self.train else EvalTransform)(self.augment)
@@ -709,12 +789,17 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         physical, workers, main = _worker()
+        if self.shared is not None:  # a persistent worker: this epoch's place from the Loader
+            self.epoch, self.start = int(self.shared[0]), int(self.shared[1])
         return self.iter_worker(physical, workers, main)
 
     def _buffers(self, physical: int, main: bool) -> _Buffers:
         if main:
             return _Buffers(shared=False, recycle="uses", keep=self.keep)
-        return _Buffers(shared=True, recycle=self.returns[physical] if self.returns else None, keep=self.keep)
+        if self._worker_buffers is None:  # one set per worker process, across epochs: ids stay unique
+            self._worker_buffers = _Buffers(shared=True, recycle=self.returns[physical] if self.returns else None,
+                                            keep=self.keep)
+        return self._worker_buffers
 
     def iter_worker(self, physical: int, workers: int, main: bool = False) -> Iterator[dict]:
         """The batches DataLoader worker ``physical`` of ``workers`` yields this epoch."""
@@ -729,7 +814,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             next(stream)
         B, S = self.batch_size, self.augment.img_size
         for j in range(done, total):
-            buffer, image = buffers.take((B, 3, S, S))
+            buffer, image = buffers.take((B, 3, S, S), dtype=self.pixel_dtype)
             labels, keys = [], []
             while len(labels) < B:
                 v, sample = next(stream)
@@ -745,9 +830,12 @@ class TrainStream(torch.utils.data.IterableDataset):
                 keys.append(key)
             label = torch.tensor(labels)
             index = j * workers + logical  # the batch's index in the rank's epoch
-            with _seeded(_seed_of("batch", self.seed, self.epoch, self.rank, index), restore=main):
-                target = self._finish.mix(image, label)
-            yield {"image": image, "target": target, "label": label, "key": keys, "bad": report.take(), "buffer": (physical, buffer)}
+            batch = {"image": image, "label": label, "key": keys, "bad": report.take(), "buffer": (physical, buffer),
+                     "epoch": self.epoch, "index": index}
+            if self.finish == "worker":
+                with _seeded(_seed_of("batch", self.seed, self.epoch, self.rank, index), restore=main):
+                    batch["target"] = self._finish.mix(image, label)
+            yield batch
 
 
 class EvalStream(TrainStream):
@@ -756,14 +844,17 @@ class EvalStream(TrainStream):
 
     train = False
 
-    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int = 0, world_size: int = 1, augment: Augment = Augment()):
+    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 augment: Augment = Augment(), finish: str = "worker"):
         self.manifest = manifest
+        self.finish = _finish_mode(finish)
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.augment = augment
         self.seed, self.epoch, self.start, self.num_workers = 0, 0, 0, 1
+        self.shared = None
         self.returns, self.keep = None, 4
-        self._transform = self._finish = None
+        self._transform = self._finish = self._worker_buffers = None
         self.batches = None  # depends on the number of workers: see worker_batches
 
     def __len__(self) -> int:
@@ -786,7 +877,7 @@ class EvalStream(TrainStream):
         S = self.augment.img_size
         pos = lo
         for _ in range(self.worker_batches(0, workers)):
-            buffer, image = buffers.take((self.batch_size, 3, S, S), zero=True)  # padding: blank, label -1
+            buffer, image = buffers.take((self.batch_size, 3, S, S), zero=True, dtype=self.pixel_dtype)  # padding: blank, label -1
             labels, keys = [], []
             while pos < hi and len(labels) < self.batch_size:
                 p, sample = next(samples)
@@ -813,9 +904,16 @@ class EvalStream(TrainStream):
 class Loader:
     """A DataLoader over a stream, with epoch/resume state and bad-data counters."""
 
-    def __init__(self, stream: TrainStream, workers: int = 0, pin_memory: bool | None = None, prefetch: int = 2):
+    def __init__(self, stream: TrainStream, workers: int = 0, pin_memory: bool | None = None, prefetch: int = 2,
+                 timeout_s: float = 0.0):
         self.stream = stream
         self.workers = workers
+        self.timeout_s = timeout_s  # DataLoader's own bound on one batch from the workers (0: none)
+        self._dl = None  # made on the first epoch, kept (persistent workers)
+        # (worker, buffer id) -> (batch, its uses alone): lent to the caller; returned ones held
+        # so that the next arrival maps nothing new (across epochs: the workers' buffers persist)
+        self._lent: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch = prefetch
         stream.num_workers = max(1, workers)
@@ -854,6 +952,28 @@ class Loader:
                 max(1, self.workers), self.stream.world_size, *layout,
             )
 
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        """One DataLoader for the Loader's life: with workers, they persist across epochs
+        (no fork and set-up per epoch or evaluation); each epoch's place reaches them
+        through the stream's shared memory, read when an epoch's iteration starts."""
+        if self._dl is None:
+            if self.workers:
+                ctx = multiprocessing.get_context()
+                self.stream.shared = ctx.Array("q", 2, lock=False)
+                # Per worker, the ids of its batch buffers that nobody here reads any more (_Buffers).
+                self.stream.returns = [ctx.SimpleQueue() for _ in range(self.workers)]
+            self.stream.keep = self.prefetch + 3
+            self._dl = torch.utils.data.DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch if self.workers else None,
+                persistent_workers=self.workers > 0,
+                timeout=self.timeout_s if self.workers else 0,
+            )
+        return self._dl
+
     def epoch(self, epoch: int) -> Iterator[dict]:
         """The batches of ``epoch``, continuing mid-epoch after :meth:`load_state_dict`."""
         start = self.batch_index if self.stream.train and epoch == self.epoch_index else 0
@@ -861,19 +981,11 @@ class Loader:
         self.stream.epoch, self.stream.start = epoch, start
         if start >= len(self.stream):
             return
-        # Per worker, the ids of its batch buffers that nobody here reads any more (_Buffers).
-        returns = [multiprocessing.get_context().SimpleQueue() for _ in range(self.workers)] if self.workers else None
-        self.stream.returns, self.stream.keep = returns, self.prefetch + 3
-        dl = torch.utils.data.DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch if self.workers else None,
-            persistent_workers=False,
-        )
-        lent: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (worker, id) -> (buffer, its uses alone)
-        kept: dict[tuple[int, int], torch.Tensor] = {}  # returned, held so the next arrival maps nothing new
+        dl = self._dataloader()
+        if self.stream.shared is not None:
+            self.stream.shared[:] = [epoch, start]
+        returns = self.stream.returns
+        lent, kept = self._lent, self._kept
         for batch in dl:
             bad_samples, bad_shards = batch.pop("bad")
             self.counters["bad_samples"] += int(bad_samples)

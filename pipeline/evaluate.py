@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 
 class Validator:
-    def __init__(self, loader, device: torch.device, dtype: torch.dtype):
+    def __init__(self, loader, device: torch.device, dtype: torch.dtype, finish=None):
         self.loader = loader
+        self.finish = finish  # a DeviceFinish for uint8 batches (data.finish=device)
         self.device = device
         self.dtype = dtype  # the engine's input dtype (the EMA is fp32 and takes fp32)
 
@@ -28,8 +29,11 @@ class Validator:
         sums = torch.zeros(len(models), 4, dtype=torch.float64, device=self.device)
         try:
             for batch in self.loader.epoch(0):
-                x = batch["image"].to(self.device, non_blocking=True)
-                y = batch["label"].to(self.device, non_blocking=True)
+                if self.finish is not None:
+                    x, y = self.finish(batch)
+                else:
+                    x = batch["image"].to(self.device, non_blocking=True)
+                    y = batch["label"].to(self.device, non_blocking=True)
                 mask = y >= 0
                 for i, (module, cast) in enumerate(models.values()):
                     logits = module(x.to(self.dtype) if cast else x).float()  # every rank runs it (ZeRO-3)

@@ -3,7 +3,7 @@
 Written by the process that sees the fault: a rank that raises (a training error, a
 checkpoint that cannot be written, an out-of-memory error, a data-loader worker that
 died), or the launcher when a rank dies from a signal it cannot catch (SIGKILL from
-outside or the OOM killer). Each line: time, job id and attempt, rank and host, what
+outside or the OOM killer). Each line: time, job id, requeue attempt and resubmission (launch/slurm.py), rank and host, what
 happened (``kind`` and ``error``), the last logged step and the checkpoint the next
 attempt resumes from. Input and config errors are not faults and are not recorded
 (nothing is to be retried for them).
@@ -25,6 +25,8 @@ def classify(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
         return "out of memory"
+    if "DataLoader timed out" in text:
+        return "data loading stalled (no batch from the DataLoader workers in data.timeout_s)"
     if "DataLoader worker" in text:
         return "data-loader worker failed"
     if type(exc).__name__ == "CheckpointWriteError":
@@ -75,7 +77,8 @@ def record(out: str, kind: str, error: str, rank: int | None, step: int | None =
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "job": os.environ.get("SLURM_JOB_ID", "local"),
-        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")),  # requeues of this job (time limit, preemption)
+        "resubmission": int(os.environ.get("TNTPIPE_RESUBMISSION", "0")),  # jobs resubmitted after faults before it
         "rank": rank,
         "host": socket.gethostname(),
         "kind": kind,

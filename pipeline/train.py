@@ -42,12 +42,15 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import distributed, mfu, tnt
 from pipeline import export as export_mod
+from pipeline import watchdog as watchdog_mod
 from pipeline.checkpoint import CheckpointManager, CheckpointWriteError, check_layout, check_schedule, write_atomic
-from pipeline.data import EvalStream, Loader, TrainStream, load_manifest
+from pipeline.data import DeviceFinish, EvalStream, Loader, TrainStream, load_manifest
 from pipeline.evaluate import Validator
 from pipeline.imagenet import InputError
 from pipeline.metrics import MetricsProcessor, sinks_for
+from pipeline.runlock import RunInUse, RunLock
 from pipeline.tracking import Tracker, default_artifact_root, default_uri
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("tntpipe.train")
 
@@ -67,9 +70,17 @@ class CheckpointSignal:
         self.received, self.frame = True, frame
 
     def hand_over(self) -> None:
-        """After our checkpoint: let the previous handler (submitit: requeue) act."""
+        """After our checkpoint: let the previous handler (submitit: requeue) act.
+        submitit refuses once ``--max-requeues`` time-outs are spent: that is the end
+        of this job, not a fault (the launcher does not resubmit it either)."""
         if callable(self.previous) and self.previous not in (signal.SIG_IGN, signal.SIG_DFL):
-            self.previous(signal.SIGUSR2, self.frame)
+            try:
+                self.previous(signal.SIGUSR2, self.frame)
+            except Exception as exc:
+                if type(exc).__name__ != "UncompletedJobError":
+                    raise
+                raise Requeued(f"checkpointed on the time-limit signal, but not requeued ({exc}); run the same "
+                               f"command to resume") from None
 
 
 class Requeued(Exception):
@@ -188,10 +199,13 @@ class Trainer:
         self._build_data()
         self._check_finished()
         self.rank, self.world, self.local_rank = distributed.init_distributed(cfg.train.dist_timeout_s)
+        self.step = 0
+        self.watchdog = Watchdog(self.rank, self.world, cfg.train.heartbeat_timeout_s, self._lost_peer)
+        self.watchdog.start()
         setup_logging(self.rank, self.out)
         self.device = distributed.device()
+        self._lock_out(cfg.train.lock_wait_s)
         self._build_engine()
-        self.step = 0
         self.best_top1 = -1.0
         self.nonfinite = 0
         self.signal = CheckpointSignal()
@@ -204,9 +218,26 @@ class Trainer:
         t = cfg.train
         self.checkpointer = CheckpointManager(os.path.join(self.out, "checkpoints"), self.rank, self.world,
                                               t.ckpt_every, t.ckpt_every_min, t.keep_last)
-        self.validator = Validator(self.val_loader, self.device, self.dtype) if self.val_loader else None
+        self.finish = self.eval_finish = None  # DeviceFinish with data.finish=device
+        if self.finish_on_device:
+            n = self.train_manifest.num_classes
+            self.finish = DeviceFinish(cfg.aug, n, True, t.seed, self.rank, self.device)
+            self.eval_finish = DeviceFinish(cfg.aug, n, False, t.seed, self.rank, self.device)
+        self.validator = Validator(self.val_loader, self.device, self.dtype, self.eval_finish) if self.val_loader else None
         self.metrics = MetricsProcessor(sinks_for(self.rank, self.out, self.tracker), self.world, self.device,
                                         self.flops_per_image, self._peak_tflops())
+
+    def _lock_out(self, wait_s: float) -> None:
+        """One job at a time in train.out (pipeline/runlock.py): rank 0 holds the lock
+        until its process ends; every rank learns whether it got it."""
+        self.lock, in_use = RunLock(self.out), None
+        if self.rank == 0:
+            try:
+                self.lock.acquire(wait_s)
+            except RunInUse as exc:
+                in_use = exc
+        if distributed.agree_any([in_use is not None], self.device)[0]:
+            raise in_use or RunInUse("train.out is in use by another job (rank 0 says which)")
 
     def _build_data(self) -> None:
         """Manifests, loaders and the schedule: needs the rank and world size from the
@@ -224,17 +255,21 @@ class Trainer:
                 # (AVX512-FP16/AMX-FP16); say so before any work, not from inside DeepSpeed
                 raise InputError(f"train.precision=fp16 is not supported by DeepSpeed on this device "
                                  f"({get_accelerator().device_name()}); use train.precision=bf16")
+        # uint8 batches, finished on the device (data.finish; auto: on CUDA)
+        self.finish_on_device = cfg.data.finish == "device" or (cfg.data.finish == "auto" and torch.cuda.is_available())
+        finish = "device" if self.finish_on_device else "worker"
         self.loader = Loader(
             TrainStream(self.train_manifest, t.micro_batch, rank=rank, world_size=world, seed=t.seed,
-                        augment=cfg.aug, repeats=cfg.data.repeats, shuffle_buffer=cfg.data.shuffle_buffer),
-            workers=cfg.data.workers,
+                        augment=cfg.aug, repeats=cfg.data.repeats, shuffle_buffer=cfg.data.shuffle_buffer,
+                        finish=finish),
+            workers=cfg.data.workers, timeout_s=cfg.data.timeout_s,
         )
         self.val_loader = None
         if self.val_manifest:
             eval_batch = cfg.data.eval_batch or t.micro_batch
             self.val_loader = Loader(
-                EvalStream(self.val_manifest, eval_batch, rank=rank, world_size=world, augment=cfg.aug),
-                workers=cfg.data.workers,
+                EvalStream(self.val_manifest, eval_batch, rank=rank, world_size=world, augment=cfg.aug, finish=finish),
+                workers=cfg.data.workers, timeout_s=cfg.data.timeout_s,
             )
         self.global_batch = t.micro_batch * t.grad_accum * world
         self.steps_per_epoch = len(self.loader) // t.grad_accum
@@ -387,6 +422,7 @@ class Trainer:
         if not self.checkpointer.saved(self.step):
             self.save()
         state = export_mod.gather_fp32_state(self.engine.module)
+        self.watchdog.stop(done=True)
         # Every collective is done: leave the process group before rank 0's long work
         # (export, registry), which no other rank may wait for in a collective.
         distributed.close()
@@ -424,8 +460,12 @@ class Trainer:
         """One micro-batch; True when it completed an optimizer step. Synchronizes ranks
         (the flags all-reduce, DeepSpeed's gradient reduction, saves)."""
         t = self.cfg.train
-        x = batch["image"].to(self.device, self.dtype, non_blocking=True)
-        y = batch["target"].to(self.device, non_blocking=True)
+        if self.finish is not None:
+            x, y = self.finish(batch)
+            x = x.to(self.dtype)
+        else:
+            x = batch["image"].to(self.device, self.dtype, non_blocking=True)
+            y = batch["target"].to(self.device, non_blocking=True)
         loss = soft_cross_entropy(self.engine(x).float(), y)
         # One all-reduce carries every flag the ranks must agree on before they branch:
         # a non-finite loss anywhere (skip before backward: DeepSpeed can neither take
@@ -479,9 +519,16 @@ class Trainer:
         log.warning("checkpoint signal (time limit or preemption): checkpointing at step %d, then requeue", self.step)
         self.save()
         self.tracker.end("KILLED")
+        self.watchdog.stop(done=True)  # rank 0's store goes with it: not a lost peer
         self.signal.hand_over()  # rank 0 under submitit: requeue and exit; Slurm then stops every task
         distributed.barrier()  # the other ranks wait here to be stopped
         raise Requeued(f"checkpointed at step {self.step} on the time-limit signal; run the same command to resume")
+
+    def _lost_peer(self, message: str) -> None:
+        from pipeline import failures
+
+        failures.record(self.out, "lost a peer rank (it died or hung, or its node or network did)", message,
+                        self.rank, self.step)
 
     def validate(self) -> dict:
         """The model and its EMA on the same batches, one pass. Synchronizes ranks."""
@@ -549,12 +596,14 @@ def main(argv=None) -> int:
         epilog="config keys and defaults:\n" + config_mod.describe()
         + "\n\nexit status: 0 done (or already finished); 2 input, config or training error (one 'error:' line; "
         "retrying cannot help); 3 checkpointed on the time-limit signal; 4 a checkpoint could not be written "
-        "(disk full or I/O error); faults are recorded in <train.out>/failures.jsonl",
+        "(disk full or I/O error); 5 another rank was lost (no heartbeat for train.heartbeat_timeout_s, or it failed); "
+        "1 any other fault; faults are recorded in <train.out>/failures.jsonl",
     )
     config_mod.add_arguments(p)
     args = p.parse_args(argv)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     cfg = trainer = None
+    alone = False  # a fault of this rank alone (the others are told through the watchdog)
     try:
         cfg = config_mod.load(args.config, args.overrides)
         trainer = Trainer(cfg)
@@ -564,6 +613,7 @@ def main(argv=None) -> int:
             print(f"finished: {exc}")
         return 0
     except CheckpointWriteError as exc:  # a fault of the storage, not of the input: exit 4
+        alone = not exc.everywhere
         _record(cfg, trainer, exc, exc.everywhere)
         if not exc.everywhere or rank0:
             print(f"error: {exc}", file=sys.stderr)
@@ -574,15 +624,18 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except InputError as exc:
-        # before the process group, every rank finds the same error: rank 0 says it
-        if torch.distributed.is_initialized() or rank0:
+        # before the process group, every rank finds the same error: rank 0 says it;
+        # after it, the rank that found it (rank 0 for a train.out in use)
+        if rank0 or (torch.distributed.is_initialized() and not isinstance(exc, RunInUse)):
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Requeued as exc:
-        _record(cfg, trainer, exc, everywhere=True, kind="checkpointed and requeued (time limit or preemption)")
+        _record(cfg, trainer, exc, everywhere=True, kind="checkpointed at the time limit, not requeued (--max-requeues spent)"
+                if "not requeued" in str(exc) else "checkpointed and requeued (time limit or preemption)")
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:  # a fault: recorded and said in one line, then the traceback
+        alone = True
         if cfg is not None:
             _record(cfg, trainer, exc, everywhere=False)
             from pipeline.failures import classify
@@ -592,6 +645,7 @@ def main(argv=None) -> int:
                   f"(recorded in {os.path.join(cfg.out_dir, 'failures.jsonl')})", file=sys.stderr)
         raise
     finally:
+        watchdog_mod.stop_current(done=not alone)
         distributed.close()
     if rank0:
         ev = result["eval"]

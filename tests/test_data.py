@@ -343,3 +343,70 @@ def test_ranks_through_real_dataloader_workers_are_disjoint_and_eval_exactly_onc
         eval_keys += [k for b in evals for k in b["key"] if k]
     assert train_counts == [15, 15] and len(train_keys) == len(set(train_keys)) == 120
     assert eval_counts[0] == eval_counts[1] and sorted(eval_keys) == sorted(set(eval_keys)) and len(eval_keys) == 123
+
+
+def test_device_finish_matches_the_worker_path_and_is_deterministic(photo_shards):
+    """data.finish=device: the workers send uint8 pixels (a quarter of the bytes) and
+    DeviceFinish normalises, erases and mixes on the device (here the CPU device; the
+    CUDA path is the same code with the CUDA generator, tests/test_gpu.py). Without
+    erasing, the result equals the worker path's (Mixup/CutMix drawn from the same
+    per-batch seed); with erasing it is a pure function of (seed, epoch, rank, batch)
+    and leaves the training RNG alone."""
+    from pipeline.data import DeviceFinish
+
+    m = load_manifest(photo_shards)
+    no_erase = Augment(img_size=32, re_prob=0.0, mixup_prob=0.8)
+    for aug in (no_erase, dataclasses.replace(no_erase, mixup=0.0, cutmix=0.0)):
+        worker = rank_batches(TrainStream(m, 6, seed=3, rank=1, world_size=2, augment=aug), 2)
+        raw = rank_batches(TrainStream(m, 6, seed=3, rank=1, world_size=2, augment=aug, finish="device"), 2)
+        finish = DeviceFinish(aug, m.num_classes, True, seed=3, rank=1, device=torch.device("cpu"))
+        assert raw[0]["image"].dtype == torch.uint8 and "target" not in raw[0]
+        for w, r in zip(worker, raw):
+            x, target = finish(r)
+            assert torch.allclose(x, w["image"], atol=1e-5) and torch.allclose(target, w["target"]), r["index"]
+    erase = Augment(img_size=32, re_prob=1.0, mixup=0.0, cutmix=0.0)
+    raw = rank_batches(TrainStream(m, 6, seed=3, augment=erase, finish="device"), 1)
+    finish = DeviceFinish(erase, m.num_classes, True, seed=3, rank=0, device=torch.device("cpu"))
+    plain = DeviceFinish(dataclasses.replace(erase, re_prob=0.0), m.num_classes, True, seed=3, rank=0, device=torch.device("cpu"))
+    torch.manual_seed(123)
+    a = [finish(b)[0] for b in raw[:3]]
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))  # the training RNG did not move
+    b = [finish(b)[0] for b in raw[:3]]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    erased = [(x != plain(r)[0]).any(dim=(1, 2, 3)) for x, r in zip(a, raw[:3])]
+    assert all(e.all() for e in erased)  # re_prob=1: every image has a box
+    evals = list(EvalStream(m, 8, augment=Augment(img_size=32), finish="device").iter_worker(0, 1))
+    ref = list(EvalStream(m, 8, augment=Augment(img_size=32)).iter_worker(0, 1))
+    to_eval = DeviceFinish(Augment(img_size=32), m.num_classes, False, seed=0, rank=0, device=torch.device("cpu"))
+    for e, r in zip(evals, ref):
+        x, y = to_eval(e)
+        mask = y >= 0
+        assert torch.allclose(x[mask], r["image"][mask], atol=1e-5) and torch.equal(y, r["label"])
+
+
+def test_workers_persist_across_epochs_with_the_same_batches(photo_shards):
+    """The DataLoader's workers are forked once per Loader, not per epoch or evaluation;
+    each epoch's place reaches them through shared memory. The batches of a later
+    epoch, and of a mid-epoch resume into it, equal those of a fresh Loader."""
+    m = load_manifest(photo_shards)
+
+    def make():
+        return Loader(TrainStream(m, 4, seed=2, augment=LIGHT), workers=2, pin_memory=False)
+
+    loader = make()
+    first = [b["key"] for b in loader.epoch(0)]
+    pids = [w.pid for w in loader._dl._iterator._workers]
+    second = [(b["key"], b["image"].clone()) for b in loader.epoch(1)]
+    assert [w.pid for w in loader._dl._iterator._workers] == pids and all(w.is_alive() for w in loader._dl._iterator._workers)
+    assert [k for k, _ in second] != first
+    fresh = make()
+    fresh.load_state_dict({"epoch": 1, "batch": 0, "seed": 2})
+    assert all(k == f["key"] and torch.equal(x, f["image"]) for (k, x), f in zip(second, fresh.epoch(1), strict=True))
+    resumed = make()
+    resumed.load_state_dict({"epoch": 1, "batch": 3, "seed": 2, "workers": 2, "world_size": 1})
+    assert [b["key"] for b in resumed.epoch(1)] == [k for k, _ in second[3:]]
+    evals = Loader(EvalStream(m, 16, augment=Augment(img_size=32)), workers=2)
+    once, pids = [b["key"] for b in evals.epoch(0)], [w.pid for w in evals._dl._iterator._workers]
+    assert [b["key"] for b in evals.epoch(0)] == once and [w.pid for w in evals._dl._iterator._workers] == pids

@@ -76,3 +76,28 @@ def test_this_gpu_is_in_the_mfu_table():
     if not any(part in name for part in ("H100", "H200", "A100", "GH200", "L40S")):
         pytest.skip(f"{name!r} is not a part the table covers")
     assert mfu.peak_tflops(name, "bf16"), f"{name!r} (as torch reports it) is missing from pipeline/mfu.py"
+
+
+def test_device_finish_on_cuda_is_deterministic_and_leaves_the_training_rng_alone():
+    """data.finish=device on the GPU: uint8 batch in, normalised/erased/mixed on CUDA,
+    the same twice for the same (seed, epoch, rank, batch); the CUDA RNG (DropPath)
+    does not move; without erasing, equal to the CPU computation."""
+    import dataclasses
+
+    from pipeline.data import Augment, DeviceFinish
+
+    aug = Augment(img_size=32, re_prob=1.0)
+    batch = {"image": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "label": torch.arange(8) % 5,
+             "epoch": 2, "index": 7}
+    finish = DeviceFinish(aug, 5, True, seed=1, rank=3, device=torch.device("cuda"))
+    torch.cuda.manual_seed(11)
+    a = finish(dict(batch))
+    after = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(11)
+    b = finish(dict(batch))
+    assert torch.equal(after, torch.rand(4, device="cuda"))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].is_cuda
+    plain = dataclasses.replace(aug, re_prob=0.0)
+    on_gpu = DeviceFinish(plain, 5, True, seed=1, rank=3, device=torch.device("cuda"))(dict(batch))
+    on_cpu = DeviceFinish(plain, 5, True, seed=1, rank=3, device=torch.device("cpu"))(dict(batch))
+    assert torch.allclose(on_gpu[0].cpu(), on_cpu[0], atol=1e-5) and torch.allclose(on_gpu[1].cpu(), on_cpu[1])

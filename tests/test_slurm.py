@@ -8,6 +8,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,21 @@ def cluster(tmp_path_factory):
     state = str(tmp_path_factory.mktemp("slurm"))
     env = testcluster.start(state)
     yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env)
+    testcluster.stop(state)
+
+
+@pytest.fixture(scope="module")
+def netns_cluster(tmp_path_factory):
+    """The same cluster with each node a host of its own (network namespace, hostname,
+    address on a bridge): rank-to-rank traffic crosses a link that a test can cut."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.skip("a cluster of network namespaces needs root, ip and nsenter")
+    sys.path.insert(0, ROOT)
+    from launch import testcluster
+
+    state = str(tmp_path_factory.mktemp("slurm_netns"))
+    env = testcluster.start(state, netns=True)
+    yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env, STATE=state)
     testcluster.stop(state)
 
 
@@ -102,6 +118,23 @@ def test_rendezvous_port_is_below_the_ephemeral_range_and_changes_on_requeue():
     assert len(set(ports.values())) > 500  # spread, not a handful of ports
 
 
+def test_what_is_resubmitted_after_a_job_ends_badly():
+    from launch.slurm import decide
+
+    assert decide("FAILED", [None, 1], 0, 3)[0]  # a rank killed, its peer lost it
+    assert decide("NODE_FAIL", [None, None], 2, 3)[0]
+    assert decide(None, [None], 0, 3)[0]  # Slurm forgot the job; no result: a fault
+    assert not decide("FAILED", [None, 1], 3, 3)[0]  # --max-failures spent
+    assert "gave up" in decide("FAILED", [None], 3, 3)[1]
+    assert not decide("FAILED", [2, 2], 0, 3)[0]  # input error: never
+    assert not decide("FAILED", [2, None], 0, 3)[0]
+    assert not decide("CANCELLED", [None], 0, 3)[0]  # the user's scancel
+    assert not decide("TIMEOUT", [None], 0, 3)[0]  # the time limit is --max-requeues' business
+    assert not decide("FAILED", [3], 0, 3)[0]  # submitit refused a requeue: --max-requeues spent
+    assert not decide("FAILED", [4], 0, 3, space_ok=False)[0] and decide("FAILED", [4], 0, 3, space_ok=True)[0]
+    assert not decide("COMPLETED", [0, 0], 0, 3)[0]
+
+
 def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp_path):
     from mlflow import MlflowClient
 
@@ -124,7 +157,27 @@ def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp
         server.kill()
 
 
-def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, demo_shards, tmp_path):
+STEPS = ("train.max_steps=40", "train.ckpt_every=1000", "train.eval_every=1", "data.eval_batch=500",
+         "mlflow.register_as=")
+
+
+@pytest.fixture(scope="module")
+def reference(demo_shards, tmp_path_factory):
+    """An uninterrupted 2-rank run of STEPS (the local launcher): what every interrupted
+    and resumed run of the same config must end with."""
+    ref = str(tmp_path_factory.mktemp("reference") / "run")
+    train(ref, demo_shards, *STEPS)
+    return ref
+
+
+def same_weights(ref: str, out: str) -> None:
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        wr = load_file(os.path.join(ref, "export", name))
+        wo = load_file(os.path.join(out, "export", name))
+        assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6, name
+
+
+def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, demo_shards, reference, tmp_path):
     """Slurm delivers the job's ``--signal=USR2@...`` with up to a minute of jitter, so
     the test sends the same signal with ``scancel --signal=USR2`` while the job runs,
     after its first evaluation: every rank gets it, they checkpoint together, submitit
@@ -132,13 +185,10 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
     the same MLflow run and ends with the weights and EMA of an uninterrupted run."""
     from mlflow import MlflowClient
 
-    steps = ("train.max_steps=40", "train.ckpt_every=1000", "train.eval_every=1", "data.eval_batch=500",
-             "mlflow.register_as=")
-    ref = str(tmp_path / "ref")
-    train(ref, demo_shards, *steps)
+    ref = reference
     out = str(tmp_path / "run")
     cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
-           "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, *steps)]
+           "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, *STEPS)]
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job_id = signal_after_eval(proc, out, cluster)
@@ -151,10 +201,7 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
     assert "checkpoint signal (time limit or preemption)" in log and "resumed from" in log
     best_before = next(m["val/top1"] for m in metrics(ref) if "val/top1" in m and m["step"] == 31)
     assert f"best top-1 {best_before:.2f}" in log.split("resumed from")[1].splitlines()[0]
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        wr = load_file(os.path.join(ref, "export", name))
-        wo = load_file(os.path.join(out, "export", name))
-        assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6, name
+    same_weights(ref, out)
     # one MLflow run holds both attempts' metrics
     client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -210,6 +257,8 @@ def test_max_requeues_is_honoured(cluster, demo_shards, tmp_path):
     assert proc.returncode == 1, stdout + stderr
     assert text.count("checkpoint signal (time limit or preemption)") == 2 and text.count("resumed from") == 1
     assert not os.path.isdir(os.path.join(out, "export"))
+    assert "--max-requeues spent" in stderr.splitlines()[-1], stderr  # and not resubmitted as a fault
+    assert [a["resubmit"] for a in read_attempts(out) if "after" in a] == [False]
 
 
 def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
@@ -230,8 +279,151 @@ def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
         assert a["shards"] == b["shards"] and a["num_samples"] == b["num_samples"]
 
 
-def test_failing_job_is_reported_as_failed(cluster, demo_shards, tmp_path):
+def test_an_input_error_fails_the_job_and_is_not_resubmitted(cluster, demo_shards, tmp_path):
+    out = str(tmp_path / "run")
     proc = slurm(cluster, tmp_path, "--nodes", "1", "--wait", "--wait-timeout", "240", "--",
-                 *trainer_args(str(tmp_path / "run"), demo_shards, "data.train=/nonexistent"))
+                 *trainer_args(out, demo_shards, "data.train=/nonexistent"))
     assert proc.returncode == 1
     assert "failed" in proc.stderr and "training exited with status 2" in proc.stderr
+    assert "retrying cannot help" in proc.stderr.splitlines()[-1], proc.stderr
+    first, decision = read_attempts(out)
+    assert decision["after"] == first["job"] and decision["resubmit"] is False and decision["statuses"] == [2]
+
+
+def read_attempts(out: str) -> list[dict]:
+    with open(os.path.join(out, "attempts.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_killed_rank_fails_the_job_which_is_resubmitted_and_resumes_exactly(netns_cluster, demo_shards, reference, tmp_path):
+    """SIGKILL to rank 1's process mid-run (what the OOM killer does): srun's
+    --kill-on-bad-exit ends the job at once, the companion job that Slurm starts only
+    after a failure (afternotok) records which rank on which host was lost and
+    resubmits; the new job resumes from `latest` into the same MLflow run and ends with
+    the weights of an uninterrupted run; --wait follows the chain and exits 0."""
+    import psutil
+
+    cluster = netns_cluster
+    out = str(tmp_path / "run")
+    cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
+           "--failure-backoff", "1", "--wait", "--wait-timeout", "400", "--",
+           *trainer_args(out, demo_shards, *STEPS, "train.ckpt_every=8", "mlflow.register_as=tnt-fault")]
+    proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = proc.stdout.readline().split()[2].rstrip(":")
+        latest = os.path.join(out, "checkpoints", "latest")
+        deadline = time.time() + 240
+        while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000016"):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        rank1 = [p for p in psutil.process_iter() if _env(p).get("SLURM_JOB_ID") == job_id and _env(p).get("SLURM_PROCID") == "1"
+                 and "submitit" in " ".join(p.cmdline())]
+        rank1 = [p for p in rank1 if p.ppid() not in {q.pid for q in rank1}]  # not its forked DataLoader worker
+        assert len(rank1) == 1, "rank 1's process not found"
+        killed_at = time.monotonic()
+        for p in rank1:
+            p.kill()
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    first, second = read_attempts(out)[:2]
+    assert second["after"] == job_id == first["job"] and second["resubmit"] and second["resubmission"] == 1
+    assert second["statuses"][1] is None, second  # rank 1 left no result
+    assert f"resubmitted as job {second['job']}" in stderr
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    (job_record,) = [r for r in records if r["kind"] == "job FAILED"]
+    assert f"Slurm job {job_id} ended FAILED" in job_record["error"] and "rank 1 (node2)" in job_record["error"]
+    assert job_record["resume_from"] >= "step00000016" and job_record["step"] >= 16
+    resumed_and_finished_as_one_run(out, job_record["resume_from"], reference, "tnt-fault")
+    print(f"fault to resubmitted run finished: {time.monotonic() - killed_at:.0f} s")
+
+
+def resumed_and_finished_as_one_run(out: str, resume_from: str, reference: str, model: str) -> None:
+    """The run resumed from ``resume_from``, ended with the weights of the uninterrupted
+    reference, in one MLflow run, with one model version."""
+    from mlflow import MlflowClient
+
+    log = open(os.path.join(out, "train.log")).read()
+    assert "resumed from " + os.path.join(out, "checkpoints", resume_from) in log
+    same_weights(reference, out)
+    client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.search_model_versions(f"name='{model}'")) == 1
+
+
+def test_a_node_cut_off_is_found_by_the_heartbeat_and_the_run_recovers(netns_cluster, demo_shards, reference, tmp_path):
+    """node2's network link goes down mid-run (to its peers and the controller the node
+    is gone; no connection is reset, so nothing fails fast by itself): rank 0 finds
+    rank 1's heartbeat stopped within train.heartbeat_timeout_s, records the lost host
+    and exits; once the link is back, Slurm's requeue or our resubmission runs the job
+    again, and it resumes from `latest` to the weights of an uninterrupted run."""
+    from launch import testcluster
+
+    cluster = netns_cluster
+    out = str(tmp_path / "run")
+    cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
+           "--failure-backoff", "1", "--wait", "--wait-timeout", "500", "--",
+           *trainer_args(out, demo_shards, *STEPS, "train.ckpt_every=8", "train.heartbeat_timeout_s=10",
+                         "mlflow.register_as=tnt-node")]
+    proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = None
+    try:
+        proc.stdout.readline()
+        latest = os.path.join(out, "checkpoints", "latest")
+        deadline = time.time() + 240
+        while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000016"):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        testcluster.link(cluster["STATE"], "node2", up=False)
+        cut = time.monotonic()
+        try:
+            while time.monotonic() - cut < 60 and record is None:
+                lost = [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))] \
+                    if os.path.isfile(os.path.join(out, "failures.jsonl")) else []
+                record = next((r for r in lost if r["rank"] == 0 and r["kind"].startswith("lost a peer rank")), None)
+                time.sleep(0.2)
+            detected = time.monotonic() - cut
+        finally:
+            testcluster.link(cluster["STATE"], "node2", up=True)
+        stdout, stderr = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert record is not None, "rank 0 did not notice that node2 was gone"
+    assert "rank 1 (node2) sent no heartbeat" in record["error"] and record["host"] == "node1", record
+    assert detected < 10 + 15, f"{detected:.0f} s from the cut to rank 0's record"
+    assert proc.returncode == 0, stdout + stderr
+    resumed_and_finished_as_one_run(out, record["resume_from"], reference, "tnt-node")
+    print(f"node cut off: found in {detected:.0f} s")
+
+
+def _env(p) -> dict:
+    import psutil
+
+    try:
+        return p.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def test_max_failures_is_honoured(cluster, demo_shards, tmp_path):
+    """A job that fails from a fault every time (its DataLoader never delivers within
+    data.timeout_s): resubmitted --max-failures times, then given up, in one line;
+    never two attempts for one failure."""
+    out = str(tmp_path / "run")
+    proc = slurm(cluster, tmp_path, "--nodes", "1", "--max-failures", "1", "--failure-backoff", "1", "--wait",
+                 "--wait-timeout", "300", "--",
+                 *trainer_args(out, demo_shards, "data.timeout_s=0.001", "data.val=", "mlflow.register_as="))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gave up: 1 resubmission(s) after faults, --max-failures 1" in proc.stderr.splitlines()[-1], proc.stderr
+    attempts = read_attempts(out)
+    assert [a.get("resubmission") for a in attempts if "job" in a] == [0, 1]
+    assert [a["resubmit"] for a in attempts if "after" in a] == [True, False]
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        kinds = [json.loads(line)["kind"] for line in f]
+    assert kinds.count("job FAILED") == 2 and kinds.count("data loading stalled (no batch from the DataLoader workers "
+                                                           "in data.timeout_s)") == 2, kinds

@@ -214,14 +214,20 @@ def test_resume_with_another_world_size_is_refused(demo_shards, tmp_path):
     assert f"weights from {out}/export/model.safetensors" in new.stderr
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")])
-def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, demo_shards, tmp_path):
+# ZeRO-0 runs with the batch finished in the main process (uint8 batches from the
+# workers; normalisation, erasing and Mixup/CutMix by DeviceFinish, on CUDA the GPU)
+ON_DEVICE = ("data.finish=device", "aug.re_prob=0.5", "aug.mixup=0.8", "aug.cutmix=1.0")
+
+
+@pytest.mark.parametrize("stage,precision,extra", [(0, "bf16", ON_DEVICE), (2, "bf16", ()), (3, "bf16", ()), (2, "fp16", ())],
+                         ids=["zero0-bf16-finish_on_device", "zero2-bf16", "zero3-bf16", "zero2-fp16"])
+def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, extra, demo_shards, tmp_path):
     """Stop after 4 steps, go on to 7 (max_steps is a stopping point, not the schedule):
     the same losses and weights as 7 steps in one go. (ZeRO-1 bf16: the kill test.)"""
     if precision == "fp16" and not fp16_supported():
         pytest.skip("fp16 training needs a CPU with AVX512-FP16/AMX-FP16 (its refusal is tested above)")
     opts = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.ema=false", "train.ckpt_every=2",
-            "data.val=")
+            "data.val=", *extra)
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     train(ref, demo_shards, *opts, "train.max_steps=7")
     train(out, demo_shards, *opts, "train.max_steps=4")
@@ -281,6 +287,35 @@ def test_a_rank_killed_from_outside_is_recorded_and_the_run_resumes(demo_shards,
     records = killed
     resumed = train(out, demo_shards, *steps)
     assert "resumed from " + os.path.join(out, "checkpoints", records[0]["resume_from"]) in resumed.stderr
+
+
+def test_a_stopped_rank_is_found_by_the_heartbeat_not_the_collective_timeout(demo_shards, tmp_path):
+    """SIGSTOP to rank 1 (a hung process: alive, silent, holding no socket error):
+    rank 0 is waiting in a collective whose timeout is 10 minutes, but the watchdog
+    sees no heartbeat for train.heartbeat_timeout_s, records which rank on which host,
+    and exits with 5; the launcher then ends the stopped rank."""
+    import socket
+
+    import psutil
+
+    steps = ("train.max_steps=400", "train.ckpt_every=4", "data.val=", "train.heartbeat_timeout_s=6",
+             "train.dist_timeout_s=600")
+    out = str(tmp_path / "run")
+    proc = start_until_checkpoint(out, demo_shards, steps, "step00000004", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - stopped
+    assert proc.returncode == 5, stderr[-3000:]
+    assert elapsed < 6 + 20, f"{elapsed:.0f} s from SIGSTOP to every rank gone"
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        (record,) = [json.loads(line) for line in f]
+    assert record["rank"] == 0 and record["kind"].startswith("lost a peer rank"), record
+    assert f"rank 1 ({socket.gethostname()}) sent no heartbeat" in record["error"] and record["step"] >= 4
+    assert any(line.startswith("error: rank 0: lost a peer rank: rank 1") for line in stderr.splitlines()), stderr[-2000:]
+    assert not psutil.pid_exists(rank1.pid) or rank1.status() == psutil.STATUS_ZOMBIE
 
 
 def test_bad_samples_on_another_rank_reach_the_metrics(demo_shards, tmp_path):
