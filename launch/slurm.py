@@ -237,7 +237,9 @@ class RecoverJob:
         space_ok = 4 not in statuses or space_after_full_disk(out)
         again, why = decide(state, statuses, self.resubmissions, self.args.max_failures, space_ok)
         if state is not None and state != "CANCELLED":
-            failures.record(out, f"job {state}", job_summary(self.job_id, state, nodes, statuses), None)
+            said = {r["rank"]: r["kind"] for r in failures.read(out) if r.get("job") == str(self.job_id) and r.get("rank") is not None}
+            failures.record(out, f"job {state}", job_summary(self.job_id, state, nodes, statuses, said), None,
+                            job=str(self.job_id), resubmission=self.resubmissions, host=nodes or None)
         entry = {"after": str(self.job_id), "state": state, "statuses": statuses, "resubmit": again, "why": why}
         if not again:
             append_attempt(out, entry)
@@ -253,17 +255,22 @@ class RecoverJob:
         return job.job_id
 
 
-def job_summary(job_id: str, state: str, nodes: str, statuses: list[int | None]) -> str:
-    """One line on how a job ended: which ranks (submitit's task = global rank) on
-    which hosts left no result (killed, crashed, or their node went down)."""
+def job_summary(job_id: str, state: str, nodes: str, statuses: list[int | None], said: dict[int, str]) -> str:
+    """One line on how a job ended: per rank (submitit's task = global rank) and host,
+    what it recorded itself (``said``: rank -> kind from failures.jsonl), its exit
+    status, or that it left nothing (killed from outside, or its node went down)."""
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split() if nodes else []
     per_node = max(1, -(-len(statuses) // max(1, len(hosts))))  # Slurm's default block distribution
-    lost = [f"rank {r} ({hosts[r // per_node] if r // per_node < len(hosts) else '?'})"
-            for r, s in enumerate(statuses) if s is None]
-    said = [f"rank {r}: exit status {s}" for r, s in enumerate(statuses) if s not in (None, 0)]
+
+    def who(r: int) -> str:
+        return f"rank {r} ({hosts[r // per_node] if r // per_node < len(hosts) else '?'})"
+
+    silent = [who(r) for r, s in enumerate(statuses) if s is None and r not in said]
+    told = [f"{who(r)}: {said[r]}" for r in sorted(said)]
+    exits = [f"{who(r)}: exit status {s}" for r, s in enumerate(statuses) if s not in (None, 0) and r not in said]
     return (f"Slurm job {job_id} ended {state} on {nodes or '?'}"
-            + (f"; killed or crashed without a result: {', '.join(lost)}" if lost else "")
-            + (f"; {', '.join(said)}" if said else ""))
+            + (f"; killed without a word (from outside, the OOM killer, or its node went down): {', '.join(silent)}" if silent else "")
+            + "".join(f"; {x}" for x in told + exits))
 
 
 def submit_chain(args, trainer_args: list[str], workdir: str, resubmissions: int, out: str, cause: dict | None = None):

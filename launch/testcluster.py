@@ -51,11 +51,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def install() -> None:
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+def install(netns: bool = False) -> None:
+    needed = ("slurmctld", "slurmd", "sbatch", "munged", *(("ip", "nsenter", "unshare") if netns else ()))
+    if all(shutil.which(b) for b in needed):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", *PACKAGES]
+    cmd = ["apt-get", "install", "-y", "-q", *PACKAGES, *(("iproute2", "util-linux") if netns else ())]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
         subprocess.run(cmd, env=env, capture_output=True, check=True)
@@ -112,7 +113,7 @@ def _pids(state: str) -> list[str]:
 
 def start(state: str, timeout: float = 30, netns: bool = False) -> dict:
     """Start the cluster; returns the environment (SLURM_CONF) its commands need."""
-    install()
+    install(netns)
     state = os.path.abspath(state)
     stop(state)
     for sub in ("ctld", "spool"):

@@ -52,6 +52,15 @@ def signal_kind(returncode: int) -> str:
     return f"killed by {name}"
 
 
+def read(out: str) -> list[dict]:
+    """Every record so far (none if there is no file or it cannot be read)."""
+    try:
+        with open(os.path.join(out, FILE)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def resume_point(out: str) -> str | None:
     """The tag ``latest`` names (what the next attempt resumes from), if any."""
     try:
@@ -71,16 +80,19 @@ def last_logged_step(out: str) -> int | None:
         return None
 
 
-def record(out: str, kind: str, error: str, rank: int | None, step: int | None = None) -> dict:
+def record(out: str, kind: str, error: str, rank: int | None, step: int | None = None, job: str | None = None,
+           resubmission: int | None = None, host: str | None = None) -> dict:
     """Append one fault to ``<out>/failures.jsonl`` (one small O_APPEND write: lines of
-    several ranks do not interleave) and return it."""
+    several ranks do not interleave) and return it. ``job``/``resubmission``: of
+    another job than this process's (the launcher's companion job says how the
+    training job ended)."""
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "job": os.environ.get("SLURM_JOB_ID", "local"),
-        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")),  # requeues of this job (time limit, preemption)
-        "resubmission": int(os.environ.get("TNTPIPE_RESUBMISSION", "0")),  # jobs resubmitted after faults before it
+        "job": job or os.environ.get("SLURM_JOB_ID", "local"),
+        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")) if job is None else None,  # requeues of this job (time limit, preemption)
+        "resubmission": resubmission if resubmission is not None else int(os.environ.get("TNTPIPE_RESUBMISSION", "0")),  # jobs resubmitted after faults before it
         "rank": rank,
-        "host": socket.gethostname(),
+        "host": host or socket.gethostname(),
         "kind": kind,
         "error": error.strip().splitlines()[0][:500] if error.strip() else kind,
         "step": step if step is not None else last_logged_step(out),
