@@ -38,9 +38,13 @@ def command(out: str, shards: str, *overrides: str) -> list[str]:
             *overrides]
 
 
-def last_step(out: str) -> int:
+def logged(out: str) -> list[int]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return max(json.loads(line)["step"] for line in f if line.startswith("{"))
+        return [json.loads(line)["step"] for line in f if line.startswith("{")]
+
+
+def last_step(out: str) -> int:
+    return max(logged(out))
 
 
 def one(shards: str, label: str, overrides: list[str], cap_s: float) -> dict:
@@ -50,7 +54,8 @@ def one(shards: str, label: str, overrides: list[str], cap_s: float) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI="")
     proc = subprocess.Popen(command(out, shards, *overrides), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = os.path.join(out, "checkpoints", "latest")
-    while not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000025"):
+    # the fault half-way between two checkpoints (every 10 steps): at step 35 or just after
+    while not (os.path.isfile(latest) and open(latest).read().strip() >= "step00000030" and last_step(out) >= 35):
         if proc.poll() is not None:
             raise SystemExit(f"{label}: the run ended before the fault: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
@@ -66,14 +71,23 @@ def one(shards: str, label: str, overrides: list[str], cap_s: float) -> dict:
             p.kill()
         proc.wait()
     resume_from = int(open(latest).read().strip().removeprefix("step"))
+    before = len(logged(out))
     restart = time.monotonic()
     again = subprocess.Popen(command(out, shards, *overrides, f"train.max_steps={resume_from + 1}"), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while again.poll() is None and not last_step(out) > resume_from:
+    while again.poll() is None and len(logged(out)) <= before:  # the first step of the new attempt
         time.sleep(0.05)
     first_step = time.monotonic() - restart
     again.wait()
     return {"setting": label, "gone_s": gone, "cap_s": cap_s, "restart_s": first_step, "lost_steps": at_step - resume_from}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def main() -> None:
@@ -91,7 +105,7 @@ def main() -> None:
         one(a.shards, f"baseline: no watchdog, collective timeout {a.baseline_timeout:.0f} s",
             ["train.heartbeat_timeout_s=0", f"train.dist_timeout_s={a.baseline_timeout}"], a.baseline_timeout + 120),
     ]
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; "
           f"fault: SIGSTOP to rank 1 of 2 (tiny TNT, gloo, ckpt every 10 steps)")
     print("| setting | fault -> all ranks gone (s) | relaunch -> first step (s) | steps lost |")
     print("| --- | ---: | ---: | ---: |")

@@ -124,6 +124,36 @@ def shared_floor(root: str, count: int = 500, augment: Augment = PIL_GEOMETRY) -
     return (time.perf_counter() - t) / len(blobs)
 
 
+def finish_cost(batch: int = 64, batches: int = 20) -> tuple[float, float]:
+    """Seconds per image, one thread, of what the workers do after the image work:
+    (float32 path: normalise + random erasing 0.25 per image and Mixup/CutMix per
+    batch, as BatchFinish does in the workers; uint8 path: the copy into the batch).
+    The difference is the CPU that data.finish=device moves to the GPU."""
+    import numpy as np
+
+    from pipeline.data import BatchFinish
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+    labels = torch.arange(batch) % 10
+    finish = BatchFinish(Augment(), num_classes=10, train=True)
+    floats, bytes_ = torch.empty(batch, 3, 224, 224), torch.empty(batch, 3, 224, 224, dtype=torch.uint8)
+    times = []
+    for out in (floats, bytes_):
+        best = float("inf")
+        for _ in range(3):  # best of 3: the least disturbed by the rest of the machine
+            t = time.perf_counter()
+            for b in range(batches):
+                np.random.seed(b)
+                for i, a in enumerate(arrays):
+                    finish.image(out[i], a)
+                if out.dtype == torch.float32:
+                    finish.mix(out, labels)
+            best = min(best, (time.perf_counter() - t) / (batch * batches))
+        times.append(best)
+    return times[0], times[1]
+
+
 def bench(name: str, root: str, args, tmp: str, pil_row: bool) -> None:
     files, size = warm(root)
     out = os.path.join(tmp, "shards-" + name.split()[0])
@@ -147,9 +177,15 @@ def bench(name: str, root: str, args, tmp: str, pil_row: bool) -> None:
             print(f"    {label:24s} {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, "
                   f"{oc / tc:.2f}x per CPU-s", flush=True)
         (_, worker_c), (_, uint8_c) = rest[0], rest[-1]
-        print(f"    CPU per image: {1e3 / worker_c:.2f} ms with the finish in the workers, {1e3 / uint8_c:.2f} ms with "
-              f"uint8 batches: {1e3 / worker_c - 1e3 / uint8_c:.2f} ms saved per image ({uint8_c / worker_c:.2f}x img/CPU-s)",
-              flush=True)
+        print(f"    loader CPU per image: {1e3 / worker_c:.2f} ms with the finish in the workers, {1e3 / uint8_c:.2f} ms "
+              f"with uint8 batches ({uint8_c / worker_c:.2f}x img/CPU-s)", flush=True)
+
+
+def main_finish() -> None:
+    on_float, on_uint8 = finish_cost()
+    print(f"finish work per 224x224 image, 1 thread: float32 in the workers {on_float * 1e3:.3f} ms "
+          f"(normalise, erasing 0.25, Mixup/CutMix), uint8 {on_uint8 * 1e3:.3f} ms (copy): "
+          f"{(on_float - on_uint8) * 1e3:.3f} ms of CPU saved per image ({on_float / on_uint8:.1f}x less)")
 
 
 def main() -> None:
@@ -157,10 +193,16 @@ def main() -> None:
     p.add_argument("--images", type=int, default=3000, help="number of JPEGs per data set")
     p.add_argument("--batch", type=int, default=64, help="batch size")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to time (0: all in the main process)")
+    p.add_argument("--finish-only", action="store_true", help="only the finish work per image (float32 vs uint8 batches)")
     args = p.parse_args()
+    if args.finish_only:
+        torch.set_num_threads(1)
+        main_finish()
+        return
     torch.set_num_threads(1)
     fix_timm_posterize()  # timm's own loader crashes on Pillow >= 11 without it (see pipeline/compat.py)
     print(f"cpus: {os.cpu_count()}, torch threads in the main process: 1")
+    main_finish()
     with tempfile.TemporaryDirectory() as tmp:
         bench("ImageNet-sized (~500x375)", make_synthetic(os.path.join(tmp, "syn"), args.images), args, tmp, True)
         bench("large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp, False)

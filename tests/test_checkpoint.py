@@ -16,6 +16,8 @@ import torch.distributed as dist
 from pipeline.checkpoint import CheckpointManager, check_layout, check_schedule, rng_state, set_rng_state
 from pipeline.imagenet import InputError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class FakeEngine:
     """What CheckpointManager needs of a DeepSpeed engine: a file per save, the client state back."""
@@ -149,3 +151,28 @@ def test_a_failed_write_removes_its_partial_directory(tmp_path):
                        r"error\); its partial directory was removed; the previous checkpoint step00000004 is intact"):
         save(m, FailingEngine(), 8)
     assert sorted(os.listdir(m.folder)) == ["latest", "step00000004"]
+
+
+def test_train_out_lock_refuses_a_second_job_and_dies_with_its_holder(tmp_path):
+    """One job at a time per train.out: a live holder (another process) is refused in
+    one line naming it; once the holder dies (SIGKILL: no clean-up), the lock is free."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.runlock import RunInUse, RunLock
+
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+                               f"from pipeline.runlock import RunLock; RunLock({out!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUse, match=f"is in use by another live job .*\"pid\": {holder.pid}"):
+            RunLock(out).acquire(wait_s=1)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(out)
+    lock.acquire(wait_s=1)
+    lock.release()
