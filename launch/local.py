@@ -21,6 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 def free_port() -> int:
@@ -100,8 +102,6 @@ def _fault(status: int, rank: int, args: list[str]) -> str:
         return "exited with 5: it lost a peer rank (see failures.jsonl)"
     if status >= 0:
         return f"exited with {status}"
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     from pipeline import config, failures
 
     kind = failures.signal_kind(status)
@@ -120,8 +120,6 @@ def main(argv=None) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the trainer, after --")
     a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     from pipeline import config
     from pipeline.imagenet import InputError
 

@@ -195,13 +195,13 @@ def task_statuses(results: list[str]) -> list[int | None]:
 
 
 def space_after_full_disk(out: str) -> bool:
-    """Whether train.out now has room for another checkpoint as large as the last one."""
-    from pipeline import failures
+    """Whether train.out now has room for another checkpoint as large as the last one
+    (the trainer's own rule: pipeline/checkpoint.py)."""
+    from pipeline import checkpoint, failures
 
     tag = failures.resume_point(out)
-    path = os.path.join(out, "checkpoints", tag) if tag else None
-    needed = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) if path else 0
-    return shutil.disk_usage(out).free > 1.1 * needed
+    needed = checkpoint.written_bytes(os.path.join(out, "checkpoints", tag)) if tag else 0
+    return checkpoint.has_room(checkpoint.free_bytes(out), needed)
 
 
 def append_attempt(out: str, entry: dict) -> None:
@@ -212,11 +212,9 @@ def append_attempt(out: str, entry: dict) -> None:
 
 
 def read_attempts(out: str) -> list[dict]:
-    try:
-        with open(os.path.join(out, ATTEMPTS)) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except OSError:
-        return []
+    from pipeline import failures
+
+    return failures.read(out, ATTEMPTS)
 
 
 class RecoverJob:
@@ -349,8 +347,7 @@ def wait(job, timeout: float, env: dict | None = None) -> tuple[bool, str]:
     deadline = time.time() + timeout
     gone_since = None
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
-        if state:
+        if in_queue(job.job_id, env):
             gone_since = None
         else:
             gone_since = gone_since or time.time()
@@ -417,8 +414,9 @@ def follow(job, recover, out: str, args) -> tuple[bool, str]:
         recover = submitit.SlurmJob(args.folder, nxt["recover_job"]) if nxt["recover_job"] else None
 
 
-def in_queue(job_id: str) -> bool:
-    return bool(subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True).stdout.strip())
+def in_queue(job_id: str, env: dict | None = None) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                               env=env).stdout.strip())
 
 
 def submit_shard(args, shard_args: list[str]) -> int:

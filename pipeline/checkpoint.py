@@ -145,6 +145,23 @@ def damage(path: str) -> str | None:
     return None
 
 
+def written_bytes(path: str) -> int:
+    """A complete checkpoint's size as written (its checksums.json); 0 if it has none."""
+    listed = os.path.join(path, "checksums.json")
+    if not os.path.isfile(listed):
+        return 0
+    with open(listed) as f:
+        return sum(size for size, _ in json.load(f).values())
+
+
+SPACE_MARGIN = 1.05  # free space wanted per byte of a checkpoint
+
+
+def has_room(free: int, needed: int) -> bool:
+    """Whether ``free`` bytes hold a checkpoint of ``needed`` bytes (0: size unknown, yes)."""
+    return not needed or free >= needed * SPACE_MARGIN
+
+
 def free_bytes(path: str) -> int:
     """Free bytes of the filesystem that holds ``path`` (or would: its nearest existing parent)."""
     path = os.path.abspath(path)
@@ -250,7 +267,7 @@ class CheckpointManager:
         from pipeline import distributed
 
         free = free_bytes(self.folder) if self.rank == 0 else 0
-        (short,) = distributed.agree_any([self.rank == 0 and bool(needed) and free < needed * 1.05],
+        (short,) = distributed.agree_any([self.rank == 0 and not has_room(free, needed)],
                                          distributed.device())
         if short:
             raise CheckpointWriteError(
@@ -316,10 +333,7 @@ class CheckpointManager:
                 log.warning("%s names %s, which is not a complete intact checkpoint: resuming from %s, "
                             "the newest that is", path, tag or "nothing", candidate)
                 write_atomic(path, candidate)
-            listed = os.path.join(self.folder, candidate, "checksums.json")
-            if os.path.isfile(listed):
-                with open(listed) as f:
-                    self.last_bytes = sum(size for size, _ in json.load(f).values())
+            self.last_bytes = written_bytes(os.path.join(self.folder, candidate)) or self.last_bytes
             return candidate
         return None
 

@@ -356,6 +356,12 @@ class EvalTransform:
         return np.array(self.resize_crop(img))
 
 
+def _normalisation(aug: Augment, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) that take uint8 pixels to ``(x / 255 - mean) / std``."""
+    std, mean = torch.tensor(aug.std), torch.tensor(aug.mean)
+    return (1 / (std * 255)).view(shape), (-mean / std).view(shape)
+
+
 class BatchFinish:
     """Normalisation and random erasing per image, Mixup/CutMix per batch (timm's).
 
@@ -372,8 +378,7 @@ class BatchFinish:
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
 
-        self.scale = (1 / (torch.tensor(aug.std) * 255)).view(3, 1, 1)
-        self.shift = (-torch.tensor(aug.mean) / torch.tensor(aug.std)).view(3, 1, 1)
+        self.scale, self.shift = _normalisation(aug, (3, 1, 1))
         self.erase = self.mixup = None
         self.num_classes = num_classes
         self.smoothing = aug.label_smoothing
@@ -442,8 +447,7 @@ class DeviceFinish:
         from timm.data.random_erasing import RandomErasing
 
         self.train, self.seed, self.rank, self.device = train, seed, rank, device
-        self.scale = (1 / (torch.tensor(aug.std) * 255)).view(1, 3, 1, 1).to(device)
-        self.shift = (-torch.tensor(aug.mean) / torch.tensor(aug.std)).view(1, 3, 1, 1).to(device)
+        self.scale, self.shift = (t.to(device) for t in _normalisation(aug, (1, 3, 1, 1)))
         self.num_classes, self.smoothing = num_classes, aug.label_smoothing
         self.erase = self.mixup = None
         if train and aug.re_prob > 0:
@@ -687,7 +691,7 @@ class _Buffers:
 
 def _finish_mode(finish: str) -> str:
     if finish not in ("worker", "device"):
-        raise InputError(f"data.finish must be auto, worker or device, not {finish!r}")
+        raise InputError(f"a stream's finish must be worker or device, not {finish!r}")
     return finish
 
 

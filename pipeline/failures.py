@@ -52,10 +52,11 @@ def signal_kind(returncode: int) -> str:
     return f"killed by {name}"
 
 
-def read(out: str) -> list[dict]:
-    """Every record so far (none if there is no file or it cannot be read)."""
+def read(out: str, name: str = FILE) -> list[dict]:
+    """Every record so far in ``<out>/<name>`` (a JSON-lines file; none if there is no
+    file or it cannot be read)."""
     try:
-        with open(os.path.join(out, FILE)) as f:
+        with open(os.path.join(out, name)) as f:
             return [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return []

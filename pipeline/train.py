@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from pipeline import config as config_mod
-from pipeline import distributed, mfu, tnt
+from pipeline import distributed, failures, mfu, tnt
 from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
 from pipeline.checkpoint import CheckpointManager, CheckpointWriteError, check_layout, check_schedule, write_atomic
@@ -79,12 +79,16 @@ class CheckpointSignal:
             except Exception as exc:
                 if type(exc).__name__ != "UncompletedJobError":
                     raise
-                raise Requeued(f"checkpointed on the time-limit signal, but not requeued ({exc}); run the same "
-                               f"command to resume") from None
+                raise RequeuesSpent(f"checkpointed on the time-limit signal, but not requeued ({exc}); run the same "
+                                    f"command to resume") from None
 
 
 class Requeued(Exception):
     """Checkpointed on SIGUSR2; the job is being requeued (or should be re-run)."""
+
+
+class RequeuesSpent(Requeued):
+    """Checkpointed on SIGUSR2, but submitit did not requeue (--max-requeues spent)."""
 
 
 class TrainingError(RuntimeError):
@@ -525,8 +529,6 @@ class Trainer:
         raise Requeued(f"checkpointed at step {self.step} on the time-limit signal; run the same command to resume")
 
     def _lost_peer(self, message: str) -> None:
-        from pipeline import failures
-
         failures.record(self.out, "lost a peer rank (it died or hung, or its node or network did)", message,
                         self.rank, self.step)
 
@@ -580,8 +582,6 @@ def _record(cfg, trainer, exc: BaseException, everywhere: bool, kind: str | None
     if everywhere and rank != 0:
         return
     try:
-        from pipeline import failures
-
         failures.record(cfg.out_dir, kind or failures.classify(exc), f"{type(exc).__name__}: {exc}", rank,
                         trainer.step if trainer is not None else None)
     except OSError:  # the record must not hide the fault itself (a full disk, say)
@@ -631,18 +631,16 @@ def main(argv=None) -> int:
         return 2
     except Requeued as exc:
         _record(cfg, trainer, exc, everywhere=True, kind="checkpointed at the time limit, not requeued (--max-requeues spent)"
-                if "not requeued" in str(exc) else "checkpointed and requeued (time limit or preemption)")
+                if isinstance(exc, RequeuesSpent) else "checkpointed and requeued (time limit or preemption)")
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:  # a fault: recorded and said in one line, then the traceback
         alone = True
         if cfg is not None:
             _record(cfg, trainer, exc, everywhere=False)
-            from pipeline.failures import classify
-
-            print(f"error: rank {os.environ.get('RANK', 0)}: {classify(exc)}: {type(exc).__name__}: "
+            print(f"error: rank {os.environ.get('RANK', 0)}: {failures.classify(exc)}: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''} "
-                  f"(recorded in {os.path.join(cfg.out_dir, 'failures.jsonl')})", file=sys.stderr)
+                  f"(recorded in {os.path.join(cfg.out_dir, failures.FILE)})", file=sys.stderr)
         raise
     finally:
         watchdog_mod.stop_current(done=not alone)

@@ -30,8 +30,6 @@ import sys
 import threading
 import time
 
-log = logging.getLogger(__name__)
-
 EXIT_LOST_PEER = 5
 DONE, FAILED = "done", "failed"
 _current: Watchdog | None = None

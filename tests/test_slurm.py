@@ -19,6 +19,9 @@ from mlflow_server import MlflowServer
 from safetensors.torch import load_file
 from test_train import metrics, train
 
+from launch.slurm import read_attempts
+from pipeline import failures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = [sys.executable, os.path.join(ROOT, "launch", "slurm.py")]
 
@@ -291,11 +294,6 @@ def test_an_input_error_fails_the_job_and_is_not_resubmitted(cluster, demo_shard
     assert decision["after"] == first["job"] and decision["resubmit"] is False and decision["statuses"] == [2]
 
 
-def read_attempts(out: str) -> list[dict]:
-    with open(os.path.join(out, "attempts.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_weights(
         netns_cluster, demo_shards, reference, tmp_path):
     """Two faults in one 2-node run on the cluster whose nodes are hosts of their own.
@@ -323,26 +321,26 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
            "--failure-backoff", "1", "--wait", "--wait-timeout", "600", "--",
            *trainer_args(out, demo_shards, *STEPS, "train.ckpt_every=8", "train.heartbeat_timeout_s=10",
                          "mlflow.register_as=tnt-fault")]
-    latest, log = os.path.join(out, "checkpoints", "latest"), os.path.join(out, "train.log")
+    log = os.path.join(out, "train.log")
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lost = None
     try:
         job_id = proc.stdout.readline().split()[2].rstrip(":")
         # 1. a killed rank
-        until(proc, lambda: _tag(latest) >= "step00000016")
+        until(proc, lambda: (failures.resume_point(out) or "") >= "step00000016")
         rank1 = [p for p in psutil.process_iter() if _env(p).get("SLURM_JOB_ID") == job_id
                  and _env(p).get("SLURM_PROCID") == "1" and "submitit" in " ".join(p.cmdline())]
         rank1 = [p for p in rank1 if p.ppid() not in {q.pid for q in rank1}]  # not its forked DataLoader worker
         assert len(rank1) == 1, "rank 1's process not found"
         rank1[0].kill()
-        killed_at = _tag(latest)
+        killed_at = failures.resume_point(out)
         # 2. the resubmitted attempt runs on: cut node2 off
-        until(proc, lambda: "resumed from" in _read(log) and _tag(latest) > killed_at)
+        until(proc, lambda: "resumed from" in _read(log) and (failures.resume_point(out) or "") > killed_at)
         testcluster.link(cluster["STATE"], "node2", up=False)
         cut = time.monotonic()
         try:
             while time.monotonic() - cut < 60 and lost is None:
-                lost = next((r for r in _records(out) if r["rank"] == 0 and r["job"] != job_id
+                lost = next((r for r in failures.read(out) if r["rank"] == 0 and r["job"] != job_id
                              and r["kind"].startswith("lost a peer rank")), None)
                 time.sleep(0.2)
             detected = time.monotonic() - cut
@@ -357,7 +355,7 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
     assert second["after"] == job_id == first["job"] and second["resubmit"] and second["resubmission"] == 1
     assert second["statuses"][1] is None, second  # rank 1 left no result
     assert f"resubmitted as job {second['job']}" in stderr
-    (job_record,) = [r for r in _records(out) if r["kind"] == "job FAILED" and r["error"].startswith(f"Slurm job {job_id} ")]
+    (job_record,) = [r for r in failures.read(out) if r["kind"] == "job FAILED" and r["error"].startswith(f"Slurm job {job_id} ")]
     # rank 1 said nothing (SIGKILL); rank 0 said it lost a peer, unless srun killed it first
     assert "killed without a word (from outside, the OOM killer, or its node went down): rank 1 (node2)" in \
         job_record["error"] and job_record["resume_from"] == killed_at, job_record
@@ -386,25 +384,12 @@ def until(proc, condition, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-def _tag(latest: str) -> str:
-    try:
-        with open(latest) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def _read(path: str) -> str:
     try:
         with open(path) as f:
             return f.read()
     except OSError:
         return ""
-
-
-def _records(out: str) -> list[dict]:
-    path = os.path.join(out, "failures.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
 
 
 def _env(p) -> dict:
