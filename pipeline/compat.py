@@ -83,3 +83,40 @@ def fix_timm_posterize() -> None:
     for name, fn in auto_augment.NAME_TO_OP.items():
         if fn is auto_augment.posterize:
             auto_augment.NAME_TO_OP[name] = posterize
+
+
+def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 1.0) -> None:
+    """Make sure torch's extension loader will not wait forever on a dead process's lock.
+
+    ``torch.utils.cpp_extension.load`` (our CPU kernels, and DeepSpeed's JIT ops such as
+    the shared-memory all-reduce that every CPU rank loads in ``init_distributed``) holds
+    a lock file in the build directory for every load, even a no-op rebuild check, and a
+    process that finds the file waits for it to go, forever. A process killed in that
+    window (a fault test, a timeout, a session stopped) leaves every later process on the
+    machine hung at its first load: this is how one killed process once made a whole CI
+    run time out. Here a young lock (a build in progress) is waited on; one older than
+    ``max_age_s`` belongs to a dead process (no build here takes minutes) and is removed."""
+    import logging
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    said = False
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:  # no lock (the usual case), or its holder is done
+            return
+        if age > max_age_s:
+            try:
+                os.remove(lock)
+                logging.getLogger(__name__).warning("removed a stale build lock left by a killed process: %s", lock)
+            except OSError:  # another process removed it first
+                pass
+            return
+        if not said:
+            logging.getLogger(__name__).info("waiting for %s (a build in progress, or left by a killed process: "
+                                             "removed after %.0f s)", lock, max_age_s)
+            said = True
+        time.sleep(poll_s)

@@ -46,7 +46,14 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        from pipeline.compat import clear_stale_build_lock
+
+        # on its CPU accelerator DeepSpeed JIT-loads its shared-memory all-reduce here
+        shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm is not None:
+            clear_stale_build_lock(shm.name)
         if torch.cuda.is_available():
             torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count()))
             # a rank that fails a collective makes the others raise instead of hang

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline import compat  # noqa: F401  (timm needs torchvision to import)
+from pipeline import compat  # before timm: it needs torchvision to import
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -182,24 +182,6 @@ def _cpu_description() -> str:
     return "|".join((platform.machine(), lines.get("model name", ""), lines.get("flags", "")))
 
 
-def _remove_stale_build_lock(name: str, max_age_s: float = 300.0) -> None:
-    """A build killed midway leaves torch's build lock behind, and every later build
-    would wait on it forever. The build takes seconds: a lock older than five minutes
-    belongs to a dead process and is removed (a live build keeps waiting as usual)."""
-    import logging
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-    try:
-        if time.time() - os.path.getmtime(lock) > max_age_s:
-            os.remove(lock)
-            logging.getLogger(__name__).warning("removed a stale build lock left by a killed process: %s", lock)
-    except OSError:  # no lock (the usual case), or another process removed it first
-        pass
-
-
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
@@ -258,7 +240,7 @@ def cpu_kernels():
 
         files = _kernel_sources()
         name = kernel_build_name()
-        _remove_stale_build_lock(name)
+        compat.clear_stale_build_lock(name)
         logging.getLogger(__name__).info("loading the CPU kernels (built once per machine type and source, ~13 s)")
         load(name=name, sources=[f for f in _stable_sources(name, files) if f.endswith(".cpp")], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])

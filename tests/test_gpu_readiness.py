@@ -169,6 +169,36 @@ def test_a_collective_gives_up_on_a_silent_rank_after_the_timeout(tmp_path):
     assert 4.0 <= waited < 30.0  # the configured 5 s, not gloo's 30 min default
 
 
+def test_a_stale_deepspeed_build_lock_does_not_hang_the_process_group(tmp_path, monkeypatch):
+    """DeepSpeed JIT-loads its shared-memory all-reduce op in init_distributed on CPU, and
+    torch's loader waits forever on a lock file left by a process killed while loading it
+    (this hung every training run of one whole CI run). The build is copied so that
+    nothing compiles; the lock is an hour old."""
+    import glob
+    import shutil
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = get_accelerator().create_op_builder("ShareMemCommBuilder").name
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from pipeline.distributed import init_distributed; init_distributed(30)"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT")}
+    built = _get_build_directory(name, verbose=False)
+    if not glob.glob(os.path.join(built, "*.so")):  # the first load on this machine: build it once
+        subprocess.run([sys.executable, "-c", code, ROOT], env=env, check=True, capture_output=True, timeout=600)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    copy = _get_build_directory(name, verbose=False)
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock"), dirs_exist_ok=True)
+    lock = os.path.join(copy, "lock")
+    open(lock, "w").close()
+    os.utime(lock, (time.time() - 3600,) * 2)
+    done = subprocess.run([sys.executable, "-c", code, ROOT], env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "removed a stale build lock" in done.stderr, done.stderr[-2000:]
+    assert not os.path.exists(lock)
+
+
 COMPILE_PROBE = textwrap.dedent(
     """
     import json, sys

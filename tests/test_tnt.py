@@ -460,21 +460,29 @@ def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
     assert "could not be built" in done.stdout and "using torch's ops" in done.stdout
 
 
-def test_stale_kernel_build_lock_from_a_killed_build_is_removed(tmp_path, monkeypatch):
-    """A build killed midway leaves torch's lock file; the next build must not wait on it forever."""
+def test_a_build_lock_is_waited_on_while_young_and_removed_once_stale(tmp_path, monkeypatch):
+    """torch's loader waits forever on the lock file of a killed build (or of a process
+    killed during the no-op rebuild check every load makes): a young lock is waited on
+    until its holder removes it, an old one is removed."""
     import os
+    import threading
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
 
+    from pipeline.compat import clear_stale_build_lock
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = os.path.join(_get_build_directory("tntp_lock_test", verbose=False), "lock")
     open(lock, "w").close()
-    tnt._remove_stale_build_lock("tntp_lock_test")
-    assert os.path.exists(lock)  # fresh: a build may be running
+    threading.Timer(1.5, os.remove, [lock]).start()  # a live build finishing
+    t = time.monotonic()
+    clear_stale_build_lock("tntp_lock_test", poll_s=0.1)
+    assert 1.4 < time.monotonic() - t < 10
+    open(lock, "w").close()
     old = time.time() - 600
     os.utime(lock, (old, old))
-    tnt._remove_stale_build_lock("tntp_lock_test")
+    clear_stale_build_lock("tntp_lock_test")
     assert not os.path.exists(lock)
 
 
