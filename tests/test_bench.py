@@ -10,9 +10,10 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_gpu_check_dry_run_runs_every_step(tmp_path):
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT,
-                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
+def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
+    env = dict(os.environ, OUT=str(tmp_path), SHARDS=os.path.dirname(demo_shards["train"]))  # the suite's shards
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     summary = (tmp_path / "gpu_check.md").read_text()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for step in ("machine", "tests_gpu", "train_zero1", "train_zero3", "bench_tnt_s"):
