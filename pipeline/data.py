@@ -38,9 +38,15 @@ rank, batch index)``, so a batch is a pure function of the data and the loader s
 **Mid-epoch resume**: the state is ``(epoch, batches consumed, seed)``; restoring it
 makes every worker skip, without decoding, the samples its slot had already used,
 and the DataLoader's workers are rotated so that the first batch it collects is the
-next one: the batches after a resume equal those of an uninterrupted run. The slot
-layout depends on the number of workers; resuming with another number of workers
-(or ranks) is allowed but gives a different (still disjoint) order, and is logged.
+next one: the batches after a resume equal those of an uninterrupted run.
+**Elastic resume**: the slots depend on the layout (ranks x workers x batch). An
+epoch resumed mid-way on another layout goes on over exactly the positions the
+earlier layouts had not used (the state keeps each earlier layout and how far it
+got, a few integers, so any number of changes compose): they are recomputed without
+reading any data (:func:`_remaining`), split over the new slots as above, and each
+slot reads its own in order, skipping the rest undecoded. Every sample is used at
+most once per epoch; what is left out is the usual remainder (fewer than ``ranks x
+batch``) of each layout the epoch ran on. Later epochs are the new layout's own.
 
 Repeated augmentation (``repeats=r``, the official TNT/DeiT recipe uses 3): every
 sample of the sequence appears ``r`` times in a row before the shuffle buffer,
@@ -83,6 +89,7 @@ travel with each batch into :attr:`Loader.counters`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -92,7 +99,7 @@ import multiprocessing
 import os
 import random
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -611,6 +618,51 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+def _worker_batches(batches: int, logical: int, workers: int) -> int:
+    """How many of a rank's batches ``0..batches-1`` fall to its ``logical``-th worker (k -> k % workers)."""
+    return (batches - logical + workers - 1) // workers
+
+
+def _phase_layout(n: int, world: int, workers: int, batch: int) -> tuple[int, list[tuple[int, int]]]:
+    """A phase of an epoch over a list of ``n`` positions, on ``world`` ranks x ``workers``:
+    (batches per rank, each slot's ``[lo, hi)`` in the list; slots rank-major, then logical worker)."""
+    per_rank = n // (world * batch)
+    slots = []
+    for r in range(world):
+        lo = r * per_rank * batch
+        for w in range(workers):
+            hi = lo + _worker_batches(per_rank, w, workers) * batch
+            slots.append((lo, hi))
+            lo = hi
+    return per_rank, slots
+
+
+def _buffer_rng(seed: int, epoch: int, rank: int, logical: int, phase: int) -> random.Random:
+    parts = ("buffer", seed, epoch, rank, logical) + (("phase", phase) if phase else ())
+    return random.Random(_seed_of(*parts))
+
+
+@functools.lru_cache(maxsize=4)
+def _remaining(seed: int, epoch: int, samples: int, shuffle_buffer: int, history: tuple) -> tuple[int, ...]:
+    """The epoch's positions not yet used after the phases of ``history`` (each
+    ``(world, workers, batch, batches done per rank)``: a layout the epoch ran on, then
+    left), in a canonical order: per slot, what its shuffle buffer had not yet handed
+    out, then the phase's remainder. A pure function of its arguments, so every rank
+    and worker of the next layout derives the same list (a second or so per million
+    samples, once per resume)."""
+    positions: Sequence[int] = range(samples)
+    for phase, (world, workers, batch, done) in enumerate(history):
+        per_rank, slots = _phase_layout(len(positions), world, workers, batch)
+        rest: list[int] = []
+        for i, (lo, hi) in enumerate(slots):
+            r, w = divmod(i, workers)
+            order = list(_shuffled(iter(sorted(positions[lo:hi])), shuffle_buffer, _buffer_rng(seed, epoch, r, w, phase)))
+            rest.extend(order[_worker_batches(done, w, workers) * batch:])
+        rest.extend(positions[per_rank * world * batch:])  # the phase's remainder: not seen yet either
+        positions = rest
+    return tuple(positions)
+
+
 def _worker() -> tuple[int, int, bool]:
     info = torch.utils.data.get_worker_info()
     return (0, 1, True) if info is None else (info.id, info.num_workers, False)
@@ -744,20 +796,29 @@ class TrainStream(torch.utils.data.IterableDataset):
         # persistent DataLoader workers, which keep the copy of this object they forked with.
         self.epoch, self.start, self.num_workers = 0, 0, 1
         self.shared = None
+        self.plan = None  # (epoch, its earlier phases): set by Loader.load_state_dict before workers fork
         self.returns, self.keep = None, 4  # per worker: ids of buffers free again (_Buffers)
         self._transform = self._finish = self._worker_buffers = None
 
     def __len__(self) -> int:
-        return self.batches
+        """Batches per rank in the current epoch: ``batches``, or fewer in an epoch that
+        continues on another layout (:meth:`_phase`)."""
+        phase, history = self._phase()
+        if not phase:
+            return self.batches
+        rest = _remaining(self.seed, self.epoch, self.epoch_samples, self.shuffle_buffer, history)
+        return len(rest) // (self.world_size * self.batch_size)
+
+    def _phase(self) -> tuple[int, tuple]:
+        """(phase, the earlier phases) of the current epoch: phase 0 unless the epoch was
+        begun on another layout (ranks, workers, batch) and continues on this one."""
+        if self.plan is not None and self.plan[0] == self.epoch and self.plan[1]:
+            return len(self.plan[1]), self.plan[1]
+        return 0, ()
 
     def worker_batches(self, logical: int, workers: int) -> int:
-        """Batches the rank's ``logical``-th worker makes per epoch (batch k -> k % workers)."""
-        return (self.batches - logical + workers - 1) // workers
-
-    def _slot_range(self, logical: int, workers: int) -> tuple[int, int]:
-        before = self.rank * self.batches * self.batch_size  # previous ranks' samples
-        before += sum(self.worker_batches(w, workers) for w in range(logical)) * self.batch_size
-        return before, before + self.worker_batches(logical, workers) * self.batch_size
+        """Batches the rank's ``logical``-th worker makes this epoch (batch k -> k % workers)."""
+        return _worker_batches(len(self), logical, workers)
 
     def _order(self) -> list[int]:
         order = list(range(len(self.manifest.urls)))
@@ -765,8 +826,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         return order
 
     def _positions(self, logical: int, workers: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
-        """(virtual position, raw sample): the slot's range shuffled, then top-up."""
-        lo, hi = self._slot_range(logical, workers)
+        """(virtual position, raw sample): the slot's range shuffled, then top-up.
+        In a later phase of an epoch (:meth:`_phase`) the slot's positions are its part
+        of what the earlier phases left, read in order (skipping the others, undecoded)."""
+        phase, history = self._phase()
+        positions: Sequence[int] = range(self.epoch_samples)
+        if phase:
+            positions = _remaining(self.seed, self.epoch, self.epoch_samples, self.shuffle_buffer, history)
+        _, slots = _phase_layout(len(positions), self.world_size, workers, self.batch_size)
+        lo, hi = slots[self.rank * workers + logical]
         r = self.repeats
         seq = _Sequence(self.manifest, self._order())
 
@@ -776,10 +844,15 @@ class TrainStream(torch.utils.data.IterableDataset):
                     if v >= first:
                         yield v, sample
 
-        source = expand(lo)
-        in_range = (item for _, item in zip(range(hi - lo), source))  # range first: no extra pull
-        rng = random.Random(_seed_of("buffer", self.seed, self.epoch, self.rank, logical))
-        yield from _shuffled(in_range, self.shuffle_buffer, rng)
+        if not phase:
+            source = expand(lo)
+            in_range = (item for _, item in zip(range(hi - lo), source))  # range first: no extra pull
+        else:
+            mine = sorted(positions[lo:hi])
+            members = set(mine)
+            source = expand(mine[0] if mine else 0)
+            in_range = (item for _, item in zip(range(hi - lo), (i for i in source if i[0] in members)))
+        yield from _shuffled(in_range, self.shuffle_buffer, _buffer_rng(self.seed, self.epoch, self.rank, logical, phase))
         yield from source  # only reached when bad samples must be made up for
 
     @property
@@ -856,7 +929,7 @@ class EvalStream(TrainStream):
         self.rank, self.world_size = rank, world_size
         self.augment = augment
         self.seed, self.epoch, self.start, self.num_workers = 0, 0, 0, 1
-        self.shared = None
+        self.shared = self.plan = None
         self.returns, self.keep = None, 4
         self._transform = self._finish = self._worker_buffers = None
         self.batches = None  # depends on the number of workers: see worker_batches
@@ -933,28 +1006,50 @@ class Loader:
         numbers in logs, metrics and the registry)."""
         return self.epoch_index + (1 if self.batch_index >= len(self) else 0)
 
+    def _layout(self) -> tuple[int, int, int]:
+        return self.stream.world_size, max(1, self.workers), self.stream.batch_size
+
+    def _history(self) -> tuple:
+        plan = self.stream.plan
+        return plan[1] if plan is not None and plan[0] == self.epoch_index else ()
+
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch_index,
-            "batch": self.batch_index,
-            "seed": self.stream.seed,
-            "workers": max(1, self.workers),
-            "world_size": self.stream.world_size,
-        }
+        """Epoch, batches done in it on this layout (ranks, workers, batch), and the
+        earlier layouts of the epoch with what each used (``history``): enough for any
+        other layout to go on with exactly the samples not yet used."""
+        world, workers, batch = self._layout()
+        return {"epoch": self.epoch_index, "batch": self.batch_index, "seed": self.stream.seed,
+                "workers": workers, "world_size": world, "batch_size": batch,
+                "history": [list(h) for h in self._history()]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` left off. On another layout (ranks, workers or batch
+        size) mid-epoch, the rest of the epoch is what the saved layouts had not used
+        yet, split afresh over this one: every sample of the epoch at most once, and
+        at most one batch per rank of it left out (:func:`_remaining`); later epochs are
+        this layout's own."""
         if state.get("seed", self.stream.seed) != self.stream.seed:
             raise InputError(f"loader state was saved with seed {state['seed']}, this run uses {self.stream.seed}")
-        self.epoch_index, self.batch_index = int(state["epoch"]), int(state["batch"])
-        if self.batch_index >= len(self.stream):
-            self.epoch_index, self.batch_index = self.epoch_index + 1, 0
-        layout = (state.get("workers"), state.get("world_size"))
-        if self.batch_index and layout != (max(1, self.workers), self.stream.world_size):
-            log.warning(
-                "resuming mid-epoch with %s workers x %s ranks (saved with %s x %s): the rest of the epoch "
-                "is read in a different order than an uninterrupted run would have",
-                max(1, self.workers), self.stream.world_size, *layout,
-            )
+        stream = self.stream
+        epoch, done = int(state["epoch"]), int(state["batch"])
+        saved = (int(state.get("world_size", stream.world_size)), int(state.get("workers", max(1, self.workers))),
+                 int(state.get("batch_size", stream.batch_size)))
+        history = tuple(tuple(int(v) for v in h) for h in state.get("history", ()))
+        n = len(_remaining(stream.seed, epoch, stream.epoch_samples, stream.shuffle_buffer, history)) if history \
+            else stream.epoch_samples
+        if done >= n // (saved[0] * saved[2]):  # the saved layout had finished the epoch
+            epoch, done, history = epoch + 1, 0, ()
+        elif done and saved != self._layout():
+            history += (saved + (done,),)
+            log.info("epoch %d goes on with %d ranks x %d workers x batch %d (begun on %d x %d x %d, %d batches "
+                     "per rank done): the samples not used yet, each once", epoch, *self._layout(), *saved, done)
+            done = 0
+        self.epoch_index, self.batch_index = epoch, done
+        stream.epoch, stream.plan = epoch, ((epoch, history) if history else None)
+        if self._dl is not None:  # workers fork again, with the plan; their buffer ids start afresh
+            self._dl = None
+            self._lent.clear()
+            self._kept.clear()
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         """One DataLoader for the Loader's life: with workers, they persist across epochs

@@ -105,6 +105,42 @@ def test_dataloader_order_matches_and_resume(photo_shards):
     assert torch.allclose(t.sum(1), torch.ones(len(t))) and t.min() > 0  # mixed + smoothed
 
 
+@pytest.mark.parametrize("layouts", [((2, 2), (1, 0)), ((2, 0), (3, 2)), ((2, 2), (3, 0), (2, 0))],
+                         ids=["2x2-to-1", "2-to-3x2", "2x2-to-3-to-2"])
+def test_an_epoch_resumed_on_other_layouts_uses_every_sample_at_most_once(photo_shards, layouts):
+    """Elastic resume: an epoch stopped mid-way and continued on other (ranks, workers)
+    layouts, one after another; the state saved by rank 0 is all each needs. Every
+    rank has as many batches as the others in every layout, no sample comes twice, and
+    fewer than ``ranks x batch`` per layout are left out (the epoch's usual remainder)."""
+    m = load_manifest(photo_shards)
+    batch, state, seen = 4, None, []
+    for i, (world, workers) in enumerate(layouts):
+        loaders = [Loader(TrainStream(m, batch, rank=r, world_size=world, seed=3, augment=LIGHT, shuffle_buffer=10),
+                          workers=workers) for r in range(world)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        its = [loader.epoch(0) for loader in loaders]
+        n = len(loaders[0])
+        assert n > 1 and all(len(loader) == n for loader in loaders)
+        last = i == len(layouts) - 1
+        for _ in range(n if last else n // 2):
+            for it in its:
+                seen += next(it)["key"]
+        if last:
+            assert all(next(it, None) is None for it in its)  # equal counts: every rank ends together
+        states = [loader.state_dict() for loader in loaders]
+        assert all(s == states[0] for s in states)
+        state = states[0]
+        del its
+    assert len(seen) == len(set(seen)), "a sample came twice in one epoch"
+    assert m.num_samples - len(seen) < sum(world * batch for world, _ in layouts)
+    assert state["epoch"] == 1 and state["history"] == []
+    again = Loader(TrainStream(m, batch, rank=0, world_size=layouts[-1][0], seed=3, augment=LIGHT, shuffle_buffer=10))
+    again.load_state_dict(state)
+    assert len(again) == m.num_samples // (layouts[-1][0] * batch)  # the next epoch: the layout's own
+
+
 def test_eval_exact_coverage(photo_shards):
     m = load_manifest(photo_shards)
     world, workers = 2, 2
