@@ -6,12 +6,17 @@ Layout under ``<train.out>/checkpoints/``::
         meta.json            step, world size, ZeRO stage, schedule, loader state, run id
         rng_rank<r>.pt       each rank's torch (CPU and CUDA), python and numpy RNG states
         ema.safetensors      the fp32 EMA (rank 0), when there is one
+        optim.safetensors    ZeRO >= 1: fp32 masters and Adam moments by parameter name, the
+                             same for any number of ranks (pipeline/reshard.py; rank 0)
         checksums.json       size and CRC-32 of every file above
         COMPLETE             written after every rank's files are on disk (fsynced)
     latest                   the newest complete tag: written last, atomically
     damaged-step00000900-*   a checkpoint found damaged on resume, moved aside (kept)
 
 A crash at any point of a save leaves ``latest`` on the previous complete checkpoint.
+**Another number of ranks**: DeepSpeed's files only load on the world size that wrote
+them; ``optim.safetensors`` loads on any (:meth:`CheckpointManager.load_resharded`),
+with the global batch kept by another ``train.grad_accum`` (:func:`elastic_grad_accum`).
 On resume every file is checked against ``checksums.json`` (a node that crashes after
 ``COMPLETE`` but before its page cache reached the disk leaves truncated files): a
 damaged checkpoint is moved aside, with a warning naming the file, and the newest
@@ -235,6 +240,13 @@ class CheckpointManager:
         self._check_space(tag, self.last_bytes or needed_bytes)
         try:
             engine.save_checkpoint(self.folder, tag=tag, client_state=client, save_latest=False)
+            if engine.zero_optimization_stage() >= 1:  # the optimizer state by name: resumable on any world size
+                from pipeline import reshard
+
+                state, adam_step = reshard.gather(engine, keep=self.rank == 0)
+                if self.rank == 0:
+                    reshard.save(os.path.join(path, RESHARDABLE), state, adam_step)
+                del state
             torch.save(rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
             if ema is not None and self.rank == 0:
                 from safetensors.torch import save_file
@@ -341,6 +353,30 @@ class CheckpointManager:
         with open(os.path.join(self.folder, tag, "meta.json")) as f:
             return json.load(f)
 
+    def reshardable(self, tag: str) -> bool:
+        return os.path.isfile(os.path.join(self.folder, tag, RESHARDABLE))
+
+    def load_resharded(self, tag: str, engine, seed: int, ema=None) -> dict:
+        """Restore ``tag``, written on another number of ranks: the weights, fp32 masters
+        and Adam state from ``optim.safetensors``, the EMA; each rank's RNG states are
+        drawn afresh from ``(seed, step, rank)`` (the old ranks' do not map onto the new
+        ones). Returns the client dict (from ``meta.json``). Synchronizes ranks."""
+        from pipeline import distributed, reshard
+
+        path = os.path.join(self.folder, tag)
+        meta = self.meta(tag)
+        reshard.load(engine, *reshard.read(os.path.join(path, RESHARDABLE)))
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+        derived = distributed.rank_seed(seed, self.rank) ^ int(meta["step"])
+        distributed.seed_rank(derived, self.rank)
+        random.seed(derived)
+        np.random.seed(derived % (1 << 32))
+        self.last_step = int(meta["step"])
+        return {k: meta[k] for k in ("loader", "step", "best_top1", "mlflow_run_id")}
+
     def load(self, tag: str, engine, ema=None) -> dict:
         """Restore the engine, this rank's RNG states and the EMA from ``tag``; returns
         the client dict. Synchronizes ranks (DeepSpeed's load)."""
@@ -356,15 +392,57 @@ class CheckpointManager:
         return client
 
 
-def check_layout(meta: dict, path: str, world: int, zero_stage: int, out: str) -> None:
-    """``path``: what wrote ``meta`` (a checkpoint, a finished run), for the message."""
-    if meta["world_size"] != world or meta["zero_stage"] != zero_stage:
+RESHARDABLE = "optim.safetensors"
+
+
+def check_layout(meta: dict, path: str, world: int, zero_stage: int, out: str, reshardable: bool = False) -> None:
+    """``path``: what wrote ``meta`` (a checkpoint, a finished run), for the message.
+    Another number of ranks is fine when the checkpoint has its optimizer state by name
+    (``reshardable``); another ZeRO stage is not."""
+    if meta["zero_stage"] != zero_stage or (meta["world_size"] != world and not reshardable):
+        why = "" if meta["zero_stage"] != zero_stage else \
+            " (a checkpoint without optimizer state by name: ZeRO-0, or written before it was kept)"
         raise InputError(
-            f"{path} was written by {meta['world_size']} ranks with ZeRO stage {meta['zero_stage']}, "
+            f"{path} was written by {meta['world_size']} ranks with ZeRO stage {meta['zero_stage']}{why}, "
             f"this run has {world} ranks and stage {zero_stage}: resume with the same layout, "
             f"or start a new output directory from the weights with model.init_from={out}/export/model.safetensors "
             "(optimizer state restarts)"
         )
+
+
+def peek_latest(folder: str) -> dict | None:
+    """The meta of the checkpoint ``latest`` names, as this process reads it (before any
+    process group: the trainer's batch layout depends on it; it checks afterwards that
+    every rank read the same)."""
+    try:
+        with open(os.path.join(folder, "latest")) as f:
+            tag = f.read().strip()
+        with open(os.path.join(folder, tag, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def elastic_grad_accum(meta: dict, world: int, micro_batch: int, grad_accum: int, allow_change: bool,
+                       path: str) -> int:
+    """``train.grad_accum`` for resuming on ``world`` ranks what ``meta`` was written
+    with on another number: the one that keeps the global batch (and so the lr, the
+    steps per epoch and the schedule). When none does: refused in one line naming the
+    numbers of ranks that can, unless ``allow_change`` (``train.allow_batch_change``):
+    then the configured one, and the lr follows the new global batch (linear rule)."""
+    saved = meta["schedule"]["global_batch"]
+    if saved % (micro_batch * world) == 0:
+        return saved // (micro_batch * world)
+    if allow_change:
+        return grad_accum
+    per = saved // micro_batch if saved % micro_batch == 0 else 0
+    fits = [str(r) for r in range(1, per + 1) if per % r == 0]
+    raise InputError(
+        f"{path} was written by {meta['world_size']} ranks with a global batch of {saved}; {world} ranks x "
+        f"micro-batch {micro_batch} cannot make it with any train.grad_accum: resume on "
+        f"{', '.join(fits) or 'the same number of'} ranks, or pass train.allow_batch_change=true "
+        f"(global batch {micro_batch * grad_accum * world}, lr scaled to it)"
+    )
 
 
 def check_schedule(saved: dict | None, current: dict, path: str, allow: bool) -> list[str]:

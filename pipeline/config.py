@@ -82,6 +82,7 @@ class TrainCfg:
     lock_wait_s: float = 120.0  # wait this long for another job's lock on train.out (a dead NFS client's lease) before refusing
     heartbeat_timeout_s: float = 30.0  # a rank silent this long (stopped, hung, node or network down) ends the run (0: off)
     allow_schedule_change: bool = False  # resume although the lr schedule (epochs, lr, batch...) changed
+    allow_batch_change: bool = False  # resume on a number of ranks that cannot keep the global batch (lr scales with it)
     compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA, off on CPU
 
     def __post_init__(self):

@@ -49,17 +49,23 @@ def adam_step(engine) -> int:
     return steps.pop() if steps else 0
 
 
-def gather(engine) -> tuple[dict[str, torch.Tensor], int]:
+def gather(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """({"<name>:fp32" | "<name>:exp_avg" | "<name>:exp_avg_sq": full fp32 tensor on the
-    CPU}, Adam's step count), the same on every rank. Synchronizes ranks."""
+    CPU}, Adam's step count); every rank takes part, only ``keep`` ranks hold the
+    tensors (the others get an empty dict). Synchronizes ranks."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     step = adam_step(engine)
+    if step:
+        _link_state(engine)
     state = {}
     for name, p in _trained(engine):
-        state[f"{name}:fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
-        for key in MOMENTS:
-            full = safe_get_full_optimizer_state(p, key) if step else None
+        fp32 = safe_get_full_fp32_param(p)
+        moments = [safe_get_full_optimizer_state(p, key) if step else None for key in MOMENTS]
+        if not keep:
+            continue
+        state[f"{name}:fp32"] = fp32.detach().float().cpu().clone()
+        for key, full in zip(MOMENTS, moments):
             state[f"{name}:{key}"] = torch.zeros_like(state[f"{name}:fp32"]) if full is None else \
                 full.detach().float().cpu().clone()
     return state, step
@@ -103,8 +109,22 @@ def _create_state(engine) -> None:
             kept, group["params"] = group["params"], [flat]
             _zero_step(base, [flat])
             group["params"] = kept
-    else:  # ZeRO-1/2 and BF16_Optimizer: then link each parameter's fragments to the new state
+    else:  # ZeRO-1/2 and BF16_Optimizer
         _zero_step(base, [p for g in base.param_groups for p in g["params"]])
+        _link_state(engine)
+
+
+def _link_state(engine) -> None:
+    """ZeRO-1/2 and BF16_Optimizer: point each parameter's fragment map at the Adam
+    state. DeepSpeed links it after the first step, but its own load_checkpoint makes
+    new fragment maps without it and keeps the 'linked' flag, so a resumed run's
+    accessors found no state; this links again whenever a map lacks it."""
+    opt = engine.optimizer
+    if not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        return  # ZeRO-3 reads its state directly
+    mapped = [p._hp_mapping for _, p in _trained(engine) if getattr(p, "_hp_mapping", None) is not None]
+    if any(m.optim_fragment is None or not m.optim_fragment for m in mapped):
+        opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
 
 

@@ -43,7 +43,8 @@ from pipeline import config as config_mod
 from pipeline import distributed, failures, mfu, tnt
 from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
-from pipeline.checkpoint import CheckpointManager, CheckpointWriteError, check_layout, check_schedule, write_atomic
+from pipeline.checkpoint import (CheckpointManager, CheckpointWriteError, check_layout, check_schedule,
+                                 elastic_grad_accum, peek_latest, write_atomic)
 from pipeline.data import DeviceFinish, EvalStream, Loader, TrainStream, load_manifest
 from pipeline.evaluate import Validator
 from pipeline.imagenet import InputError
@@ -208,6 +209,7 @@ class Trainer:
         self.watchdog.start()
         setup_logging(self.rank, self.out)
         self.device = distributed.device()
+        self._agree_grad_accum()
         self._lock_out(cfg.train.lock_wait_s)
         self._build_engine()
         self.best_top1 = -1.0
@@ -275,6 +277,7 @@ class Trainer:
                 EvalStream(self.val_manifest, eval_batch, rank=rank, world_size=world, augment=cfg.aug, finish=finish),
                 workers=cfg.data.workers, timeout_s=cfg.data.timeout_s,
             )
+        self._adapt_to_checkpoint(world)
         self.global_batch = t.micro_batch * t.grad_accum * world
         self.steps_per_epoch = len(self.loader) // t.grad_accum
         if self.steps_per_epoch == 0:
@@ -283,6 +286,43 @@ class Trainer:
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.schedule = schedule_of(cfg, self.steps_per_epoch, self.global_batch)
+
+    def _adapt_to_checkpoint(self, world: int) -> None:
+        """Resuming on another number of ranks: the ``train.grad_accum`` that keeps the
+        checkpoint's global batch (or the refusal, in one line). Read by each rank
+        before the process group exists; :meth:`_agree_grad_accum` checks they agree."""
+        t = self.cfg.train
+        self.layout_change = None
+        meta = peek_latest(os.path.join(self.out, "checkpoints"))
+        if meta is None or meta.get("world_size", world) == world or "schedule" not in meta:
+            return
+        accum = elastic_grad_accum(meta, world, t.micro_batch, t.grad_accum, t.allow_batch_change,
+                                   f"the checkpoint at step {meta['step']} in {self.out}")
+        self.layout_change = (f"{meta['world_size']} ranks x accum {meta.get('grad_accum', '?')} -> "
+                              f"{world} ranks x accum {accum}")
+        t.grad_accum = accum
+
+    def _agree_grad_accum(self) -> None:
+        """Every rank must run the same ``train.grad_accum`` (DeepSpeed's config): one
+        all-reduce of it and its negative. Synchronizes ranks."""
+        if self.world < 2:
+            return
+        both = torch.tensor([self.cfg.train.grad_accum, -self.cfg.train.grad_accum], device=self.device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        if int(both[0]) != -int(both[1]):
+            raise InputError(f"ranks read different checkpoints in {self.out} (train.grad_accum {int(-both[1])} to "
+                             f"{int(both[0])}): is the shared filesystem up to date on every node?")
+
+    def _expected_schedule(self, meta: dict) -> dict:
+        """The schedule a resume of ``meta`` (a checkpoint's, a finished run's) must have:
+        this run's, except that on another number of ranks with ``train.allow_batch_change``
+        the global batch, and so the steps per epoch, may change."""
+        expected = dict(self.schedule)
+        saved = meta.get("schedule") or {}
+        world = self.loader.stream.world_size  # also before the process group (a finished run)
+        if self.cfg.train.allow_batch_change and meta.get("world_size", world) != world:
+            expected.update({k: saved[k] for k in ("global_batch", "steps_per_epoch") if k in saved})
+        return expected
 
     def _check_finished(self) -> None:
         """A finished run re-run with the same settings: nothing to do (no new model
@@ -293,10 +333,10 @@ class Trainer:
             return
         with open(path) as f:
             done = json.load(f)
-        if "world_size" in done:
+        if "world_size" in done:  # any number of ranks may look at a finished run
             check_layout(done, f"the finished run {path}", int(os.environ.get("WORLD_SIZE", 1)),
-                         self.cfg.train.zero_stage, self.out)
-        changed = check_schedule(done.get("schedule"), self.schedule, f"the finished run {path}",
+                         self.cfg.train.zero_stage, self.out, reshardable=True)
+        changed = check_schedule(done.get("schedule"), self._expected_schedule(done), f"the finished run {path}",
                                  self.cfg.train.allow_schedule_change)
         if not changed and done["step"] >= self.total_steps:
             raise Finished(
@@ -367,7 +407,7 @@ class Trainer:
     def save(self) -> None:
         """Synchronizes ranks (every rank saves its partition)."""
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "schedule": self.schedule,
-                "epoch": self.loader.completed_epochs}
+                "grad_accum": self.cfg.train.grad_accum, "epoch": self.loader.completed_epochs}
         with self.metrics.paused():
             self.checkpointer.save(self.step, self.engine, self._client_state(), meta,
                                    self.ema.module if self.ema else None, self._checkpoint_bytes())
@@ -379,6 +419,7 @@ class Trainer:
         per_param = {"bf16": 2, "fp16": 2, "fp32": 4}[t.precision] + 8
         per_param += 4 if t.zero_stage >= 1 and t.precision != "fp32" else 0
         per_param += 4 if self.ema is not None else 0
+        per_param += 12 if t.zero_stage >= 1 else 0  # optim.safetensors: masters and moments by name
         return self.num_params * per_param
 
     def resume(self) -> bool:
@@ -387,12 +428,26 @@ class Trainer:
             return False
         path = os.path.join(self.checkpointer.folder, tag)
         meta = self.checkpointer.meta(tag)
-        check_layout(meta, f"checkpoint {path}", self.world, self.cfg.train.zero_stage, self.out)
-        changed = check_schedule(meta.get("schedule"), self.schedule, f"checkpoint {path}",
-                                 self.cfg.train.allow_schedule_change)
+        t = self.cfg.train
+        elastic = meta["world_size"] != self.world
+        check_layout(meta, f"checkpoint {path}", self.world, t.zero_stage, self.out, self.checkpointer.reshardable(tag))
+        if elastic and self.layout_change is None:  # rank 0 fell back to an older checkpoint than the one peeked at
+            raise InputError(f"checkpoint {path} was written by {meta['world_size']} ranks, the newest one by "
+                             f"{self.world}: run the same command again")
+        changed = check_schedule(meta.get("schedule"), self._expected_schedule(meta), f"checkpoint {path}",
+                                 t.allow_schedule_change)
         if changed:
             log.warning("resuming %s with a changed schedule (train.allow_schedule_change=true): %s", path, "; ".join(changed))
-        client = self.checkpointer.load(tag, self.engine, self.ema)
+        if elastic:
+            was = meta["schedule"]["global_batch"]
+            log.warning("resuming %s on another number of ranks: %s, global batch %d (was %d)%s", path,
+                        self.layout_change, self.global_batch, was,
+                        ", lr scaled to it (train.allow_batch_change)" if self.global_batch != was else "")
+            client = self.checkpointer.load_resharded(tag, self.engine, t.seed, self.ema)
+            self._schedule_at(int(client["step"]))
+            self.engine.global_steps, self.engine.global_samples = int(client["step"]), int(client["step"]) * was
+        else:
+            client = self.checkpointer.load(tag, self.engine, self.ema)
         self.loader.load_state_dict(client["loader"])
         self.step = int(client["step"])
         self.best_top1 = float(client["best_top1"])
@@ -401,6 +456,15 @@ class Trainer:
         log.info("resumed from %s: step %d, epoch %d, batch %d, best top-1 %.2f", path, self.step,
                  self.loader.epoch_index, self.loader.batch_index, self.best_top1)
         return True
+
+    def _schedule_at(self, step: int) -> None:
+        """The lr schedule at ``step`` (resuming without DeepSpeed's own checkpoint, whose
+        scheduler state it would have restored)."""
+        self.scheduler.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
     # ----- the loop
 
@@ -452,6 +516,9 @@ class Trainer:
             self.tracker.artifact(os.path.join(self.out, "config.yaml"))
         if self.schedule_changes:
             self.tracker.tags({f"schedule_change.step{self.step}": "; ".join(self.schedule_changes)})
+        if self.layout_change and resumed:
+            self.tracker.tags({f"layout_change.step{self.step}": self.layout_change,
+                               f"global_batch.step{self.step}": str(self.global_batch)})
         log.info(
             "TNT %s: %.2fM params | %d ranks x micro-batch %d x accum %d = %d | lr %.2e | %d steps/epoch, %d steps | "
             "ZeRO %d %s (%s) | %s%s",

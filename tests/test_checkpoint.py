@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import CheckpointManager, check_layout, check_schedule, rng_state, set_rng_state
+from pipeline.checkpoint import (CheckpointManager, check_layout, check_schedule, elastic_grad_accum, rng_state,
+                                 set_rng_state)
 from pipeline.imagenet import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,9 @@ class FakeEngine:
 
     def __init__(self):
         self.loaded = None
+
+    def zero_optimization_stage(self):
+        return 0  # no optimizer state by name to gather (pipeline/reshard.py: test_reshard.py)
 
     def save_checkpoint(self, folder, tag, client_state, save_latest):
         assert save_latest is False
@@ -104,6 +108,21 @@ def test_schedule_and_layout_checks_name_the_change_and_the_way_out():
     assert check_schedule(saved, {**saved, "optim.epochs": 4}, "checkpoint x", allow=True) == ["optim.epochs 2 -> 4"]
     with pytest.raises(InputError, match=r"written by 2 ranks.*model.init_from=/o/export/model.safetensors"):
         check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 1, "/o")
+    check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 1, "/o", reshardable=True)
+    with pytest.raises(InputError, match=r"with ZeRO stage 1, this run has 1 ranks and stage 2"):
+        check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 2, "/o", reshardable=True)
+
+
+@pytest.mark.parametrize("world,allow,expected", [(1, False, 4), (4, False, 1), (2, False, 2), (8, True, 3),
+                                                  (3, False, "resume on 1, 2, 4 ranks"), (8, False, "1, 2, 4 ranks")])
+def test_another_number_of_ranks_keeps_the_global_batch_or_is_refused_in_one_line(world, allow, expected):
+    meta = {"world_size": 2, "schedule": {"global_batch": 256}}  # 2 ranks x micro-batch 64 x accum 2
+    if isinstance(expected, int):
+        assert elastic_grad_accum(meta, world, 64, 3, allow, "checkpoint x") == expected
+    else:
+        with pytest.raises(InputError, match=rf"global batch of 256; {world} ranks x micro-batch 64 .*{expected}.*"
+                                             rf"train.allow_batch_change=true \(global batch {64 * 3 * world}"):
+            elastic_grad_accum(meta, world, 64, 3, allow, "checkpoint x")
 
 
 def test_a_damaged_checkpoint_is_moved_aside_and_the_intact_one_used(tmp_path, caplog):

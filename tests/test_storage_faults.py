@@ -52,10 +52,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(demo_shar
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 14 MB tmpfs: room for one checkpoint of the tiny model (~10 MB), not two."""
+    """A 24 MB tmpfs: room for one checkpoint of the tiny model (~16 MB, 6.7 of them its
+    optimizer state by name), not two."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
     yield mnt
