@@ -89,6 +89,7 @@ def main() -> None:
     import torch
 
     from pipeline import reshard
+    from pipeline.checkpoint import fsync_tree
     from pipeline.distributed import init_distributed
 
     init_distributed(600)
@@ -100,11 +101,13 @@ def main() -> None:
         loss = engine(x).float().logsumexp(-1).mean()
         engine.backward(loss)
         engine.step()
-        ds_dir, ours = os.path.join(work, f"ds{stage}"), os.path.join(work, f"optim{stage}.safetensors")
-        t_ds = timed(lambda: engine.save_checkpoint(ds_dir, tag="t", save_latest=False))
+        ds_dir, ours = os.path.join(work, f"ds{stage}"), os.path.join(work, f"ours{stage}", "optim.safetensors")
+        os.makedirs(os.path.dirname(ours))
+        # both fsynced, as pipeline/checkpoint.py does before a checkpoint counts as complete
+        t_ds = timed(lambda: (engine.save_checkpoint(ds_dir, tag="t", save_latest=False), fsync_tree(ds_dir)))
         box = {}
         t_gather = timed(lambda: box.update(zip(("state", "step"), reshard.gather(engine))))
-        t_write = timed(lambda: reshard.save(ours, box["state"], box["step"]))
+        t_write = timed(lambda: (reshard.save(ours, box["state"], box["step"]), fsync_tree(os.path.dirname(ours))))
         mb_ds, mb_ours = folder_mb(ds_dir), os.path.getsize(ours) / 1e6
         ceiling = raw_write_s(os.path.join(work, "raw"), int(mb_ours * 1e6))
         fresh = engine_for(args.variant, stage)
