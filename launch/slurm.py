@@ -275,11 +275,11 @@ def submit_chain(args, trainer_args: list[str], workdir: str, resubmissions: int
     """Submit one training attempt and (with --max-failures) its companion; (job, companion)."""
     import copy
 
-    job = executor(args).submit(TrainJob(trainer_args, workdir, resubmissions))
+    job = executor(args, nodes=nodes_for_attempt(args)).submit(TrainJob(trainer_args, workdir, resubmissions))
     recover = None
     if args.max_failures > 0:
         small = copy.copy(args)
-        small.nodes, small.gpus_per_node, small.cpus_per_task, small.time, small.mem = 1, 0, 1, 15, 0
+        small.nodes, small.gpus_per_node, small.cpus_per_task, small.time, small.mem = (1, 1), 0, 1, 15, 0
         small.job_name = f"{args.job_name}-recover"
         small.sbatch = [*args.sbatch, f"dependency=afternotok:{job.job_id}", "kill_on_invalid_dep=yes"]
         results = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
@@ -307,7 +307,7 @@ class ShardTask:
         return status
 
 
-def executor(args, srun_args: list[str] | None = None):
+def executor(args, srun_args: list[str] | None = None, nodes: int | None = None):
     import submitit
 
     if args.dry_run and shutil.which("srun") is None:
@@ -315,10 +315,11 @@ def executor(args, srun_args: list[str] | None = None):
         # script needs none (a dry run from a laptop or a fresh CI machine)
         submitit.SlurmExecutor.affinity = classmethod(lambda cls: 1)
     ex = submitit.AutoExecutor(folder=args.folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
-    extra = dict(kv.split("=", 1) for kv in args.sbatch)
+    # KEY=VALUE, or KEY= for a flag without a value (no-requeue=)
+    extra = {k: v if v else True for k, v in (kv.split("=", 1) for kv in args.sbatch)}
     params = dict(
         name=args.job_name,
-        nodes=args.nodes,
+        nodes=nodes or args.nodes[1],
         tasks_per_node=max(1, args.gpus_per_node),
         cpus_per_task=args.cpus_per_task,
         timeout_min=args.time,
@@ -373,11 +374,15 @@ def submit_train(args, trainer_args: list[str]) -> int:
         script = ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>")
         print(script)
         print(f"# each task runs: python -m pipeline.train {shlex.join(trainer_args)}")
+        if args.nodes[0] < args.nodes[1]:
+            print(f"# --nodes {nodes_text(args.nodes)}: each attempt asks for the nodes up when it is submitted, "
+                  f"{args.nodes[0]} to {args.nodes[1]} (shown: {args.nodes[1]})")
         if args.max_failures:
             print(f"# after a fault, a companion job (--dependency=afternotok) resubmits it, up to {args.max_failures} times")
         return 0
     job, recover = submit_chain(args, trainer_args, os.getcwd(), 0, out)
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s)"
+    nodes = job.num_tasks // max(1, args.gpus_per_node)
+    print(f"submitted job {job.job_id}: {nodes} node(s) x {max(1, args.gpus_per_node)} task(s)"
           + (f"; recovery job {recover.job_id} resubmits it after a fault (--max-failures {args.max_failures})" if recover else ""))
     print(f"  logs: {job.paths.stdout} / {job.paths.stderr}")
     print(f"  attempts: {os.path.join(out, ATTEMPTS)}; faults: {os.path.join(out, 'failures.jsonl')}")
@@ -441,10 +446,52 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
     """The module docstring as written, and every option's default."""
 
 
+def usable_nodes(partition: str = "", env: dict | None = None) -> int | None:
+    """Nodes of ``partition`` (all: the default one and the rest) that respond and take
+    jobs, as ``sinfo`` sees them now: not down, drained, failing or not responding
+    (``*``). None when sinfo says nothing."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%N %T", *(["-p", partition] if partition else [])]
+    lines = subprocess.run(cmd, capture_output=True, text=True, env=env).stdout.splitlines()
+    states = dict(line.split(None, 1) for line in lines if len(line.split()) == 2)
+    bad = ("down", "drain", "fail", "maint", "unknown", "reboot", "power", "future", "inval", "not_responding")
+    return len([n for n, st in states.items() if not st.endswith("*") and not st.startswith(bad)]) if states else None
+
+
+def nodes_for_attempt(args) -> int:
+    """An attempt's node count: with ``--nodes MIN-MAX``, as many as are usable now
+    (:func:`usable_nodes`), between MIN and MAX (MIN when fewer: it waits for them), so
+    that a job which lost a node goes on with the rest. (sbatch's own ``--nodes=MIN-MAX``
+    was tried: the Slurm 22.05 test cluster started such jobs on MIN nodes with all free.)"""
+    lo, hi = args.nodes
+    if lo == hi:
+        return hi
+    up = usable_nodes(args.partition)
+    return hi if up is None else max(lo, min(hi, up))
+
+
+def node_range(text: str) -> tuple[int, int]:
+    """``4`` -> (4, 4); ``2-4`` -> (2, 4)."""
+    lo, _, hi = text.partition("-")
+    try:
+        nodes = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of nodes or a MIN-MAX range: {text!r}") from None
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise argparse.ArgumentTypeError(f"want 1 <= MIN <= MAX, not {text!r}")
+    return nodes
+
+
+def nodes_text(nodes: tuple[int, int]) -> str:
+    return str(nodes[0]) if nodes[0] == nodes[1] else f"{nodes[0]}-{nodes[1]}"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__, formatter_class=_Help)
     p.add_argument("mode", nargs="?", choices=("train", "shard"), default="train", help="train (default) or shard (a job array)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes for training")
+    p.add_argument("--nodes", type=node_range, default="1", metavar="N|MIN-MAX",
+                   help="nodes for training; MIN-MAX: each attempt (the first, and each resubmission after a fault) "
+                        "asks for as many as are up (responding, not drained), at least MIN: the trainer then "
+                        "resumes on that many ranks with the global batch kept")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: one CPU task per node)")
     p.add_argument("--cpus-per-task", type=int, default=10,
                    help="CPU cores per task: at least data.workers + 2 (the main process and the pin-memory thread)")

@@ -97,7 +97,10 @@ def fsync_tree(path: str) -> None:
     ``COMPLETE`` must not leave a checkpoint whose files never reached the disk."""
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:  # another rank's temporary file, renamed since the listing: its
+                continue  # writer fsyncs the file under its final name in its own walk
             try:
                 os.fsync(fd)
             finally:

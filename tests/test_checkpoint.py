@@ -195,3 +195,16 @@ def test_train_out_lock_refuses_a_second_job_and_dies_with_its_holder(tmp_path):
     lock = RunLock(out)
     lock.acquire(wait_s=1)
     lock.release()
+
+
+def test_fsync_tree_skips_a_file_renamed_away_by_another_rank(tmp_path, monkeypatch):
+    """Every rank fsyncs the checkpoint directory while the others may still write into
+    it: a temporary file listed, then renamed by its writer (safetensors writes through
+    one), made the save fail on the rank that listed it, whose clean-up then removed
+    the directory under every other rank (seen on the two-host Slurm cluster)."""
+    from pipeline import checkpoint
+
+    (tmp_path / "kept").write_bytes(b"x")
+    listing = [(str(tmp_path), [], ["kept", ".tmpRenamedAway"])]
+    monkeypatch.setattr(checkpoint.os, "walk", lambda path: iter(listing))
+    checkpoint.fsync_tree(str(tmp_path))  # no FileNotFoundError

@@ -17,7 +17,7 @@ import time
 import pytest
 from mlflow_server import MlflowServer
 from safetensors.torch import load_file
-from test_train import metrics, train
+from test_train import losses, metrics, train
 
 from launch.slurm import read_attempts
 from pipeline import failures
@@ -74,6 +74,14 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
                  "# each task runs: python -m pipeline.train --config configs/tnt_s.yaml"):
         assert line in out.stdout
     assert os.listdir(tmp_path) == []
+    # a range: each attempt asks for the nodes up then (the dry run shows the most); a bad one refused
+    ranged = subprocess.run([*SLURM, "--nodes", "2-4", "--folder", str(tmp_path), "--dry-run", "--",
+                             "--config", "configs/tnt_s.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ranged.returncode == 0 and "#SBATCH --nodes=4" in ranged.stdout
+    assert "# --nodes 2-4: each attempt asks for the nodes up when it is submitted, 2 to 4" in ranged.stdout
+    bad = subprocess.run([*SLURM, "--nodes", "4-2", "--dry-run", "--", "--config", "configs/tnt_s.yaml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --nodes: want 1 <= MIN <= MAX, not '4-2'" in bad.stderr
 
 
 @pytest.mark.parametrize("trainer,error", [
@@ -294,22 +302,25 @@ def test_an_input_error_fails_the_job_and_is_not_resubmitted(cluster, demo_shard
     assert decision["after"] == first["job"] and decision["resubmit"] is False and decision["statuses"] == [2]
 
 
-def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_weights(
+def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
         netns_cluster, demo_shards, reference, tmp_path):
-    """Two faults in one 2-node run on the cluster whose nodes are hosts of their own.
+    """Two faults in one run launched with ``--nodes 1-2`` on the cluster whose nodes are
+    hosts of their own.
 
     1. SIGKILL to rank 1's process (what the OOM killer does): srun's
        --kill-on-bad-exit ends the job at once; the companion job, which Slurm starts
        only after a failure (afternotok), records which rank on which host left no
-       result and resubmits the job.
-    2. In that resubmitted attempt, node2's network link goes down (to its peers and
+       result and resubmits the job, which gets both nodes again and resumes exactly:
+       its losses are those of an uninterrupted run.
+    2. In that attempt, node2's network link goes down and stays down (to its peers and
        the controller the node is gone; no connection is reset, nothing fails fast by
        itself): rank 0 finds rank 1's heartbeat stopped within
-       train.heartbeat_timeout_s, records the lost host and exits; once the link is
-       back, Slurm's requeue or our resubmission runs the job again.
+       train.heartbeat_timeout_s, records the lost host and exits; Slurm marks node2
+       down, and the companion's resubmission asks for the nodes up, node1 alone: the
+       trainer resumes on 1 rank with train.grad_accum 2 (the same global batch) and
+       the optimizer state by name.
 
-    Each attempt resumes from `latest`; the run ends with the weights of an
-    uninterrupted run, in one MLflow run, with one model version; --wait follows the
+    The run finishes in one MLflow run with one model version; --wait follows the
     whole chain and exits 0."""
     import psutil
 
@@ -317,11 +328,20 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
 
     cluster = netns_cluster
     out = str(tmp_path / "run")
-    cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
-           "--failure-backoff", "1", "--wait", "--wait-timeout", "600", "--",
+    # --no-requeue: this cluster (JobRequeue=1) would requeue the job that lost a node
+    # itself, keeping its 2 nodes, and it would wait for node2 (README: Under Slurm)
+    cmd = [*SLURM, "--nodes", "1-2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
+           "--failure-backoff", "1", "--sbatch", "no-requeue=", "--wait", "--wait-timeout", "600", "--",
            *trainer_args(out, demo_shards, *STEPS, "train.ckpt_every=8", "train.heartbeat_timeout_s=10",
                          "mlflow.register_as=tnt-fault")]
     log = os.path.join(out, "train.log")
+    elastic = "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2"
+    # the first attempt asks for the nodes up: both, once both have registered
+    deadline = time.time() + 60
+    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=cluster, capture_output=True,
+                         text=True).stdout.split() != ["idle", "idle"]:
+        assert time.time() < deadline, "the cluster's two nodes did not come up"
+        time.sleep(0.5)
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lost = None
     try:
@@ -334,7 +354,7 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
         assert len(rank1) == 1, "rank 1's process not found"
         rank1[0].kill()
         killed_at = failures.resume_point(out)
-        # 2. the resubmitted attempt runs on: cut node2 off
+        # 2. the resubmitted attempt runs on: cut node2 off, for good
         until(proc, lambda: "resumed from" in _read(log) and (failures.resume_point(out) or "") > killed_at)
         testcluster.link(cluster["STATE"], "node2", up=False)
         cut = time.monotonic()
@@ -344,6 +364,7 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
                              and r["kind"].startswith("lost a peer rank")), None)
                 time.sleep(0.2)
             detected = time.monotonic() - cut
+            until(proc, lambda: elastic in _read(log), timeout=300)  # the next attempt, on node1 alone
         finally:
             testcluster.link(cluster["STATE"], "node2", up=True)
         stdout, stderr = proc.communicate(timeout=500)
@@ -366,12 +387,18 @@ def test_a_killed_rank_then_a_node_cut_off_each_recover_to_the_uninterrupted_wei
     text = _read(log)
     for tag in (killed_at, lost["resume_from"]):
         assert "resumed from " + os.path.join(out, "checkpoints", tag) in text
-    same_weights(reference, out)
+    assert elastic in text
+    # exact up to the node loss (fault 1 recovered on both nodes), then one rank: its own samples
+    on_two, ref = int(lost["resume_from"][4:]), losses(reference)
+    got = losses(out)
+    assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in range(1, on_two + 1))
+    assert sorted(got) == list(range(1, 41)) and all(0 < got[s] < 3 for s in got)
     from mlflow import MlflowClient
 
     client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags[f"layout_change.step{on_two}"] == "2 ranks x accum 1 -> 1 ranks x accum 2"
     assert len(client.search_model_versions("name='tnt-fault'")) == 1
     print(f"node cut off: found in {detected:.0f} s")
 
