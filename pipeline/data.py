@@ -786,8 +786,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.epoch_samples = epoch_samples or manifest.num_samples
         if augment.cv2_geometry and augment.auto_augment:
             _cv2_one_thread()  # here, before DataLoader workers fork
-        self.batches = self.epoch_samples // (world_size * batch_size)
-        if self.batches == 0:
+        if self.epoch_samples // (world_size * batch_size) == 0:  # batches per rank: __len__
             raise InputError(
                 f"batch {batch_size} x {world_size} ranks is more than the {self.epoch_samples} samples of {manifest.path}"
             )
@@ -802,19 +801,21 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         """Batches per rank in the current epoch: ``batches``, or fewer in an epoch that
-        continues on another layout (:meth:`_phase`)."""
-        phase, history = self._phase()
-        if not phase:
-            return self.batches
-        rest = _remaining(self.seed, self.epoch, self.epoch_samples, self.shuffle_buffer, history)
-        return len(rest) // (self.world_size * self.batch_size)
+        continues on another layout (:meth:`history_of`)."""
+        return len(self.positions_left(self.epoch, self.history_of(self.epoch))) // (self.world_size * self.batch_size)
 
-    def _phase(self) -> tuple[int, tuple]:
-        """(phase, the earlier phases) of the current epoch: phase 0 unless the epoch was
-        begun on another layout (ranks, workers, batch) and continues on this one."""
-        if self.plan is not None and self.plan[0] == self.epoch and self.plan[1]:
-            return len(self.plan[1]), self.plan[1]
-        return 0, ()
+    def history_of(self, epoch: int) -> tuple:
+        """The earlier layouts (ranks, workers, batch, batches done) of ``epoch``, which
+        continues on this one (set by :meth:`Loader.load_state_dict`); () for an epoch
+        begun on this layout. Its length is the epoch's phase."""
+        return self.plan[1] if self.plan is not None and self.plan[0] == epoch else ()
+
+    def positions_left(self, epoch: int, history: tuple) -> Sequence[int]:
+        """The positions of ``epoch`` for its next layout: all of them, or what the
+        layouts of ``history`` left (:func:`_remaining`)."""
+        if not history:
+            return range(self.epoch_samples)
+        return _remaining(self.seed, epoch, self.epoch_samples, self.shuffle_buffer, history)
 
     def worker_batches(self, logical: int, workers: int) -> int:
         """Batches the rank's ``logical``-th worker makes this epoch (batch k -> k % workers)."""
@@ -827,12 +828,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _positions(self, logical: int, workers: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
         """(virtual position, raw sample): the slot's range shuffled, then top-up.
-        In a later phase of an epoch (:meth:`_phase`) the slot's positions are its part
+        In a later phase of an epoch (:meth:`history_of`) the slot's positions are its part
         of what the earlier phases left, read in order (skipping the others, undecoded)."""
-        phase, history = self._phase()
-        positions: Sequence[int] = range(self.epoch_samples)
-        if phase:
-            positions = _remaining(self.seed, self.epoch, self.epoch_samples, self.shuffle_buffer, history)
+        history = self.history_of(self.epoch)
+        phase, positions = len(history), self.positions_left(self.epoch, history)
         _, slots = _phase_layout(len(positions), self.world_size, workers, self.batch_size)
         lo, hi = slots[self.rank * workers + logical]
         r = self.repeats
@@ -932,7 +931,6 @@ class EvalStream(TrainStream):
         self.shared = self.plan = None
         self.returns, self.keep = None, 4
         self._transform = self._finish = self._worker_buffers = None
-        self.batches = None  # depends on the number of workers: see worker_batches
 
     def __len__(self) -> int:
         return self.num_workers * self.worker_batches(0, self.num_workers)
@@ -1009,10 +1007,6 @@ class Loader:
     def _layout(self) -> tuple[int, int, int]:
         return self.stream.world_size, max(1, self.workers), self.stream.batch_size
 
-    def _history(self) -> tuple:
-        plan = self.stream.plan
-        return plan[1] if plan is not None and plan[0] == self.epoch_index else ()
-
     def state_dict(self) -> dict:
         """Epoch, batches done in it on this layout (ranks, workers, batch), and the
         earlier layouts of the epoch with what each used (``history``): enough for any
@@ -1020,7 +1014,7 @@ class Loader:
         world, workers, batch = self._layout()
         return {"epoch": self.epoch_index, "batch": self.batch_index, "seed": self.stream.seed,
                 "workers": workers, "world_size": world, "batch_size": batch,
-                "history": [list(h) for h in self._history()]}
+                "history": [list(h) for h in self.stream.history_of(self.epoch_index)]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` left off. On another layout (ranks, workers or batch
@@ -1035,9 +1029,7 @@ class Loader:
         saved = (int(state.get("world_size", stream.world_size)), int(state.get("workers", max(1, self.workers))),
                  int(state.get("batch_size", stream.batch_size)))
         history = tuple(tuple(int(v) for v in h) for h in state.get("history", ()))
-        n = len(_remaining(stream.seed, epoch, stream.epoch_samples, stream.shuffle_buffer, history)) if history \
-            else stream.epoch_samples
-        if done >= n // (saved[0] * saved[2]):  # the saved layout had finished the epoch
+        if done >= len(stream.positions_left(epoch, history)) // (saved[0] * saved[2]):  # it had finished the epoch
             epoch, done, history = epoch + 1, 0, ()
         elif done and saved != self._layout():
             history += (saved + (done,),)
