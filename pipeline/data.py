@@ -88,6 +88,7 @@ travel with each batch into :attr:`Loader.counters`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -106,7 +107,9 @@ import torch
 from PIL import Image
 
 from pipeline.compat import fix_timm_posterize
+from pipeline import store as storage
 from pipeline.imagenet import InputError
+from pipeline.store import Store
 
 log = logging.getLogger("tntpipe.data")
 
@@ -130,32 +133,55 @@ class Manifest:
     sizes: tuple[int, ...]  # samples per shard
     classes: tuple[str, ...]  # class ids by index
     path: str
+    shard_bytes: tuple[int | None, ...] = ()  # per shard, when the manifest says
+    sha256: tuple[str | None, ...] = ()
+    # per shard: each sample's byte offset in the tar (int64 array), or None (older
+    # builds): a slot then reads the shard from its first byte and skips undecoded
+    offsets: tuple = ()
+    store: Store = Store()  # retries and cache for remote shards
 
     def summary(self) -> dict:
         return {"split": self.split, "samples": self.num_samples, "shards": len(self.urls), "classes": self.num_classes}
 
 
-def load_manifest(path: str, url_base: str | None = None) -> Manifest:
-    """Read ``<split dir>/manifest.json`` (or a manifest file path).
+def load_manifest(path: str, url_base: str | None = None, store: Store = Store()) -> Manifest:
+    """Read ``<split>/manifest.json`` (or a manifest file) from a local path, ``s3://``
+    or ``http(s)://`` (:mod:`pipeline.store`; other schemes are refused).
 
     Shard URLs are the manifest's names next to the manifest, or ``url_base`` joined
     with each name; a ``url_base`` containing ``{shard}`` is formatted instead, e.g.
-    ``"pipe:aws s3 cp s3://bucket/imagenet/train/{shard} -"``. Anything
-    ``webdataset.gopen`` opens works.
+    ``"pipe:aws s3 cp s3://bucket/imagenet/train/{shard} -"`` (anything
+    ``webdataset.gopen`` opens; such pipes are read from each shard's first byte).
     """
-    file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC)")
+    remote = bool(storage.scheme(path))
+    if remote:
+        file = path if path.endswith(".json") else storage.join(path, "manifest.json")
+        try:
+            text = storage.read_bytes(file, store.policy)
+        except storage.StoreError as exc:
+            if "not found" not in str(exc):
+                raise
+            raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC --out ...)") from None
+    else:
+        path = storage.local_path(path)
+        file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC)")
+        try:
+            with open(file, "rb") as f:
+                text = f.read()
+        except OSError as exc:
+            raise InputError(f"unreadable shard manifest {file}: {exc}") from exc
     try:
-        with open(file) as f:
-            m = json.load(f)
+        m = json.loads(text)
         shards = m["shards"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:
         raise InputError(f"unreadable shard manifest {file}: {exc}") from exc
     shards = [s for s in shards if s.get("samples", 0) > 0]
     if not shards:
         raise InputError(f"shard manifest {file} lists no samples")
-    base = url_base or os.path.dirname(os.path.abspath(file))
+    base = url_base or (file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file)))
+    storage.check_url(base)
     if "{shard}" in base:
         urls = [base.format(shard=s["name"]) for s in shards]
     else:
@@ -169,6 +195,11 @@ def load_manifest(path: str, url_base: str | None = None) -> Manifest:
         sizes=tuple(int(s["samples"]) for s in shards),
         classes=classes,
         path=file,
+        shard_bytes=tuple(s.get("bytes") for s in shards),
+        sha256=tuple(s.get("sha256") for s in shards),
+        offsets=tuple(np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] else None
+                      for s in shards),
+        store=store,
     )
 
 
@@ -551,57 +582,125 @@ class _Reporter:
         return out
 
 
-def _shard_samples(url: str, report: _Reporter) -> Iterator[dict]:
-    """Samples of one shard, webdataset's tar reader; errors end the shard, counted."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
-    failed = []
+def _tar_samples(stream, url: str, report: _Reporter, failed: list) -> Iterator[dict]:
+    """Samples of a tar byte stream (webdataset's reader). An error ends the stream and
+    is counted as a bad shard: by then :mod:`pipeline.store` has retried what can be."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exc: BaseException) -> bool:
         failed.append(exc)
         return False  # stop this shard; the caller moves on to the next one
 
     try:
-        yield from group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler), handler=handler)
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
     except Exception as exc:  # noqa: BLE001 - anything a stream can raise ends the shard, not the run
         failed.append(exc)
+    finally:
+        stream.close()
     if failed:
         report.shard(url, failed[0])
 
 
+def _runs(idxs: Sequence[int], offsets: np.ndarray, gap_bytes: int) -> list[tuple[int, int]]:
+    """Sorted sample indices as ``[a, b)`` runs, one ranged read each; a gap of at most
+    ``gap_bytes`` is read through rather than paid for with another request."""
+    runs: list[list[int]] = []
+    for i in idxs:
+        if runs and (i == runs[-1][1] or offsets[i] - offsets[runs[-1][1]] <= gap_bytes):
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
 class _Sequence:
-    """The epoch's shards in some order, concatenated, repeated without end."""
+    """The epoch's shards in some order, concatenated, repeated without end.
+
+    A position is read from the byte where its sample starts (the manifest's offsets:
+    a ranged GET, or a seek), so a slot reads its own samples and no others."""
+
+    gap_bytes = 256 << 10
 
     def __init__(self, manifest: Manifest, order: list[int]):
         self.manifest = manifest
         self.order = order
         self.starts = np.cumsum([0] + [manifest.sizes[i] for i in order])
 
-    def read(self, start: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
-        """(position, sample) from ``start`` on; positions count from the epoch start."""
+    def _open(self, shard: int, a: int, b: int):
+        """A byte stream from sample ``a`` of ``shard`` to sample ``b`` (or its end), and
+        the index of its first sample."""
+        m = self.manifest
+        url = m.urls[shard]
+        offsets = m.offsets[shard] if m.offsets else None
+        if storage.scheme(url) == "pipe":
+            import webdataset.gopen
+
+            return webdataset.gopen.gopen(url), 0
+        size = m.shard_bytes[shard] if m.shard_bytes else None
+        sha = m.sha256[shard] if m.sha256 else None
+        if offsets is None:
+            return m.store.open(url, 0, size, size, sha), 0
+        end = int(offsets[b]) if b < m.sizes[shard] else size
+        return m.store.open(url, int(offsets[a]), end, size, sha), a
+
+    def _samples(self, shard: int, idxs: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
+        """(index in the shard, sample) for the sorted ``idxs`` of ``shard``; a shard that
+        fails (after the store's retries) yields nothing more, counted and logged."""
+        m = self.manifest
+        offsets = m.offsets[shard] if m.offsets else None
+        runs = _runs(idxs, offsets, self.gap_bytes) if offsets is not None else [(idxs[0], idxs[-1] + 1)]
+        wanted = idxs if isinstance(idxs, range) else set(idxs)
+        for a, b in runs:
+            failed: list = []
+            try:
+                stream, first = self._open(shard, a, b)
+            except Exception as exc:  # noqa: BLE001 - an unopenable shard is a bad shard
+                report.shard(m.urls[shard], exc)
+                return
+            for idx, sample in enumerate(_tar_samples(stream, m.urls[shard], report, failed), first):
+                if idx >= b:
+                    break
+                if idx in wanted:
+                    yield idx, sample
+            if failed:
+                return
+
+    def _shard_at(self, position: int) -> tuple[int, int]:
+        """(k-th shard of the order, the position of its first sample) holding ``position``."""
         n = int(self.starts[-1])
-        cycle, offset = divmod(start, n)
+        cycle, offset = divmod(position, n)
         k = int(np.searchsorted(self.starts, offset, side="right")) - 1
-        skip = offset - int(self.starts[k])
+        return k, cycle * n + int(self.starts[k])
+
+    def fetch(self, positions: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
+        """(position, sample) for the sorted ``positions``, in order; unreadable ones are
+        left out (counted by ``report``)."""
+        i = 0
+        while i < len(positions):
+            k, base = self._shard_at(positions[i])
+            shard = self.order[k]
+            j = bisect.bisect_left(positions, base + self.manifest.sizes[shard], i)
+            idxs = positions[i:j]
+            idxs = range(idxs.start - base, idxs.stop - base) if isinstance(idxs, range) else [p - base for p in idxs]
+            for idx, sample in self._samples(shard, idxs, report):
+                yield base + idx, sample
+            i = j
+
+    def read(self, start: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
+        """(position, sample) from ``start`` on, without end; positions count from the
+        epoch start. Raises :class:`DataError` when no shard of the split can be read."""
         empty_run = 0
         while True:
-            url = self.manifest.urls[self.order[k]]
-            base = cycle * n + int(self.starts[k])
+            k, base = self._shard_at(start)
+            shard = self.order[k]
             got = False
-            for idx, sample in enumerate(_shard_samples(url, report)):
-                if idx < skip:
-                    continue
-                if idx >= self.manifest.sizes[self.order[k]]:
-                    break
+            for idx, sample in self._samples(shard, range(start - base, self.manifest.sizes[shard]), report):
                 got = True
                 yield base + idx, sample
-            skip = 0
             empty_run = 0 if got else empty_run + 1
             if empty_run >= len(self.order):
                 raise DataError(f"{report.where}: none of the {len(self.order)} shards of {self.manifest.path} could be read")
-            k += 1
-            if k == len(self.order):
-                k, cycle = 0, cycle + 1
+            start = base + self.manifest.sizes[shard]
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -826,33 +925,49 @@ class TrainStream(torch.utils.data.IterableDataset):
         random.Random(_seed_of("shards", self.seed, self.epoch)).shuffle(order)
         return order
 
-    def _positions(self, logical: int, workers: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
+    def _positions(self, logical: int, workers: int, report: _Reporter, skip: int = 0) -> Iterator[tuple[int, dict]]:
         """(virtual position, raw sample): the slot's range shuffled, then top-up.
-        In a later phase of an epoch (:meth:`history_of`) the slot's positions are its part
-        of what the earlier phases left, read in order (skipping the others, undecoded)."""
+
+        The shuffle is drawn on positions alone (a buffer shuffle: the t-th output is
+        among the first t + ``shuffle_buffer`` inputs), then the samples are fetched in
+        position order and handed out in the shuffled one, holding at most a buffer's
+        worth. So the first ``skip`` outputs (a resume) are never read, and in a later
+        phase of an epoch (:meth:`history_of`) only the slot's own part of what the
+        earlier phases left is read."""
         history = self.history_of(self.epoch)
         phase, positions = len(history), self.positions_left(self.epoch, history)
         _, slots = _phase_layout(len(positions), self.world_size, workers, self.batch_size)
         lo, hi = slots[self.rank * workers + logical]
         r = self.repeats
+        mine = range(lo, hi) if not phase else sorted(positions[lo:hi])
+        rng = _buffer_rng(self.seed, self.epoch, self.rank, logical, phase)
+        order = list(_shuffled(iter(mine), self.shuffle_buffer, rng))
         seq = _Sequence(self.manifest, self._order())
-
-        def expand(first: int):
-            for pos, sample in seq.read(first // r, report):
-                for v in range(pos * r, pos * r + r):
-                    if v >= first:
-                        yield v, sample
-
-        if not phase:
-            source = expand(lo)
-            in_range = (item for _, item in zip(range(hi - lo), source))  # range first: no extra pull
-        else:
-            mine = sorted(positions[lo:hi])
-            members = set(mine)
-            source = expand(mine[0] if mine else 0)
-            in_range = (item for _, item in zip(range(hi - lo), (i for i in source if i[0] in members)))
-        yield from _shuffled(in_range, self.shuffle_buffer, _buffer_rng(self.seed, self.epoch, self.rank, logical, phase))
-        yield from source  # only reached when bad samples must be made up for
+        todo = order[skip:]
+        needed = sorted({v // r for v in todo})
+        uses: dict[int, int] = {}
+        for v in todo:
+            uses[v // r] = uses.get(v // r, 0) + 1
+        fetched, held, frontier = seq.fetch(needed, report), {}, -1
+        for v in todo:
+            p = v // r
+            while frontier < p:
+                frontier, sample = next(fetched, (math.inf, None))
+                if sample is not None:
+                    held[frontier] = sample
+            if p not in held:
+                continue  # unreadable (counted): made up for by the top-up below
+            uses[p] -= 1
+            yield v, (held[p] if uses[p] else held.pop(p))
+        # Only reached when bad samples must be made up for: read on past the range.
+        after = (mine[-1] + 1) if len(mine) else hi
+        skip = max(0, skip - len(order))
+        for p, sample in seq.read(after // r, report):
+            for v in range(max(p * r, after), p * r + r):
+                if skip:
+                    skip -= 1
+                    continue
+                yield v, sample
 
     @property
     def pixel_dtype(self) -> torch.dtype:
@@ -885,9 +1000,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         total = self.worker_batches(logical, workers)
         report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
         buffers = self._buffers(physical, main)
-        stream = self._positions(logical, workers, report)
-        for _ in range(done * self.batch_size):  # resume: skip, without decoding
-            next(stream)
+        stream = self._positions(logical, workers, report, skip=done * self.batch_size)  # resume: never read
         B, S = self.batch_size, self.augment.img_size
         for j in range(done, total):
             buffer, image = buffers.take((B, 3, S, S), dtype=self.pixel_dtype)
@@ -948,18 +1061,17 @@ class EvalStream(TrainStream):
         report = _Reporter(f"rank {self.rank} worker {physical} ({self.manifest.split})")
         buffers = self._buffers(physical, main)
         seq = _Sequence(self.manifest, list(range(len(self.manifest.urls))))
-        samples = seq.read(lo, report) if hi > lo else iter(())
+        samples = seq.fetch(range(lo, hi), report)  # a bad shard's samples are left out
         S = self.augment.img_size
         pos = lo
         for _ in range(self.worker_batches(0, workers)):
             buffer, image = buffers.take((self.batch_size, 3, S, S), zero=True, dtype=self.pixel_dtype)  # padding: blank, label -1
             labels, keys = [], []
             while pos < hi and len(labels) < self.batch_size:
-                p, sample = next(samples)
-                if p >= hi:  # a bad shard made us read past the range: stop here
-                    pos = hi
-                    break
+                p, sample = next(samples, (hi, None))
                 pos = p + 1
+                if sample is None:  # the range is done
+                    break
                 try:
                     label = int(sample["cls"])
                     self._finish.image(image[len(labels)], self._transform(sample["jpg"]))

@@ -232,18 +232,33 @@ def build_shard(job: ShardJob) -> dict:
                 _tick()
         f.flush()
         os.fsync(f.fileno())
+    offsets = sample_offsets(tmp)
     os.replace(tmp, job.path)
     record = {
         "name": os.path.basename(job.path),
         "samples": written,
         "bytes": out.size,
         "sha256": out.sha.hexdigest(),
+        "offsets": offsets,
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "converted": converted,
         "skipped": skipped,
     }
     _write_atomic(_record_path(job.path), json.dumps(record, indent=1, sort_keys=True))
     return record
+
+
+def sample_offsets(path: str) -> list[int]:
+    """Each sample's byte offset in the tar (its first member's header): what lets a
+    reader start at any sample with a seek or a ranged GET (headers only are read)."""
+    offsets, last = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = member.name.partition(".")[0]
+            if key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -389,7 +404,7 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
         "total_bytes": sum(r["bytes"] for r in records),
         "num_classes": len(classes),
         "classes": [{"index": i, "id": c, "name": names.get(c, c), "count": counts.get(i, 0)} for i, c in enumerate(classes)],
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "offsets") if k in r} for r in records],
         "options": options.fingerprint(),
         "converted": [c for r in records for c in r["converted"]],
         "skipped": extra_skipped + [s for r in records for s in r["skipped"]],
