@@ -38,12 +38,32 @@ class DataCfg:
     eval_batch: int = 0  # 0: the training micro-batch
     finish: str = "auto"  # normalise/erase/Mixup: worker (float batches), device (uint8 batches, done on the GPU), auto: device on CUDA
     timeout_s: float = 600.0  # a rank whose DataLoader workers deliver no batch for this long fails (0: wait forever)
+    # Shards in an object store (data.train=s3://bucket/prefix/train, or http(s)://):
+    retries: int = 6  # attempts per request; each resumes from the byte reached; then the shard counts as bad
+    backoff_s: float = 0.5  # first wait between attempts, doubled each time (full jitter, at most 10 s)
+    read_timeout_s: float = 60.0  # a connection that sends nothing for this long is retried
+    cache_dir: str = ""  # local directory caching whole shards (sha256-checked, shared by a node's ranks); "": none
+    cache_limit: int = 0  # cache size in bytes, least recently used evicted (0: no limit)
+
+    def store(self):
+        """The :class:`pipeline.store.Store` these settings describe."""
+        from pipeline.store import Policy, ShardCache, Store
+
+        policy = Policy(attempts=self.retries, backoff=self.backoff_s, read_timeout=self.read_timeout_s,
+                        connect_timeout=min(10.0, self.read_timeout_s))
+        return Store(policy, ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None)
 
     def __post_init__(self):
         if self.finish not in ("auto", "worker", "device"):
             raise InputError(f"data.finish must be auto, worker or device, not {self.finish!r}")
         if self.timeout_s < 0:
             raise InputError(f"data.timeout_s must be >= 0 seconds (0: wait forever), not {self.timeout_s}")
+        if self.retries < 1 or self.read_timeout_s <= 0 or self.cache_limit < 0:
+            raise InputError("data.retries must be >= 1, data.read_timeout_s > 0 and data.cache_limit >= 0 bytes")
+        from pipeline.store import check_url
+
+        for url in (self.train, self.val, self.url_base):
+            check_url(url)
 
 
 @dataclasses.dataclass
@@ -129,7 +149,8 @@ class Config:
     @property
     def data_name(self) -> str:
         """The data set's name: ``mnist`` for ``shards/mnist/train``, ``x`` for ``x/``."""
-        path = os.path.normpath(os.path.abspath(self.data.train)) if self.data.train else ""
+        train = self.data.train.split("://", 1)[-1].rstrip("/")  # s3://bucket/x/train: x
+        path = os.path.normpath(os.path.abspath(train)) if train else ""
         if os.path.basename(path) in ("train", "val", "validation", "test"):
             path = os.path.dirname(path)
         return os.path.basename(path) or "data"

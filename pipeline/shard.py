@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: `python pipeline/shard.py`
     if sys.path[1] == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[1]  # don't let pipeline/*.py shadow top-level modules
 
+from pipeline import store
 from pipeline.imagenet import Entry, InputError, has_class_folders, list_split, synset_mapping_names, synset_names
 
 FORMAT = "tntpipe-shards/1"
@@ -87,6 +88,7 @@ class ShardJob:
     path: str
     samples: tuple[Sample, ...]
     options: Options
+    remote: str = ""  # the shard's URL in an object store ("": path is the output)
 
 
 class SkipImage(Exception):
@@ -183,7 +185,8 @@ def _tick():
 
 
 def _record_path(shard_path: str) -> str:
-    return os.path.join(os.path.dirname(shard_path), ".records", os.path.basename(shard_path) + ".json")
+    head, _, name = shard_path.rpartition("/")
+    return f"{head}/.records/{name}.json"
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -244,7 +247,13 @@ def build_shard(job: ShardJob) -> dict:
         "converted": converted,
         "skipped": skipped,
     }
-    _write_atomic(_record_path(job.path), json.dumps(record, indent=1, sort_keys=True))
+    text = json.dumps(record, indent=1, sort_keys=True)
+    if job.remote:  # the complete shard, then its record: a record means the object is whole
+        store.put_file(job.path, job.remote)
+        store.put_bytes(text.encode(), _record_path(job.remote))
+        os.remove(job.path)
+        return record
+    _write_atomic(_record_path(job.path), text)
     return record
 
 
@@ -270,7 +279,17 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def load_complete_record(shard_path: str) -> dict | None:
-    """The shard's record if the shard on disk is complete and matches it, else None."""
+    """The shard's record if the shard on disk is complete and matches it, else None.
+    In an object store: if the record and an object of the recorded size exist (uploads
+    are atomic and the record is written after its shard; ``--verify`` re-hashes)."""
+    if store.scheme(shard_path):
+        try:
+            record = json.loads(store.read_bytes(_record_path(shard_path)))
+        except store.StoreError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        return record if store.stat_size(shard_path) == record["bytes"] else None
     try:
         with open(_record_path(shard_path), encoding="utf-8") as f:
             record = json.load(f)
@@ -303,8 +322,9 @@ def class_list(splits: list[tuple[str, str]], listings: dict[str, list[Entry]]) 
     return sorted({e.cls for entries in listings.values() for e in entries})
 
 
-def plan_split(split: str, entries: list[Entry], classes: list[str], options: Options, out_dir: str):
-    """Deterministic shard plan: (jobs, samples not placed with their reasons)."""
+def plan_split(split: str, entries: list[Entry], classes: list[str], options: Options, out_dir: str, stage: str = ""):
+    """Deterministic shard plan: (jobs, samples not placed with their reasons). With an
+    object-store ``out_dir``, each shard is built under ``stage`` and then uploaded."""
     index = {c: i for i, c in enumerate(classes)}
     rejected = [{"path": e.rel, "reason": f"class {e.cls!r} is not in the class list"} for e in entries if e.cls not in index]
     entries = sorted((e for e in entries if e.cls in index), key=lambda e: e.rel)
@@ -320,8 +340,9 @@ def plan_split(split: str, entries: list[Entry], classes: list[str], options: Op
     jobs, current, current_bytes = [], [], 0
 
     def close():
-        path = os.path.join(out_dir, f"{split}-{len(jobs):06d}.tar")
-        jobs.append(ShardJob(len(jobs), path, tuple(current), options))
+        name = f"{split}-{len(jobs):06d}.tar"
+        remote = store.join(out_dir, name) if stage else ""
+        jobs.append(ShardJob(len(jobs), os.path.join(stage or out_dir, name), tuple(current), options, remote))
 
     for i, e in enumerate(entries):
         if current and (len(current) >= options.shard_size or current_bytes + e.size > options.shard_bytes):
@@ -357,14 +378,36 @@ def _only_quality_differs(out_dir: str, old: dict, build: dict) -> bool:
         return False
 
 
-def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
-    """Refuse to mix shards of different inputs/options in one directory."""
-    path = os.path.join(out_dir, "build.json")
+def _read_text(path: str) -> str | None:
+    """A local file's or an object's text; None if it does not exist."""
+    if store.scheme(path):
+        try:
+            return store.read_bytes(path).decode()
+        except store.StoreError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
     try:
         with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+            return f.read()
     except FileNotFoundError:
-        old = None
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically: a local file by rename, an object by one PUT (visible once complete)."""
+    if store.scheme(path):
+        store.put_bytes(text.encode(), path)
+    else:
+        _write_atomic(path, text)
+
+
+def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
+    """Refuse to mix shards of different inputs/options in one directory."""
+    path = store.join(out_dir, "build.json")
+    text = _read_text(path)
+    try:
+        old = None if text is None else json.loads(text)
     except ValueError:
         old = {}
     if old is not None and old != build and _only_quality_differs(out_dir, old, build):
@@ -374,13 +417,22 @@ def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
             diff = sorted(k for k in set(old.get("options", {})) | set(build["options"]) if old.get("options", {}).get(k) != build["options"].get(k))
             what = f"options differ: {', '.join(diff)}" if diff else "inputs differ"
             raise InputError(f"{out_dir} holds shards from another build ({what}); pass --overwrite to replace them")
+        if store.scheme(out_dir):
+            for name in store.list_names(out_dir) + [f".records/{n}" for n in store.list_names(store.join(out_dir, ".records"))]:
+                if name.endswith((".tar", ".json")) and name != "build.json":
+                    store.delete(store.join(out_dir, name))
         for pattern in ("*.tar", "*.tar.tmp-*", ".records/*.json", "manifest.json"):
             for p in glob.glob(os.path.join(out_dir, pattern)):
                 os.remove(p)
-    _write_atomic(path, json.dumps(build, indent=1, sort_keys=True))
+    _write_text(path, json.dumps(build, indent=1, sort_keys=True))
 
 
 def ensure_writable(out_dir: str) -> None:
+    if store.scheme(out_dir):  # one PUT and DELETE: a missing bucket or no access fails here, in one line
+        probe = store.join(out_dir, f".write-probe-{os.getpid()}")
+        store.put_bytes(b"ok", probe)
+        store.delete(probe)
+        return
     try:
         os.makedirs(os.path.join(out_dir, ".records"), exist_ok=True)
         probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")
@@ -409,7 +461,7 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
         "converted": [c for r in records for c in r["converted"]],
         "skipped": extra_skipped + [s for r in records for s in r["skipped"]],
     }
-    _write_atomic(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    _write_text(store.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))  # last: the split is complete
     return manifest
 
 
@@ -425,7 +477,7 @@ def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tupl
     for job in jobs:
         for stale in glob.glob(glob.escape(job.path) + ".tmp-*"):
             os.remove(stale)  # left by a killed run: this task owns this shard
-        record = load_complete_record(job.path)
+        record = load_complete_record(job.remote or job.path)
         if record is not None:
             records[job.index] = record
         else:
@@ -459,12 +511,24 @@ def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tupl
     return [records[j.index] for j in jobs if j.index in records], total
 
 
+def _stage_dir(url: str) -> str:
+    """Where shards bound for ``url`` are built before upload (one at a time per worker;
+    each is removed once uploaded). ``$TNTPIPE_STAGE`` or the system temp directory."""
+    root = os.environ.get("TNTPIPE_STAGE") or os.path.join(__import__("tempfile").gettempdir(), "tntpipe-stage")
+    path = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
+    ensure_writable(path)
+    return path
+
+
 def shard_dataset(args) -> list[dict]:
     src = os.path.abspath(args.src)
     if not os.path.isdir(src):
         raise InputError(f"input directory not found: {args.src}")
     name = args.name or os.path.basename(src.rstrip(os.sep))
-    out_root = args.out or os.path.join("shards", name)
+    out_root = store.check_url(args.out or os.path.join("shards", name))
+    remote = bool(store.scheme(out_root))
+    if remote and store.scheme(out_root) != "s3":
+        raise InputError(f"cannot write shards to {out_root}: the output is a local directory or s3://bucket/prefix")
     options = Options(
         seed=args.seed,
         shard_size=args.shard_size,
@@ -485,9 +549,10 @@ def shard_dataset(args) -> list[dict]:
     names = {**synset_names(), **synset_mapping_names(src)}
     summaries = []
     for split, _ in splits:
-        out_dir = os.path.join(out_root, split)
+        out_dir = store.join(out_root, split)
         ensure_writable(out_dir)
-        jobs, rejected = plan_split(split, listings[split], classes, options, out_dir)
+        stage = _stage_dir(out_dir) if remote else ""
+        jobs, rejected = plan_split(split, listings[split], classes, options, out_dir, stage)
         build = {"format": FORMAT, "options": options.fingerprint(), "classes": classes, "inputs_sha256": inputs_digest(listings[split]), "num_shards": len(jobs)}
         check_build_dir(out_dir, build, args.overwrite)
         mine = [] if args.merge else [j for j in jobs if j.index % args.num_tasks == args.task_index]
@@ -497,7 +562,7 @@ def shard_dataset(args) -> list[dict]:
         elapsed = time.perf_counter() - t0
         extra = [{"path": p, "reason": r} for p, r in ignored[split]] + rejected
         if len(mine) < len(jobs):  # other tasks own shards: merge once all are complete
-            records = [load_complete_record(j.path) for j in jobs]
+            records = [load_complete_record(j.remote or j.path) for j in jobs]
             missing = [j for j, r in zip(jobs, records) if r is None]
             if missing and args.merge:
                 raise InputError(f"cannot merge {split}: {len(missing)} shard(s) missing or incomplete, e.g. {os.path.basename(missing[0].path)}; re-run the task that owns it")
@@ -516,6 +581,13 @@ def shard_dataset(args) -> list[dict]:
 
 
 def find_manifests(path: str) -> list[str]:
+    if store.scheme(path):
+        if path.endswith(".json"):
+            return [path]
+        direct = store.join(path, "manifest.json")
+        if store.stat_size(direct) is not None:
+            return [direct]
+        return [m for m in (store.join(path, s, "manifest.json") for s in DEFAULT_SPLITS) if store.stat_size(m) is not None]
     if os.path.isfile(path):
         return [path]
     direct = os.path.join(path, "manifest.json")
@@ -524,8 +596,32 @@ def find_manifests(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "*", "manifest.json")))
 
 
+def _check_shard(p: str, shard: dict) -> tuple[str | None, int]:
+    """(the problem with the local shard file ``p``, or None; its sample count)."""
+    if not os.path.isfile(p):
+        return "missing", 0
+    if os.path.getsize(p) != shard["bytes"]:
+        return f"size {os.path.getsize(p)} != {shard['bytes']} in manifest", 0
+    if sha256_file(p) != shard["sha256"]:
+        return "sha256 does not match the manifest", 0
+    keys = Counter()
+    try:
+        with tarfile.open(p) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                keys[key] += 1
+    except (tarfile.TarError, OSError) as e:
+        return f"unreadable tar: {e}", 0
+    if len(keys) != shard["samples"] or any(n != 3 for n in keys.values()):
+        return f"{len(keys)} samples (expected {shard['samples']}, each jpg+cls+json)", len(keys)
+    return None, len(keys)
+
+
 def verify(path: str, quiet: bool = False) -> list[str]:
-    """Re-check sizes, checksums and readability of every shard; return the problems."""
+    """Re-check sizes, checksums and readability of every shard; return the problems.
+    Shards in an object store are downloaded one at a time to a temporary file."""
+    import tempfile
+
     from tqdm import tqdm
 
     manifests = find_manifests(path)
@@ -533,33 +629,25 @@ def verify(path: str, quiet: bool = False) -> list[str]:
         raise InputError(f"no manifest.json found in {path} or its split folders")
     problems = []
     for mpath in manifests:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-        directory = os.path.dirname(mpath)
+        manifest = json.loads(_read_text(mpath))
+        directory = mpath.rpartition("/")[0] if store.scheme(mpath) else os.path.dirname(mpath)
         total = 0
         for shard in tqdm(manifest["shards"], desc=f"verify {manifest['split']}", unit="shard", disable=quiet):
-            p = os.path.join(directory, shard["name"])
-            if not os.path.isfile(p):
-                problems.append(f"{p}: missing")
-                continue
-            if os.path.getsize(p) != shard["bytes"]:
-                problems.append(f"{p}: size {os.path.getsize(p)} != {shard['bytes']} in manifest")
-                continue
-            if sha256_file(p) != shard["sha256"]:
-                problems.append(f"{p}: sha256 does not match the manifest")
-                continue
-            keys = Counter()
-            try:
-                with tarfile.open(p) as tar:
-                    for member in tar:
-                        key, _, ext = member.name.partition(".")
-                        keys[key] += 1
-            except (tarfile.TarError, OSError) as e:
-                problems.append(f"{p}: unreadable tar: {e}")
-                continue
-            if len(keys) != shard["samples"] or any(n != 3 for n in keys.values()):
-                problems.append(f"{p}: {len(keys)} samples (expected {shard['samples']}, each jpg+cls+json)")
-            total += len(keys)
+            p = store.join(directory, shard["name"])
+            if store.scheme(p):
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, shard["name"])
+                    size = store.stat_size(p)
+                    if size is not None:
+                        with store.open_range(p, 0, size) as src, open(local, "wb") as dst:
+                            while chunk := src.read(1 << 22):
+                                dst.write(chunk)
+                    problem, count = _check_shard(local, shard)
+            else:
+                problem, count = _check_shard(p, shard)
+            if problem:
+                problems.append(f"{p}: {problem}")
+            total += count
         if total != manifest["num_samples"] and not problems:
             problems.append(f"{mpath}: {total} samples != num_samples {manifest['num_samples']}")
     return problems
@@ -593,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(listed one per line); 130 interrupted (completed shards are kept).",
     )
     p.add_argument("src", nargs="?", help="data root: holds train/ val/ ... split folders, or is itself one class-per-folder split")
-    p.add_argument("--out", help="output directory (default: shards/<name>)")
+    p.add_argument("--out", help="output directory, or s3://bucket/prefix (shards built under $TNTPIPE_STAGE or the temp "
+                                 "directory, uploaded, then removed locally; needs the [s3] extra) (default: shards/<name>)")
     p.add_argument("--name", help="data set name used for the default output directory (default: basename of src)")
     p.add_argument("--splits", help="comma-separated split folders to convert (default: those of train,val,validation,test present)")
     p.add_argument("--split-name", default="train", help="split name when src itself is a class-per-folder tree")
@@ -610,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)), help="number of tasks sharing the work (default: $SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--merge", action="store_true", help="only merge the per-shard records of all tasks into manifest.json")
     p.add_argument("--overwrite", action="store_true", help="replace shards built from other inputs or options instead of refusing")
-    p.add_argument("--verify", nargs="?", const=True, metavar="DIR", help="re-check sizes, sha256 and tar readability of shards in DIR (default: the output of src)")
+    p.add_argument("--verify", nargs="?", const=True, metavar="DIR", help="re-check sizes, sha256 and tar readability of shards in DIR or s3://... (default: the output of src)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -625,7 +714,7 @@ def print_summary(summaries: list[dict]) -> None:
         print(f"   converted {len(m['converted']):>10,}  (re-encoded to RGB JPEG)")
         print(f"   skipped   {len(m['skipped']):>10,}" + (f"  ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(4))})" if reasons else ""))
         print(f"   processed {m['_built']:>10,}  images in {m['_elapsed']:.1f}s ({rate:,.0f} img/s)" + ("; the rest were already complete" if m["_built"] < m["num_samples"] else ""))
-        print(f"   manifest  {os.path.join(m['_dir'], 'manifest.json')}")
+        print(f"   manifest  {store.join(m['_dir'], 'manifest.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

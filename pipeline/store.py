@@ -142,7 +142,7 @@ def _s3(policy: Policy):
         except ImportError:
             raise StoreError("s3:// URLs need boto3: pip install 'tntpipe[s3]' (or pip install boto3)") from None
         config = Config(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
-                        retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
+                        retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
         _clients[key] = boto3.session.Session().client("s3", config=config)
     return _clients[key]
 

@@ -250,9 +250,9 @@ class Trainer:
         environment only, no process group."""
         cfg, t = self.cfg, self.cfg.train
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        url_base = cfg.data.url_base or None
-        self.train_manifest = load_manifest(cfg.data.train, url_base)
-        self.val_manifest = load_manifest(cfg.data.val, url_base) if cfg.data.val else None
+        url_base, store = cfg.data.url_base or None, cfg.data.store()
+        self.train_manifest = load_manifest(cfg.data.train, url_base, store)
+        self.val_manifest = load_manifest(cfg.data.val, url_base, store) if cfg.data.val else None
         if t.precision == "fp16":
             from deepspeed.accelerator import get_accelerator
 
