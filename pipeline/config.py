@@ -63,7 +63,8 @@ class DataCfg:
         from pipeline.store import check_url
 
         for url in (self.train, self.val, self.url_base):
-            check_url(url)
+            if url:
+                check_url(url)
 
 
 @dataclasses.dataclass

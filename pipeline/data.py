@@ -135,8 +135,9 @@ class Manifest:
     path: str
     shard_bytes: tuple[int | None, ...] = ()  # per shard, when the manifest says
     sha256: tuple[str | None, ...] = ()
-    # per shard: each sample's byte offset in the tar (int64 array), or None (older
-    # builds): a slot then reads the shard from its first byte and skips undecoded
+    # per shard: each sample's byte offset in the tar, then the end of the last one
+    # (int64 array), or None (older builds): a slot then reads the shard from its first
+    # byte and skips undecoded
     offsets: tuple = ()
     store: Store = Store()  # retries and cache for remote shards
 
@@ -197,7 +198,7 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         path=file,
         shard_bytes=tuple(s.get("bytes") for s in shards),
         sha256=tuple(s.get("sha256") for s in shards),
-        offsets=tuple(np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] else None
+        offsets=tuple(np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
                       for s in shards),
         store=store,
     )
@@ -640,8 +641,7 @@ class _Sequence:
         sha = m.sha256[shard] if m.sha256 else None
         if offsets is None:
             return m.store.open(url, 0, size, size, sha), 0
-        end = int(offsets[b]) if b < m.sizes[shard] else size
-        return m.store.open(url, int(offsets[a]), end, size, sha), a
+        return m.store.open(url, int(offsets[a]), int(offsets[b]), size, sha), a
 
     def _samples(self, shard: int, idxs: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
         """(index in the shard, sample) for the sorted ``idxs`` of ``shard``; a shard that

@@ -258,8 +258,9 @@ def build_shard(job: ShardJob) -> dict:
 
 
 def sample_offsets(path: str) -> list[int]:
-    """Each sample's byte offset in the tar (its first member's header): what lets a
-    reader start at any sample with a seek or a ranged GET (headers only are read)."""
+    """Each sample's byte offset in the tar (its first member's header), then where the
+    last sample ends: what lets a reader fetch any run of samples, and nothing else,
+    with a seek or a ranged GET (only the headers are read here)."""
     offsets, last = [], None
     with tarfile.open(path) as tar:
         for member in tar:
@@ -267,6 +268,7 @@ def sample_offsets(path: str) -> list[int]:
             if key != last:
                 offsets.append(member.offset)
                 last = key
+        offsets.append(tar.offset)  # after the last member: the end-of-archive blocks
     return offsets
 
 

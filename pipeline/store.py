@@ -304,6 +304,18 @@ def read_bytes(url: str, policy: Policy = Policy()) -> bytes:
     if not s:
         with open(local_path(url), "rb") as f:
             return f.read()
+    if s != "s3":  # one GET: http.client raises IncompleteRead on a body shorter than its Content-Length
+        def get():
+            Stats.requests += 1
+            with urllib.request.urlopen(url, timeout=policy.read_timeout) as resp:
+                return resp.read()
+
+        try:
+            return _retrying("reach", url, get, policy)
+        except StoreError as exc:
+            if "HTTP 404" in str(exc):
+                raise StoreError(f"{url} not found") from None
+            raise
     size = stat_size(url, policy)
     if size is None:
         raise StoreError(f"{url} not found")

@@ -49,13 +49,14 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
 class S3Server:
     """``moto_server`` in a child process; ``bucket(name)`` creates a bucket."""
 
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_env = env or {}
 
     def __enter__(self) -> "S3Server":
         exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], env={**os.environ, **self.extra_env},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _wait_port(self.port, self.proc)
         return self

@@ -1,0 +1,262 @@
+"""Shards in an object store, against a real S3-compatible server (moto's server mode,
+its own process on 127.0.0.1) reached through the standard AWS endpoint variables,
+with a fault-injecting proxy in front of it (tests/s3_server.py): the builder writing
+to the store, the loader reading from it through 500s, 503 SlowDowns, resets, short
+bodies and stalls, the shard cache, the bytes read, and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_imagenet_tree
+from s3_server import FaultProxy, S3Server
+
+from pipeline import shard, store
+from pipeline.data import Augment, EvalStream, Loader, TrainStream, load_manifest
+from pipeline.imagenet import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = store.Policy(attempts=4, backoff=0.02, read_timeout=1.0, connect_timeout=1.0)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server, the proxy in front of it, and the environment pointing at the proxy."""
+    with S3Server() as server, FaultProxy(server.port, stall_s=2.5) as proxy:
+        saved = dict(os.environ)
+        os.environ.update(server.env(proxy.url))
+        store._clients.clear()
+        try:
+            yield server, proxy
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            store._clients.clear()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    make_imagenet_tree(str(root / "src"), per_class=20, odd=False)
+    return root
+
+
+def build(src, out, *extra) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return shard.main([src, "--out", out, "--shard-size", "7", "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def shards(s3, tree):
+    """The same tree built locally and into the store: (local split dir, s3 split URL)."""
+    server, proxy = s3
+    server.bucket("data")
+    assert build(str(tree / "src"), str(tree / "local")) == 0
+    assert build(str(tree / "src"), "s3://data/img") == 0
+    return str(tree / "local" / "train"), "s3://data/img/train"
+
+
+def epoch(manifest, world=1, workers=1, batch=4, start=None, epoch_=0):
+    """Keys and labels of every rank's batches of one epoch (slots run in-process)."""
+    out = []
+    for rank in range(world):
+        stream = TrainStream(manifest, batch, rank=rank, world_size=world, augment=Augment.light(32))
+        stream.epoch = epoch_
+        for w in range(workers):
+            if start is not None:
+                stream.start = start
+            out.append([(k, int(label)) for b in stream.iter_worker(w, workers, main=True)
+                        for k, label in zip(b["key"], b["label"])])
+    return out
+
+
+def test_unsupported_schemes_are_refused_not_taken_as_paths(tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shard.main([str(tree / "src"), "--out", "gs://bucket/x"]) == 2
+    assert "unsupported URL scheme gs://" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "gs:")
+    with pytest.raises(InputError, match="unsupported URL scheme ftp://"):
+        load_manifest("ftp://host/train")
+    from pipeline import config
+
+    with pytest.raises(InputError, match="unsupported URL scheme gs://"):
+        config.load(overrides=["data.train=gs://bucket/train"])
+
+
+def test_shards_built_into_the_store_are_the_local_bytes_and_a_rerun_uploads_only_what_is_missing(s3, tree, shards):
+    server, proxy = s3
+    local, remote = shards
+    client = server.client()
+    for split in ("train", "val"):
+        names = sorted(n for n in os.listdir(tree / "local" / split) if n.endswith((".tar", ".json")))
+        for name in names:  # same shards, same manifest (offsets included), byte for byte
+            body = client.get_object(Bucket="data", Key=f"img/{split}/{name}")["Body"].read()
+            assert body == open(tree / "local" / split / name, "rb").read(), name
+    # a build killed after some uploads: its record is missing, so that shard is built again
+    client.delete_object(Bucket="data", Key="img/train/.records/train-000003.tar.json")
+    client.delete_object(Bucket="data", Key="img/train/manifest.json")
+    puts = sum(n for (m, p), n in proxy.counts.items() if m == "PUT" and p.endswith(".tar"))
+    assert build(str(tree / "src"), "s3://data/img") == 0
+    assert sum(n for (m, p), n in proxy.counts.items() if m == "PUT" and p.endswith(".tar")) == puts + 1
+    assert client.get_object(Bucket="data", Key="img/train/manifest.json")["Body"].read() == \
+        open(tree / "local" / "train" / "manifest.json", "rb").read()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert shard.main(["--verify", "s3://data/img", "--quiet"]) == 0
+    # a damaged object is found by --verify
+    good = client.get_object(Bucket="data", Key="img/train/train-000001.tar")["Body"].read()
+    client.put_object(Bucket="data", Key="img/train/train-000001.tar", Body=good[:-1] + b"x")
+    try:
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            assert shard.main(["--verify", "s3://data/img", "--quiet"]) == 1
+        assert "s3://data/img/train/train-000001.tar: sha256 does not match the manifest" in err.getvalue()
+    finally:
+        client.put_object(Bucket="data", Key="img/train/train-000001.tar", Body=good)
+
+
+@pytest.mark.parametrize("via", ["s3", "http"])
+def test_a_flaky_network_gives_the_fault_free_epoch(s3, shards, via, caplog):
+    server, proxy = s3
+    local, remote = shards
+    if via == "http":  # moto serves objects on plain path-style URLs too, once readable by anyone
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                                                          "Resource": "arn:aws:s3:::data/*"}]}
+        server.client().put_bucket_policy(Bucket="data", Policy=json.dumps(policy))
+        remote = remote.replace("s3://", proxy.url + "/")
+    reference = epoch(load_manifest(local), world=2, workers=2)
+    kinds = ["500", "503", "reset", "short", "stall"]
+    seen: dict = {}
+
+    def fault(method, path, n):  # the first GET of each shard fails, cycling through the kinds
+        if method != "GET" or not path.endswith(".tar") or (path, via) in seen:
+            return None
+        seen[(path, via)] = kinds[len(seen) % len(kinds)]
+        return seen[(path, via)]
+
+    proxy.fault, proxy.injected = fault, type(proxy.injected)()
+    try:
+        with caplog.at_level(logging.INFO, logger="tntpipe.store"):
+            got = epoch(load_manifest(remote, store=store.Store(FAST)), world=2, workers=2)
+    finally:
+        proxy.fault = lambda *a: None
+    assert got == reference
+    assert set(proxy.injected) == set(kinds), proxy.injected
+    assert sum("retry 1/3 from byte" in r.message for r in caplog.records) >= len(seen)
+
+
+def test_a_shard_that_always_fails_is_skipped_after_its_retries_and_ranks_stay_equal(s3, shards, caplog):
+    server, proxy = s3
+    local, remote = shards
+    bad = "/data/img/train/train-000002.tar"
+    proxy.fault = lambda method, path, n: "500" if method == "GET" and path == bad else None
+    try:
+        manifest = load_manifest(remote, store=store.Store(FAST))
+        with caplog.at_level(logging.WARNING):
+            got = epoch(manifest, world=2, workers=1)
+    finally:
+        proxy.fault = lambda *a: None
+    reference = epoch(load_manifest(local), world=2, workers=1)
+    assert [len(k) for k in got] == [len(k) for k in reference]  # equal batch counts: nobody waits
+    assert all(k.split("_")[0] for slot in got for k, _ in slot)
+    gave_up = [r.message for r in caplog.records if "gave up" in r.message]
+    assert gave_up and "s3://data/img/train/train-000002.tar: gave up at byte" in gave_up[0]
+    assert "after 4 attempts: HTTP 500 InternalError" in gave_up[0]
+    lost = {k for slot in reference for k, _ in slot} - {k for slot in got for k, _ in slot}
+    assert 0 < len(lost) <= 7  # at most that shard's samples, made up for from the next ones
+
+
+def test_the_cache_serves_the_second_epoch_stays_under_its_limit_and_refetches_a_corrupt_file(s3, shards, tmp_path):
+    server, proxy = s3
+    local, remote = shards
+    cache_dir = str(tmp_path / "cache")
+    local_manifest = load_manifest(local)
+    total = sum(local_manifest.shard_bytes)
+    limit = total - min(local_manifest.shard_bytes) // 2  # all but one shard fits
+    manifest = load_manifest(remote, store=store.Store(FAST, store.ShardCache(cache_dir, limit)))
+    before = proxy.gets()
+    first = epoch(manifest, epoch_=0)
+    downloads = proxy.gets() - before
+    assert downloads == len(manifest.urls)  # each shard once, whole
+    size = lambda: sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir) if f.endswith(".tar"))
+    assert size() <= limit
+    # a big enough cache: the second epoch downloads nothing
+    manifest = load_manifest(remote, store=store.Store(FAST, store.ShardCache(cache_dir, total)))
+    epoch(manifest, epoch_=1)
+    before = proxy.gets()
+    again = epoch(manifest, epoch_=0)
+    assert again == first and proxy.gets() == before
+    # a corrupted cached file: found by its checksum and fetched again
+    victim = sorted(f for f in os.listdir(cache_dir) if f.endswith(".tar"))[0]
+    with open(os.path.join(cache_dir, victim), "r+b") as f:
+        f.seek(700)
+        f.write(b"\xff" * 16)
+    assert epoch(manifest, epoch_=0) == first
+    assert proxy.gets() == before + 1
+
+
+def test_each_byte_is_read_once_per_epoch_and_a_resume_reads_only_the_rest(shards):
+    local, _ = shards
+    manifest = load_manifest(local)
+    total = sum(manifest.shard_bytes)
+    for world, workers in ((1, 2), (4, 4)):
+        store.Stats.reset()
+        epoch(manifest, world=world, workers=workers, batch=2)
+        assert store.Stats.bytes <= 1.05 * total, (world, workers, store.Stats.bytes, total)
+    # half-way through a slot's batches: only what the other half needs is read
+    stream = TrainStream(manifest, 2, augment=Augment.light(32), shuffle_buffer=4)
+    store.Stats.reset()
+    full = [k for b in stream.iter_worker(0, 1, main=True) for k in b["key"]]
+    whole = store.Stats.bytes
+    stream.start = len(full) // 4
+    store.Stats.reset()
+    rest = [k for b in stream.iter_worker(0, 1, main=True) for k in b["key"]]
+    assert rest == full[len(full) // 2:]
+    assert store.Stats.bytes <= 0.65 * whole, (store.Stats.bytes, whole)
+
+
+def test_an_eval_stream_reads_the_store_like_local_disk(s3, shards):
+    local, remote = shards
+    val_local, val_remote = local.replace("/train", "/val"), remote.replace("/train", "/val")
+    keys = lambda m: [k for b in EvalStream(m, 3, world_size=1, augment=Augment.light(32)).iter_worker(0, 1, main=True)
+                      for k in b["key"]]
+    assert keys(load_manifest(val_remote, store=store.Store(FAST))) == keys(load_manifest(val_local))
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "wrong credentials", "unreachable endpoint"])
+def test_store_errors_stop_the_trainer_in_one_line_with_exit_2(s3, shards, case, tmp_path):
+    server, proxy = s3
+    env = dict(os.environ, MLFLOW_TRACKING_URI="")
+    data = shards[1]
+    guard = contextlib.nullcontext()
+    if case == "missing bucket":
+        data = "s3://no-such-bucket/img/train"
+    elif case == "unreachable endpoint":
+        from s3_server import free_port
+
+        env["AWS_ENDPOINT_URL_S3"] = env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    else:  # a second real server that checks credentials (moto's IAM: none are known)
+        guard = S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    with guard as strict:
+        if strict is not None:
+            env["AWS_ENDPOINT_URL_S3"] = env["AWS_ENDPOINT_URL"] = strict.url
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+             f"train.out={tmp_path / 'run'}", f"data.train={data}", "data.val=", "data.retries=2", "data.backoff_s=0.01",
+             "data.read_timeout_s=2", "mlflow.register_as="],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    expected = {"missing bucket": "bucket no-such-bucket does not exist",
+                "wrong credentials": "access to s3://data/img/train/manifest.json denied",
+                "unreachable endpoint": "cannot reach s3://data/img/train/manifest.json after 2 attempts"}[case]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
