@@ -35,8 +35,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -46,6 +48,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import contextlib
 from contextlib import contextmanager
 from typing import Callable
 
@@ -239,10 +242,12 @@ class RangeReader(io.RawIOBase):
     """Bytes ``[start, end)`` of ``url``; transient failures are retried and the read
     resumes from the byte reached (see the module docstring)."""
 
-    def __init__(self, url: str, start: int = 0, end: int | None = None, policy: Policy = Policy()):
+    def __init__(self, url: str, start: int = 0, end: int | None = None, policy: Policy = Policy(), file=None):
         self.url, self.pos, self.end, self.policy = url, start, end, policy
-        self.body = None
-        self.local = not scheme(url)
+        self.body = file  # an open local file (a cached shard), else opened on the first read
+        self.local = file is not None or not scheme(url)
+        if file is not None:
+            file.seek(start)
 
     def readable(self) -> bool:
         return True
@@ -293,9 +298,10 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def open_range(url: str, start: int = 0, end: int | None = None, policy: Policy = Policy(), buffer: int = 1 << 20):
-    """A buffered, retrying reader of bytes ``[start, end)``."""
-    return io.BufferedReader(RangeReader(url, start, end, policy), buffer_size=buffer)
+def open_range(url: str, start: int = 0, end: int | None = None, policy: Policy = Policy(), buffer: int = 1 << 20,
+               file=None):
+    """A buffered, retrying reader of bytes ``[start, end)`` (of ``file`` if given)."""
+    return io.BufferedReader(RangeReader(url, start, end, policy, file), buffer_size=buffer)
 
 
 def read_bytes(url: str, policy: Policy = Policy()) -> bytes:
@@ -445,8 +451,12 @@ class ShardCache:
 
     A shard is downloaded to a temporary file, checked against the manifest's sha256 and
     renamed into place, under a per-shard lock file, so the ranks and workers of a node
-    download it once. A cached file is re-hashed once per process (and again whenever
-    its size or mtime changes): a corrupted file is found, removed and fetched again.
+    download it once. What was checked is stamped beside it (``<file>.ok``: inode, size,
+    mtime, sha256); a file whose stamp no longer matches (it was written to, replaced,
+    truncated) is hashed again, and a corrupted one is removed and fetched again. (Bit
+    rot that leaves the mtime alone is not caught here; ``shard.py --verify`` re-hashes
+    the store's copy. Re-hashing every shard at every worker start cost 10% of a warm
+    epoch in bench/stream_bench.py.)
     Use is recorded in the file's atime (set explicitly, whatever the mount's atime
     policy); eviction removes the least recently used files until the cache fits."""
 
@@ -456,18 +466,34 @@ class ShardCache:
     def path(self, url: str, sha256: str) -> str:
         return os.path.join(self.root, f"{sha256[:16]}-{os.path.basename(url)}")
 
+    def open(self, url: str, size: int, sha256: str, policy: Policy):
+        """The verified shard, open for reading (fetched first if needed; once open,
+        another process's eviction cannot take it away); None when it cannot fit in the
+        cache (then it is streamed)."""
+        for _ in range(3):  # evicted between the check and the open: fetch it again
+            path = self.get(url, size, sha256, policy)
+            if path is None:
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                return open(path, "rb")
+        return None
+
     def get(self, url: str, size: int, sha256: str, policy: Policy) -> str | None:
         """The local path of the verified shard, fetching it if needed; None when it
-        cannot fit in the cache (then it is streamed)."""
+        cannot fit in the cache."""
         if self.limit and size > self.limit:
             return None
         os.makedirs(self.root, exist_ok=True)
         path = self.path(url, sha256)
-        if self._valid(path, size, sha256):
-            return self._used(path)
-        with _locked(path + ".lock"):
-            if self._valid(path, size, sha256):  # another rank fetched it while we waited
+        with contextlib.suppress(FileNotFoundError):
+            if self._valid(path, size, sha256):
                 return self._used(path)
+        with _locked(path + ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                if self._valid(path, size, sha256):  # another rank fetched it while we waited
+                    return self._used(path)
+            for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a download killed with its process
+                os.remove(stale)
             for attempt in range(policy.attempts):
                 tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
                 h = hashlib.sha256()
@@ -478,7 +504,7 @@ class ShardCache:
                             dst.write(chunk)
                     if h.hexdigest() == sha256:
                         os.replace(tmp, path)
-                        _verified[path] = _stamp(path)
+                        _stamp_ok(path, sha256)
                         break
                     log.warning("%s: downloaded bytes do not match the manifest's sha256; fetching again", url)
                 finally:
@@ -504,13 +530,17 @@ class ShardCache:
         if stamp[1] != size:
             os.remove(path)
             return False
-        if _verified.get(path) == stamp:
-            return True
+        try:
+            with open(path + ".ok") as f:
+                if json.load(f) == [*stamp, sha256]:
+                    return True
+        except (OSError, ValueError):
+            pass
         if sha256_file(path) != sha256:
             log.warning("cached shard %s is corrupt (sha256 differs from the manifest): removed, fetching again", path)
             os.remove(path)
             return False
-        _verified[path] = stamp
+        _stamp_ok(path, sha256)
         return True
 
     def _evict(self, keep: str) -> None:
@@ -519,7 +549,7 @@ class ShardCache:
         files = []
         for name in os.listdir(self.root):
             p = os.path.join(self.root, name)
-            if name.endswith(".lock") or ".tmp-" in name:
+            if name.endswith((".lock", ".ok")) or ".tmp-" in name:
                 continue
             try:
                 st = os.stat(p)
@@ -535,16 +565,22 @@ class ShardCache:
             try:
                 os.remove(p)  # a reader that has it open keeps reading (POSIX)
                 total -= size
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p + ".ok")
             except FileNotFoundError:
                 pass
 
 
-_verified: dict[str, tuple] = {}
-
-
-def _stamp(path: str) -> tuple:
+def _stamp(path: str) -> list:
     st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _stamp_ok(path: str, sha256: str) -> None:
+    tmp = f"{path}.ok.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "w") as f:
+        json.dump([*_stamp(path), sha256], f)
+    os.replace(tmp, path + ".ok")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,11 +590,26 @@ class Store:
     policy: Policy = Policy()
     cache: ShardCache | None = None
 
+    def prefetch(self, url: str, size: int | None, sha256: str | None) -> threading.Thread | None:
+        """With a cache: fetch a shard into it in a background thread (the next one,
+        while the current one is decoded); a reader of that shard waits on its lock.
+        Errors are left to that reader, which retries and reports them."""
+        if self.cache is None or scheme(url) not in REMOTE or size is None or not sha256:
+            return None
+
+        def fetch():
+            with contextlib.suppress(Exception):
+                self.cache.get(url, size, sha256, self.policy)
+
+        thread = threading.Thread(target=fetch, name="shard-prefetch", daemon=True)
+        thread.start()
+        return thread
+
     def open(self, url: str, start: int, end: int | None, size: int | None = None, sha256: str | None = None):
         """Bytes ``[start, end)`` of a shard: from the cache when there is one (fetching
         the whole shard into it first), else a ranged read."""
         if self.cache is not None and scheme(url) in REMOTE and size is not None and sha256:
-            path = self.cache.get(url, size, sha256, self.policy)
-            if path is not None:
-                return open_range(path, start, end, self.policy)
+            f = self.cache.open(url, size, sha256, self.policy)
+            if f is not None:
+                return open_range(url, start, end, self.policy, file=f)
         return open_range(url, start, end, self.policy)

@@ -260,3 +260,37 @@ def test_store_errors_stop_the_trainer_in_one_line_with_exit_2(s3, shards, case,
     assert expected in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shards, tmp_path):
+    """The demo digits built straight into the store, read by 2 ranks through the proxy
+    (the first GET of every object answered 503 SlowDown) with a node-local cache shared
+    by both ranks' workers: the same batches as from local disk, so the same losses."""
+    from test_train import losses, metrics, train
+
+    server, proxy = s3
+    server.bucket("demo")
+    assert build(demo_shards["tree"], "s3://demo/mnist", "--shard-size", "500") == 0
+    firsts: set = set()
+
+    def fault(method, path, n):
+        if method == "GET" and path.startswith("/demo/") and path not in firsts:
+            firsts.add(path)
+            return "503"
+        return None
+
+    steps = ("train.max_steps=4", "train.ckpt_every=0")
+    train(str(tmp_path / "local"), demo_shards, *steps)
+    proxy.fault = fault
+    try:
+        remote = {"train": "s3://demo/mnist/train", "val": "s3://demo/mnist/val"}
+        train(str(tmp_path / "s3"), remote, *steps, f"data.cache_dir={tmp_path / 'cache'}", "data.backoff_s=0.01")
+    finally:
+        proxy.fault = lambda *a: None
+    assert len(firsts) >= 4  # manifests and shards, each refused once, then read
+    assert losses(str(tmp_path / "s3")) == losses(str(tmp_path / "local"))
+    top1 = lambda out: [m["val/top1"] for m in metrics(out) if "val/top1" in m]
+    assert top1(str(tmp_path / "s3")) == top1(str(tmp_path / "local"))
+    cached = os.listdir(tmp_path / "cache")  # every shard cached once, checked; no partial download left
+    assert not [f for f in cached if ".tmp-" in f]
+    assert sorted(f for f in cached if f.endswith(".tar")) == sorted(f[:-3] for f in cached if f.endswith(".ok"))
