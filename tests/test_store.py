@@ -291,6 +291,9 @@ def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shar
     assert losses(str(tmp_path / "s3")) == losses(str(tmp_path / "local"))
     top1 = lambda out: [m["val/top1"] for m in metrics(out) if "val/top1" in m]
     assert top1(str(tmp_path / "s3")) == top1(str(tmp_path / "local"))
-    cached = os.listdir(tmp_path / "cache")  # every shard cached once, checked; no partial download left
-    assert not [f for f in cached if ".tmp-" in f]
-    assert sorted(f for f in cached if f.endswith(".tar")) == sorted(f[:-3] for f in cached if f.endswith(".ok"))
+    # what is cached is whole shards (a prefetch cut short by a worker's exit leaves only a .tmp- file):
+    # the val shards, the train shards the 4 steps used, maybe the next ones (prefetched)
+    digests = {store.sha256_file(str(tmp_path / "cache" / f)) for f in os.listdir(tmp_path / "cache") if f.endswith(".tar")}
+    shards = {s["sha256"] for split in ("train", "val")
+              for s in json.load(open(os.path.join(demo_shards[split], "manifest.json")))["shards"]}
+    assert len(digests) >= 3 and digests <= shards
