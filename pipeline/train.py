@@ -45,9 +45,10 @@ from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
 from pipeline.checkpoint import (CheckpointManager, CheckpointWriteError, check_layout, check_schedule,
                                  elastic_grad_accum, peek_latest, write_atomic)
-from pipeline.data import DeviceFinish, EvalStream, Loader, TrainStream, load_manifest
+from pipeline.data import DeviceFinish, EvalStream, Loader, TrainStream
 from pipeline.evaluate import Validator
 from pipeline.imagenet import InputError
+from pipeline.manifest import load_manifest
 from pipeline.metrics import MetricsProcessor, sinks_for
 from pipeline.runlock import RunInUse, RunLock
 from pipeline.tracking import Tracker, default_artifact_root, default_uri

@@ -19,8 +19,9 @@ from conftest import make_imagenet_tree
 from s3_server import FaultProxy, S3Server
 
 from pipeline import shard, store
-from pipeline.data import Augment, EvalStream, Loader, TrainStream, load_manifest
+from pipeline.data import Augment, EvalStream, TrainStream
 from pipeline.imagenet import InputError
+from pipeline.manifest import load_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = store.Policy(attempts=4, backoff=0.02, read_timeout=1.0, connect_timeout=1.0)
