@@ -272,12 +272,7 @@ def sample_offsets(path: str) -> list[int]:
     return offsets
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+sha256_file = store.sha256_file
 
 
 def load_complete_record(shard_path: str) -> dict | None:

@@ -110,6 +110,13 @@ def test_shards_built_into_the_store_are_the_local_bytes_and_a_rerun_uploads_onl
         open(tree / "local" / "train" / "manifest.json", "rb").read()
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main(["--verify", "s3://data/img", "--quiet"]) == 0
+    # a Slurm array's two tasks into the store: the last one writes the same manifest
+    assert build(str(tree / "src"), "s3://data/arr", "--num-tasks", "2", "--task-index", "0") == 0
+    with pytest.raises(Exception):
+        client.head_object(Bucket="data", Key="arr/train/manifest.json")
+    assert build(str(tree / "src"), "s3://data/arr", "--num-tasks", "2", "--task-index", "1") == 0
+    assert client.get_object(Bucket="data", Key="arr/train/manifest.json")["Body"].read() == \
+        open(tree / "local" / "train" / "manifest.json", "rb").read()
     # a damaged object is found by --verify
     good = client.get_object(Bucket="data", Key="img/train/train-000001.tar")["Body"].read()
     client.put_object(Bucket="data", Key="img/train/train-000001.tar", Body=good[:-1] + b"x")
