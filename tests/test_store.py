@@ -305,3 +305,10 @@ def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shar
     shards = {s["sha256"] for split in ("train", "val")
               for s in json.load(open(os.path.join(demo_shards[split], "manifest.json")))["shards"]}
     assert len(digests) >= 3 and digests <= shards
+
+
+def test_without_boto3_an_s3_url_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if not installed: its import fails
+    monkeypatch.setattr(store, "_clients", {})
+    with pytest.raises(InputError, match=r"s3:// URLs need boto3: pip install 'tntpipe\[s3\]'"):
+        load_manifest("s3://bucket/x/train")
