@@ -80,7 +80,8 @@ def losses(out) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(out) if "train/loss" in m}
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32"), (2, "fp16")])
+# ZeRO-0 bf16 trains and exports in the resume test below (its weights compared there)
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32"), (2, "fp16")])
 def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     out = str(tmp_path / "run")
     ema = "train.ema=false" if stage == 3 else "train.ema=true"
@@ -243,13 +244,13 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
 ON_DEVICE = ("data.finish=device", "aug.re_prob=0.5", "aug.mixup=0.8", "aug.cutmix=1.0")
 
 
-@pytest.mark.parametrize("stage,precision,extra", [(0, "bf16", ON_DEVICE), (2, "bf16", ()), (3, "bf16", ()), (2, "fp16", ())],
-                         ids=["zero0-bf16-finish_on_device", "zero2-bf16", "zero3-bf16", "zero2-fp16"])
+# fp16 (its loss scaler) is trained and exported above, not resumed here: the suite's
+# 30-minute budget (it cost 65 s)
+@pytest.mark.parametrize("stage,precision,extra", [(0, "bf16", ON_DEVICE), (2, "bf16", ()), (3, "bf16", ())],
+                         ids=["zero0-bf16-finish_on_device", "zero2-bf16", "zero3-bf16"])
 def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, extra, demo_shards, tmp_path):
     """Stop after 4 steps, go on to 7 (max_steps is a stopping point, not the schedule):
     the same losses and weights as 7 steps in one go. (ZeRO-1 bf16: the kill test.)"""
-    if precision == "fp16" and not fp16_supported():
-        pytest.skip("fp16 training needs a CPU with AVX512-FP16/AMX-FP16 (its refusal is tested above)")
     opts = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.ema=false", "train.ckpt_every=2",
             "data.val=", *extra)
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
@@ -262,9 +263,10 @@ def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, e
     wr = load_file(os.path.join(ref, "export", "model.safetensors"))
     wo = load_file(os.path.join(out, "export", "model.safetensors"))
     assert max((wr[k] - wo[k]).abs().max().item() for k in wr) < 1e-6
-    # then on 1 rank (elastic resume; ZeRO-1 and the loss check: the test above; ZeRO-0
-    # keeps no optimizer state by name and is refused: test_checkpoint.py)
-    if stage in (2, 3) and precision == "bf16":
+    # then on 1 rank (elastic resume; ZeRO-1 and the loss check: the test above; ZeRO-2's
+    # state by name on 1 and 3 ranks: test_reshard.py; ZeRO-0 keeps no optimizer state by
+    # name and is refused: test_checkpoint.py)
+    if stage == 3:
         from pipeline import reshard
 
         one = train(out, demo_shards, *opts, "train.max_steps=9", nproc=1)
