@@ -455,8 +455,8 @@ class ShardCache:
     mtime, sha256); a file whose stamp no longer matches (it was written to, replaced,
     truncated) is hashed again, and a corrupted one is removed and fetched again. (Bit
     rot that leaves the mtime alone is not caught here; ``shard.py --verify`` re-hashes
-    the store's copy. Re-hashing every shard at every worker start cost 10% of a warm
-    epoch in bench/stream_bench.py.)
+    the store's copy. Without the stamp every worker would hash each shard it opens:
+    at 1.1 GB/s, ~0.1 s of CPU per ImageNet shard per worker start.)
     Use is recorded in the file's atime (set explicitly, whatever the mount's atime
     policy); eviction removes the least recently used files until the cache fits."""
 
