@@ -340,7 +340,9 @@ def _retrying(what: str, url: str, fn: Callable, policy: Policy):
             if k == policy.attempts - 1:
                 raise StoreError(f"cannot {what} {url} after {policy.attempts} attempts: {err}") from None
             Stats.retries += 1
-            time.sleep(policy.delay(k))
+            delay = policy.delay(k)
+            log.info("%s: %s; retry %d/%d in %.1fs", url, err, k + 1, policy.attempts - 1, delay)
+            time.sleep(delay)
 
 
 def stat_size(url: str, policy: Policy = Policy()) -> int | None:
