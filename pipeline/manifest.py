@@ -75,9 +75,7 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         file = path if path.endswith(".json") else storage.join(path, "manifest.json")
         try:
             text = storage.read_bytes(file, store.policy)
-        except storage.StoreError as exc:
-            if "not found" not in str(exc):
-                raise
+        except storage.NotFound:
             raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC --out ...)") from None
     else:
         path = storage.local_path(path)

@@ -42,6 +42,7 @@ import random
 import signal
 import sys
 import tarfile
+import tempfile
 import time
 from collections import Counter
 
@@ -280,12 +281,10 @@ def load_complete_record(shard_path: str) -> dict | None:
     In an object store: if the record and an object of the recorded size exist (uploads
     are atomic and the record is written after its shard; ``--verify`` re-hashes)."""
     if store.scheme(shard_path):
-        try:
-            record = json.loads(store.read_bytes(_record_path(shard_path)))
-        except store.StoreError as exc:
-            if "not found" in str(exc):
-                return None
-            raise
+        text = _read_text(_record_path(shard_path))
+        if text is None:
+            return None
+        record = json.loads(text)
         return record if store.stat_size(shard_path) == record["bytes"] else None
     try:
         with open(_record_path(shard_path), encoding="utf-8") as f:
@@ -380,10 +379,8 @@ def _read_text(path: str) -> str | None:
     if store.scheme(path):
         try:
             return store.read_bytes(path).decode()
-        except store.StoreError as exc:
-            if "not found" in str(exc):
-                return None
-            raise
+        except store.NotFound:
+            return None
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -511,7 +508,7 @@ def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tupl
 def _stage_dir(url: str) -> str:
     """Where shards bound for ``url`` are built before upload (one at a time per worker;
     each is removed once uploaded). ``$TNTPIPE_STAGE`` or the system temp directory."""
-    root = os.environ.get("TNTPIPE_STAGE") or os.path.join(__import__("tempfile").gettempdir(), "tntpipe-stage")
+    root = os.environ.get("TNTPIPE_STAGE") or os.path.join(tempfile.gettempdir(), "tntpipe-stage")
     path = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
     ensure_writable(path)
     return path
@@ -617,8 +614,6 @@ def _check_shard(p: str, shard: dict) -> tuple[str | None, int]:
 def verify(path: str, quiet: bool = False) -> list[str]:
     """Re-check sizes, checksums and readability of every shard; return the problems.
     Shards in an object store are downloaded one at a time to a temporary file."""
-    import tempfile
-
     from tqdm import tqdm
 
     manifests = find_manifests(path)
@@ -636,9 +631,7 @@ def verify(path: str, quiet: bool = False) -> list[str]:
                     local = os.path.join(tmp, shard["name"])
                     size = store.stat_size(p)
                     if size is not None:
-                        with store.open_range(p, 0, size) as src, open(local, "wb") as dst:
-                            while chunk := src.read(1 << 22):
-                                dst.write(chunk)
+                        store.download(p, local, size)
                     problem, count = _check_shard(local, shard)
             else:
                 problem, count = _check_shard(p, shard)

@@ -64,6 +64,10 @@ class StoreError(InputError):
     """A permanent failure (missing object or bucket, no access, an unsupported URL)."""
 
 
+class NotFound(StoreError):
+    """The object (or, from HEAD, maybe its bucket) does not exist."""
+
+
 class ReadFailed(OSError):
     """A read that still failed after every retry."""
 
@@ -166,7 +170,7 @@ def _classify(exc: BaseException, url: str) -> BaseException:
         if code in ("NoSuchBucket",):
             return StoreError(f"bucket of {url} does not exist (NoSuchBucket)")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StoreError(f"{url} not found")
+            return NotFound(f"{url} not found")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
             return StoreError(f"access to {url} denied ({code}): check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)")
         return StoreError(f"{url}: HTTP {status} {code}: {err.get('Message', '')}")
@@ -178,6 +182,8 @@ def _classify(exc: BaseException, url: str) -> BaseException:
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code >= 500 or exc.code in (408, 429):
             return _Transient(f"HTTP {exc.code} {exc.reason}")
+        if exc.code == 404:
+            return NotFound(f"{url} not found")
         return StoreError(f"{url}: HTTP {exc.code} {exc.reason}")
     if isinstance(exc, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError)):
         return _Transient(f"{type(exc).__name__}: {exc}")
@@ -200,12 +206,12 @@ def _classify(exc: BaseException, url: str) -> BaseException:
 def _open_raw(url: str, start: int, end: int | None, policy: Policy):
     """A response body for bytes ``[start, end)`` (``end`` None: to the object's end)."""
     s = scheme(url)
+    rng = f"bytes={start}-" + ("" if end is None else str(end - 1))
     if s == "s3":
         bucket, key = _split_s3(url)
-        rng = f"bytes={start}-" + ("" if end is None else str(end - 1))
         return _s3(policy).get_object(Bucket=bucket, Key=key, Range=rng)["Body"]
     if s in ("http", "https"):
-        headers = {"Range": f"bytes={start}-" + ("" if end is None else str(end - 1))} if start or end else {}
+        headers = {"Range": rng} if start or end else {}
         resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=policy.read_timeout)
         if start and resp.status == 200:  # the server ignored Range: skip to the byte
             _skip(resp, start)
@@ -316,15 +322,10 @@ def read_bytes(url: str, policy: Policy = Policy()) -> bytes:
             with urllib.request.urlopen(url, timeout=policy.read_timeout) as resp:
                 return resp.read()
 
-        try:
-            return _retrying("reach", url, get, policy)
-        except StoreError as exc:
-            if "HTTP 404" in str(exc):
-                raise StoreError(f"{url} not found") from None
-            raise
+        return _retrying("reach", url, get, policy)
     size = stat_size(url, policy)
     if size is None:
-        raise StoreError(f"{url} not found")
+        raise NotFound(f"{url} not found")
     with open_range(url, 0, size, policy) as f:
         return f.read()
 
@@ -364,8 +365,7 @@ def stat_size(url: str, policy: Policy = Policy()) -> int | None:
             with urllib.request.urlopen(req, timeout=policy.read_timeout) as resp:
                 return int(resp.headers["Content-Length"])
         except Exception as exc:  # noqa: BLE001
-            err = _classify(exc, url)
-            if isinstance(err, StoreError) and " not found" in str(err):
+            if isinstance(_classify(exc, url), NotFound):
                 if s == "s3":  # a missing key, or a missing bucket (HEAD cannot tell): ask the bucket
                     _check_bucket(url, policy)
                 return None
@@ -379,8 +379,7 @@ def _check_bucket(url: str, policy: Policy) -> None:
     try:
         _s3(policy).head_bucket(Bucket=bucket)
     except Exception as exc:  # noqa: BLE001
-        err = _classify(exc, url)
-        if isinstance(err, StoreError) and " not found" in str(err):
+        if isinstance(_classify(exc, url), NotFound):
             raise StoreError(f"bucket {bucket} does not exist ({url})") from None
         raise
 
@@ -388,22 +387,25 @@ def _check_bucket(url: str, policy: Policy) -> None:
 # ---------------------------------------------------------------- writing (S3)
 
 
+def _writable(url: str) -> tuple[str, str]:
+    """(bucket, key) of an object we may write."""
+    if scheme(url) != "s3":
+        raise StoreError(f"cannot write to {url}: only local paths and s3:// are writable")
+    return _split_s3(url)
+
+
 def put_file(path: str, url: str, policy: Policy = Policy()) -> None:
     """Upload a local file as one object: S3 makes it visible only once complete
     (multipart above 64 MiB, each part retried by boto3's transfer manager)."""
-    if scheme(url) != "s3":
-        raise StoreError(f"cannot write to {url}: only local paths and s3:// are writable")
     from boto3.s3.transfer import TransferConfig
 
-    bucket, key = _split_s3(url)
+    bucket, key = _writable(url)
     config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
     _retrying("upload to", url, lambda: _s3(policy).upload_file(path, bucket, key, Config=config), policy)
 
 
 def put_bytes(data: bytes, url: str, policy: Policy = Policy()) -> None:
-    if scheme(url) != "s3":
-        raise StoreError(f"cannot write to {url}: only local paths and s3:// are writable")
-    bucket, key = _split_s3(url)
+    bucket, key = _writable(url)
     _retrying("upload to", url, lambda: _s3(policy).put_object(Bucket=bucket, Key=key, Body=data), policy)
 
 
@@ -427,6 +429,17 @@ def delete(url: str, policy: Policy = Policy()) -> None:
 
 
 # ---------------------------------------------------------------- cache
+
+
+def download(url: str, path: str, size: int, policy: Policy = Policy()) -> str:
+    """Copy bytes ``[0, size)`` of ``url`` to the local file ``path`` (retried and resumed
+    as any read); their sha256, computed on the way."""
+    h = hashlib.sha256()
+    with open_range(url, 0, size, policy) as src, open(path, "wb") as dst:
+        while chunk := src.read(1 << 22):
+            h.update(chunk)
+            dst.write(chunk)
+    return h.hexdigest()
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -498,13 +511,8 @@ class ShardCache:
                 os.remove(stale)
             for attempt in range(policy.attempts):
                 tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-                h = hashlib.sha256()
                 try:
-                    with open_range(url, 0, size, policy) as src, open(tmp, "wb") as dst:
-                        while chunk := src.read(1 << 22):
-                            h.update(chunk)
-                            dst.write(chunk)
-                    if h.hexdigest() == sha256:
+                    if download(url, tmp, size, policy) == sha256:
                         os.replace(tmp, path)
                         _stamp_ok(path, sha256)
                         break
@@ -592,11 +600,15 @@ class Store:
     policy: Policy = Policy()
     cache: ShardCache | None = None
 
+    def _cacheable(self, url: str, size: int | None, sha256: str | None) -> bool:
+        """A cache, and a remote shard whose size and sha256 the manifest gives."""
+        return self.cache is not None and scheme(url) in REMOTE and size is not None and bool(sha256)
+
     def prefetch(self, url: str, size: int | None, sha256: str | None) -> threading.Thread | None:
         """With a cache: fetch a shard into it in a background thread (the next one,
         while the current one is decoded); a reader of that shard waits on its lock.
         Errors are left to that reader, which retries and reports them."""
-        if self.cache is None or scheme(url) not in REMOTE or size is None or not sha256:
+        if not self._cacheable(url, size, sha256):
             return None
 
         def fetch():
@@ -610,7 +622,7 @@ class Store:
     def open(self, url: str, start: int, end: int | None, size: int | None = None, sha256: str | None = None):
         """Bytes ``[start, end)`` of a shard: from the cache when there is one (fetching
         the whole shard into it first), else a ranged read."""
-        if self.cache is not None and scheme(url) in REMOTE and size is not None and sha256:
+        if self._cacheable(url, size, sha256):
             f = self.cache.open(url, size, sha256, self.policy)
             if f is not None:
                 return open_range(url, start, end, self.policy, file=f)
