@@ -93,6 +93,7 @@ and skipped; counts travel with each batch into :attr:`Loader.counters`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -663,8 +664,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         self._transform = self._finish = self._worker_buffers = None
 
     def __len__(self) -> int:
-        """Batches per rank in the current epoch: ``batches``, or fewer in an epoch that
-        continues on another layout (:meth:`history_of`)."""
+        """Batches per rank in the current epoch: ``epoch_samples // (ranks x batch)``, or
+        fewer in an epoch that continues on another layout (:meth:`history_of`)."""
         return len(self.positions_left(self.epoch, self.history_of(self.epoch))) // (self.world_size * self.batch_size)
 
     def history_of(self, epoch: int) -> tuple:
@@ -708,11 +709,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         order = list(_shuffled(iter(mine), self.shuffle_buffer, rng))
         seq = _Sequence(self.manifest, self._order())
         todo = order[skip:]
-        needed = sorted({v // r for v in todo})
-        uses: dict[int, int] = {}
-        for v in todo:
-            uses[v // r] = uses.get(v // r, 0) + 1
-        fetched, held, frontier = seq.fetch(needed, report), {}, -1
+        uses = collections.Counter(v // r for v in todo)  # a sample is handed out r times (repeats)
+        fetched, held, frontier = seq.fetch(sorted(uses), report), {}, -1
         for v in todo:
             p = v // r
             while frontier < p:

@@ -49,12 +49,12 @@ class Manifest:
     sizes: tuple[int, ...]  # samples per shard
     classes: tuple[str, ...]  # class ids by index
     path: str
-    shard_bytes: tuple[int | None, ...] = ()  # per shard, when the manifest says
-    sha256: tuple[str | None, ...] = ()
+    shard_bytes: tuple[int | None, ...]  # per shard (None where the manifest does not say)
+    sha256: tuple[str | None, ...]
     # per shard: each sample's byte offset in the tar, then the end of the last one
     # (int64 array), or None (older builds): a slot then reads the shard from its first
     # byte and skips undecoded
-    offsets: tuple = ()
+    offsets: tuple
     store: Store = Store()  # retries and cache for remote shards
 
     def summary(self) -> dict:
@@ -198,18 +198,22 @@ class _Sequence:
         self.order = order
         self.starts = np.cumsum([0] + [manifest.sizes[i] for i in order])
 
+    def _offsets(self, shard: int) -> np.ndarray | None:
+        """The shard's sample offsets, or None: an older build, or a ``pipe:`` URL (it
+        can only be read from its first byte)."""
+        m = self.manifest
+        return None if storage.scheme(m.urls[shard]) == "pipe" else m.offsets[shard]
+
     def _open(self, shard: int, a: int, b: int):
         """A byte stream from sample ``a`` of ``shard`` to sample ``b`` (or its end), and
         the index of its first sample."""
         m = self.manifest
-        url = m.urls[shard]
-        offsets = m.offsets[shard] if m.offsets else None
+        url, size, sha = m.urls[shard], m.shard_bytes[shard], m.sha256[shard]
+        offsets = self._offsets(shard)
         if storage.scheme(url) == "pipe":
-            import webdataset.gopen
+            from webdataset.gopen import gopen  # (the package's attribute `gopen` is this function, not the module)
 
-            return webdataset.gopen.gopen(url), 0
-        size = m.shard_bytes[shard] if m.shard_bytes else None
-        sha = m.sha256[shard] if m.sha256 else None
+            return gopen(url), 0
         if offsets is None:
             return m.store.open(url, 0, size, size, sha), 0
         return m.store.open(url, int(offsets[a]), int(offsets[b]), size, sha), a
@@ -218,7 +222,7 @@ class _Sequence:
         """(index in the shard, sample) for the sorted ``idxs`` of ``shard``; a shard that
         fails (after the store's retries) yields nothing more, counted and logged."""
         m = self.manifest
-        offsets = m.offsets[shard] if m.offsets else None
+        offsets = self._offsets(shard)
         runs = _runs(idxs, offsets, self.gap_bytes) if offsets is not None else [(idxs[0], idxs[-1] + 1)]
         wanted = idxs if isinstance(idxs, range) else set(idxs)
         for a, b in runs:
@@ -246,8 +250,7 @@ class _Sequence:
     def _prefetch(self, shard: int) -> None:
         """With a shard cache: start fetching ``shard`` while the current one is decoded."""
         m = self.manifest
-        if m.store.cache is not None and m.shard_bytes and m.sha256:
-            m.store.prefetch(m.urls[shard], m.shard_bytes[shard], m.sha256[shard])
+        m.store.prefetch(m.urls[shard], m.shard_bytes[shard], m.sha256[shard])
 
     def fetch(self, positions: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
         """(position, sample) for the sorted ``positions``, in order; unreadable ones are

@@ -47,6 +47,26 @@ def test_manifest(photo_shards, tmp_path):
         load_manifest(str(tmp_path))
 
 
+def test_a_pipe_url_base_reads_each_shard_once_also_on_a_resume(photo_shards, tmp_path, monkeypatch):
+    """``pipe:`` shards can only be read from their first byte: a slot resumed half-way
+    (its wanted samples scattered by the shuffle buffer, one byte range each with no gap
+    read through) still runs each shard's pipe once, and gets the samples of a local read."""
+    from pipeline.manifest import _Sequence
+
+    monkeypatch.setattr(_Sequence, "gap_bytes", 0)
+    calls = tmp_path / "calls"
+    piped = load_manifest(photo_shards, url_base=f"pipe:echo {{shard}} >> {calls}; cat {photo_shards}/{{shard}}")
+    local = load_manifest(photo_shards)
+    got = []
+    for m in (local, piped):
+        stream = TrainStream(m, 2, augment=LIGHT, shuffle_buffer=8)
+        stream.start = 30  # half of the 61 batches
+        got.append(keys(stream.iter_worker(0, 1, main=True)))
+    assert got[1] == got[0] and len(got[0]) == 2 * 31
+    runs = calls.read_text().split()
+    assert len(runs) == len(set(runs)), runs
+
+
 def test_train_disjoint_equal_and_coverage(photo_shards):
     m = load_manifest(photo_shards)
     world, workers, batch = 2, 2, 4
