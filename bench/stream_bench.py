@@ -35,17 +35,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspa
 
 from reshard_bench import cpu_name  # noqa: E402
 from s3_server import S3Server  # noqa: E402
-from shard_bench import make_synthetic, warm  # noqa: E402
+from shard_bench import make_synthetic, timed, warm  # noqa: E402
 
 from pipeline import shard, store  # noqa: E402
 from pipeline.data import Augment, Loader, TrainStream  # noqa: E402
 from pipeline.manifest import _Reporter, _Sequence, load_manifest  # noqa: E402
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def build(src: str, out: str) -> None:
