@@ -24,7 +24,11 @@ class ModelCfg:
     variant: str = "tntp_s_patch16_224"  # pipeline.tnt.VARIANTS
     drop_path: float = 0.1  # stochastic depth rate (paper: 0.1)
     checkpointing: bool = False  # activation checkpointing per block
-    init_from: str = ""  # safetensors weights (our export, timm layout) to start from
+    # weights to start from (fine-tuning): models:/<name>@<alias> or models:/<name>/<version>
+    # (resolved against mlflow.tracking_uri), runs:/<run id>/<path>, a safetensors file (our
+    # export or timm's layout), an export/ directory or a timm checkpoint (.pth, .pth.tar);
+    # another class count re-initialises the head, another image size resamples patch_pos
+    init_from: str = ""  # "" : random initialisation (pipeline/pretrained.py)
 
 
 @dataclasses.dataclass
@@ -131,6 +135,12 @@ class MlflowCfg:
     run_name: str = ""  # default: the config name; {data} as above
     register_as: str = "tnt-{data}"  # registered model name ("" to skip the registry); {data} as above
     system_metrics: bool = True  # CPU/GPU/memory metrics of rank 0
+    register_best: bool = True  # register a version at each new best evaluation, not only at the end
+    register_weights: str = "auto"  # auto (the better top-1 of model and EMA at that evaluation), model or ema
+
+    def __post_init__(self):
+        if self.register_weights not in ("auto", "model", "ema"):
+            raise InputError(f"mlflow.register_weights must be auto, model or ema, not {self.register_weights!r}")
 
 
 @dataclasses.dataclass
@@ -142,6 +152,10 @@ class Config:
     optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
     train: TrainCfg = dataclasses.field(default_factory=TrainCfg)
     mlflow: MlflowCfg = dataclasses.field(default_factory=MlflowCfg)
+
+    def __post_init__(self):
+        if self.mlflow.register_weights == "ema" and not self.train.ema:
+            raise InputError("mlflow.register_weights=ema needs train.ema=true (or use auto or model)")
 
     @property
     def out_dir(self) -> str:

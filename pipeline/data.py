@@ -301,7 +301,10 @@ class EvalTransform:
         self.resize_crop = type(pipeline)(pipeline.transforms[:2])  # timm's Resize + CenterCrop
 
     def __call__(self, data: bytes) -> np.ndarray:
-        img = Image.open(io.BytesIO(data))
+        return self.image(Image.open(io.BytesIO(data)))
+
+    def image(self, img: Image.Image) -> np.ndarray:
+        """An opened image (the served model's input) to the uint8 HWC array."""
         if self.aug.draft:
             short = min(img.size)
             _draft(img, (img.size[0] * self.scale_size / short, img.size[1] * self.scale_size / short))

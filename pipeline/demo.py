@@ -54,20 +54,19 @@ def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
 
 
 LOAD_CHECK = """
-import io, json, sys
-import mlflow, numpy as np, torch, webdataset
-from PIL import Image
+import json, os, sys
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the registered model is code + safetensors
+import mlflow, pandas as pd, webdataset
 uri, name, val = sys.argv[1:4]
 mlflow.set_tracking_uri(uri)
-model = mlflow.pytorch.load_model(f"models:/{name}@last").eval()
+model = mlflow.pyfunc.load_model(f"models:/{name}@best")
 shard = json.load(open(val + "/manifest.json"))["shards"][0]["name"]
 samples = [s for _, s in zip(range(12), webdataset.WebDataset(val + "/" + shard, shardshuffle=False))]
-x = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((32, 32), Image.BICUBIC)).copy())
-                 .permute(2, 0, 1).float() / 127.5 - 1 for s in samples])
-with torch.no_grad():
-    pred = model(x).argmax(1).tolist()
+out = model.predict(pd.DataFrame({"image": [s["jpg"] for s in samples]}), params={"top_k": 1})
+pred = [int(ids[0]) for ids in out["class_ids"]]
 truth = [int(s["cls"]) for s in samples]
-print(f"  loaded models:/{name}@last in a fresh process (deepspeed imported: {'deepspeed' in sys.modules})")
+print(f"  loaded models:/{name}@best in a fresh process: JPEG bytes in, classes out "
+      f"(pickle disallowed; deepspeed imported: {'deepspeed' in sys.modules})")
 print(f"  predicted {pred}")
 print(f"  true      {truth}   ({sum(p == t for p, t in zip(pred, truth))}/{len(truth)} right)")
 """
@@ -114,7 +113,11 @@ def main(argv=None) -> int:
 next steps:
   MLflow UI:     mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)
   load it:       import mlflow; mlflow.set_tracking_uri("{uri}")
-                 model = mlflow.pytorch.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
+                 model = mlflow.pyfunc.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
+                 model.predict(pandas.DataFrame({{"image": [open("digit.jpg", "rb").read()]}}))
+                 module = model.unwrap_python_model().model   # the torch nn.Module
+  serve it:      MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{cfg.named(cfg.mlflow.register_as)}@best \\
+                     --env-manager local -h 127.0.0.1 -p 5001   (README.md: "Serving a registered model")
   timm weights:  {os.path.join(out, "export", "model.safetensors")} (timm's TNT layout, safetensors)"""
     )
     return status

@@ -3,8 +3,10 @@
 Both run on rank 0 alone, after the other ranks have left the process group: they
 can take minutes for TNT-B over a network, longer than a collective may wait.
 
-``export/``: ``model.safetensors`` (+ ``model_ema.safetensors``), ``classes.json``,
-``pretrained_cfg.json`` (what the model is: classes, input size, eval transform).
+``export/`` (the end of the run; ``export/best/``: the newest best evaluation):
+``model.safetensors`` (+ ``model_ema.safetensors``), ``classes.json``,
+``pretrained_cfg.json`` (what the model is: architecture, classes, input size, eval
+transform). A registered version is the pyfunc model of ``pipeline/served.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import os
 
-import numpy as np
 import torch
 
 from pipeline import tnt
@@ -26,6 +27,7 @@ def pretrained_cfg(variant: str, aug, classes: tuple[str, ...]) -> dict:
     evaluation transform (not the variant's ImageNet defaults)."""
     cfg = dict(tnt.default_cfgs[variant].default.to_dict()) if hasattr(tnt.default_cfgs[variant], "default") else {}
     cfg.update(
+        architecture=variant,
         num_classes=len(classes),
         input_size=(3, aug.img_size, aug.img_size),
         crop_pct=aug.crop_pct,
@@ -62,13 +64,14 @@ def gather_fp32_state(module: torch.nn.Module) -> dict:
     return state
 
 
-def export(out: str, variant: str, classes: tuple[str, ...], aug, state: dict, ema: torch.nn.Module | None,
+def export(folder: str, variant: str, classes: tuple[str, ...], aug, state: dict, ema: torch.nn.Module | None,
            step: int, epoch: int) -> dict:
+    """Write the weights (and the EMA's), the classes and the pretrained_cfg into
+    ``folder``; returns their paths by kind."""
     from safetensors.torch import save_file
 
     model = build(variant, classes, aug)
     model.load_state_dict(state)
-    folder = os.path.join(out, "export")
     os.makedirs(folder, exist_ok=True)
     meta = {"variant": variant, "num_classes": str(len(classes)), "step": str(step), "epoch": str(epoch)}
     files = {"model": os.path.join(folder, "model.safetensors")}
@@ -86,21 +89,42 @@ def export(out: str, variant: str, classes: tuple[str, ...], aug, state: dict, e
     return files
 
 
-def register(tracker, name: str, variant: str, classes: tuple[str, ...], aug, files: dict, tags: dict,
-             aliases: list[str]) -> str | None:
-    """Log the exported model to the run and register a new version of ``name``."""
-    from safetensors.torch import load_file
+def signature(top_k: int = 5):
+    """The served contract: a column ``image`` of encoded images (base64 in JSON), param
+    ``top_k``; per image the top-k ``class_ids``, ``class_names``, ``probabilities``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
-    model = build(variant, classes, aug)
-    tnt.load_timm_state_dict(model, load_file(files["model"]))
-    model.eval()
-    example = np.zeros((1, 3, aug.img_size, aug.img_size), np.float32)
-    weights = [files["model"], files.get("ema", files["model"]), files["classes"], files["pretrained_cfg"]]
-    version = tracker.register(model, name, example, weights, tags, aliases)
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec(Array("long"), "class_ids"), ColSpec(Array("string"), "class_names"),
+                        ColSpec(Array("double"), "probabilities")]),
+        params=ParamSchema([ParamSpec("top_k", "long", top_k)]),
+    )
+
+
+def register(tracker, name: str, files: dict, weights: str, config_path: str, example: bytes | None, tags: dict,
+             aliases: list[str]) -> str | None:
+    """Log the exported ``weights`` (``"model"`` or ``"ema"``) as the served pyfunc model
+    (``pipeline/served.py``, models from code: nothing pickled) and register a new
+    version of ``name`` with ``tags``."""
+    import pandas as pd
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    model = {
+        "python_model": os.path.join(here, "served.py"),
+        "artifacts": {"weights": files[weights], "pretrained_cfg": files["pretrained_cfg"], "config": config_path},
+        "code_paths": [here],
+        "signature": signature(),
+        "input_example": (pd.DataFrame({"image": [example]}), {"top_k": 5}) if example else None,
+        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "timm", "safetensors", "numpy", "pillow",
+                             "pandas", "mlflow"],
+    }
+    version = tracker.register(model, name, tags, aliases)
     if version:
         log.info(
-            "registered %s version %s; load with mlflow.set_tracking_uri('%s'); "
-            "mlflow.pytorch.load_model('models:/%s@last') (or @best: the best top-1 registered)",
-            name, version, tracker.uri, name,
+            "registered %s version %s (%s weights); serve it: mlflow models serve -m models:/%s/%s --env-manager local "
+            "(MLFLOW_TRACKING_URI=%s)", name, version, weights, name, version, tracker.uri,
         )
     return version

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ class Manifest:
     # byte and skips undecoded
     offsets: tuple
     store: Store = Store()  # retries and cache for remote shards
+    digest: str = ""  # sha256 of the manifest file (lineage of registered models)
 
     def summary(self) -> dict:
         return {"split": self.split, "samples": self.num_samples, "shards": len(self.urls), "classes": self.num_classes}
@@ -115,6 +117,7 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         offsets=tuple(np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
                       for s in shards),
         store=store,
+        digest=hashlib.sha256(text).hexdigest(),
     )
 
 

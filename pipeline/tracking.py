@@ -6,8 +6,7 @@ switched off for the rest of the process, while training and checkpoints go on.
 What is lost then: the metrics and artifacts after the failure (they are still in
 the training log and the output directory) and the registration; the run id stays
 in the checkpoints, so a restart resumes the same MLflow run. The exported model
-(``<train.out>/export/``) can be registered later by hand (``mlflow.pytorch.log_model``
-on the model built from ``export/model.safetensors``).
+(``<train.out>/export/``) can be registered later (``pipeline.export.register``).
 
 MLflow's HTTP client retries for minutes by default; we set
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` unless
@@ -24,6 +23,9 @@ log = logging.getLogger("tntpipe.tracking")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# log_model validates the input example by loading the model: its download bars would
+# land in train.log's stream between the training lines
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def default_uri(out_dir: str) -> str:
@@ -114,8 +116,8 @@ class Tracker:
     def tags(self, tags: dict) -> None:
         self._call("set tags", lambda mlflow: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
-    def register(self, model, name: str, example, weights: list[str], tags: dict, aliases: list[str]) -> str | None:
-        """Log ``model`` (pickle flavour, see README) and register a new version.
+    def register(self, model: dict, name: str, tags: dict, aliases: list[str]) -> str | None:
+        """Log ``model`` (``mlflow.pyfunc.log_model`` arguments) and register a new version.
 
         ``aliases`` are set on it; so is ``best`` when its ``top1`` tag beats the
         version that holds ``best`` now (or none does)."""
@@ -123,17 +125,11 @@ class Tracker:
         def register(mlflow):
             from mlflow import MlflowClient
 
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                code_paths=[os.path.dirname(os.path.abspath(__file__))],
-                input_example=example,
-                pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
-                registered_model_name=name,
-            )
-            for path in dict.fromkeys(weights):
-                mlflow.log_artifact(path, "weights")
+            import warnings
+
+            with warnings.catch_warnings():  # "add type hints to predict": the signature is declared instead
+                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+                info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
             client = MlflowClient(self.uri)
             version = str(info.registered_model_version)
             for k, v in tags.items():
@@ -143,13 +139,16 @@ class Tracker:
             except Exception:  # noqa: BLE001 - no "best" yet
                 best = -1.0
             names = list(aliases)
-            if "top1" in tags and float(tags["top1"]) >= best:
+            if "top1" in tags and float(tags["top1"]) > best:
                 names.append("best")
             for alias in names:
                 client.set_registered_model_alias(name, alias, version)
             return version
 
         return self._call("register model", register)
+
+    def alias(self, name: str, version: str, alias: str) -> None:
+        self._call("set alias", lambda mlflow: mlflow.MlflowClient(self.uri).set_registered_model_alias(name, alias, version))
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", lambda mlflow: mlflow.end_run(status))

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from pipeline import config as config_mod
-from pipeline import distributed, failures, mfu, tnt
+from pipeline import distributed, failures, mfu, pretrained, tnt
 from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
 from pipeline.checkpoint import (CheckpointManager, CheckpointWriteError, check_layout, check_schedule,
@@ -50,6 +50,7 @@ from pipeline.evaluate import Validator
 from pipeline.imagenet import InputError
 from pipeline.manifest import load_manifest
 from pipeline.metrics import MetricsProcessor, sinks_for
+from pipeline.registry import Registrar
 from pipeline.runlock import RunInUse, RunLock
 from pipeline.tracking import Tracker, default_artifact_root, default_uri
 from pipeline.watchdog import Watchdog
@@ -222,6 +223,11 @@ class Trainer:
             cfg.mlflow.tracking_uri or default_uri(self.out), cfg.named(cfg.mlflow.experiment), enabled=self.rank == 0,
             artifact_root=cfg.mlflow.artifact_root or default_artifact_root(cfg.mlflow.tracking_uri, self.out),
         )
+        # a manifest without a class list: the indices are the names
+        classes = self.train_manifest.classes or tuple(str(i) for i in range(self.train_manifest.num_classes))
+        self.registrar = Registrar(cfg, self.tracker, self.out, self.rank, classes,
+                                   {"train": self.train_manifest, "val": self.val_manifest}, self.parent)
+        self.last_res: dict | None = None  # the last evaluation, model and EMA
         t = cfg.train
         self.checkpointer = CheckpointManager(os.path.join(self.out, "checkpoints"), self.rank, self.world,
                                               t.ckpt_every, t.ckpt_every_min, t.keep_last)
@@ -362,11 +368,12 @@ class Trainer:
         model = tnt.create(cfg.model.variant, num_classes=self.train_manifest.num_classes,
                            drop_path_rate=cfg.model.drop_path, img_size=cfg.aug.img_size)
         model.grad_checkpointing = cfg.model.checkpointing
+        self.parent = {}
         if cfg.model.init_from:
-            from safetensors.torch import load_file
-
-            tnt.load_timm_state_dict(model, load_file(cfg.model.init_from))
-            log.info("weights from %s", cfg.model.init_from)
+            weights, pretrained_cfg, self.parent = pretrained.resolve(
+                cfg.model.init_from, cfg.mlflow.tracking_uri or default_uri(self.out))
+            pretrained.load_into(model, cfg.model.variant, weights, pretrained_cfg)
+            log.info("weights from %s (%s)", cfg.model.init_from, weights)
         # after the model: each rank its own DropPath masks (and any other draw)
         distributed.seed_rank(t.seed, self.rank)
         self.flops_per_image = mfu.step_flops_per_image(model)
@@ -403,7 +410,7 @@ class Trainer:
 
     def _client_state(self) -> dict:
         return {"loader": self.loader.state_dict(), "step": self.step, "best_top1": self.best_top1,
-                "mlflow_run_id": self.run_id}
+                "mlflow_run_id": self.run_id, "registry": self.registrar.state_dict()}
 
     def save(self) -> None:
         """Synchronizes ranks (every rank saves its partition)."""
@@ -453,6 +460,8 @@ class Trainer:
         self.step = int(client["step"])
         self.best_top1 = float(client["best_top1"])
         self.run_id = client.get("mlflow_run_id")
+        if "registry" in client:  # checkpoints before registrations at each best lack it
+            self.registrar.load_state_dict(client["registry"])
         self.schedule_changes = changed
         log.info("resumed from %s: step %d, epoch %d, batch %d, best top-1 %.2f", path, self.step,
                  self.loader.epoch_index, self.loader.batch_index, self.best_top1)
@@ -472,6 +481,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
+        self.registrar.start_attempt(self.world)
         self._start_tracking(resumed)
         last_eval = None
         epoch = self.loader.epoch_index
@@ -589,6 +599,7 @@ class Trainer:
 
     def _checkpoint_and_requeue(self) -> None:
         log.warning("checkpoint signal (time limit or preemption): checkpointing at step %d, then requeue", self.step)
+        self.registrar.requeues += 1
         self.save()
         self.tracker.end("KILLED")
         self.watchdog.stop(done=True)  # rank 0's store goes with it: not a lost peer
@@ -617,28 +628,44 @@ class Trainer:
         self.metrics.record({f"{split}/{k}": v for split, r in res.items() for k, v in r.items() if k != "count"}
                             | {"val/epoch": epoch}, self.step)
         self.best_top1 = max(self.best_top1, main["top1"])
+        self.last_res = res
+        if self.registrar.is_new_best(res):
+            self._register_best(res)
         return main
+
+    def _register_best(self, res: dict) -> None:
+        """A new best evaluation: checkpoint (the version's ``checkpoint`` tag names it),
+        export to ``export/best/`` and register (rank 0; the others wait at their next
+        collective, within train.dist_timeout_s). Synchronizes ranks."""
+        if not self.checkpointer.saved(self.step):
+            self.save()
+        state = export_mod.gather_fp32_state(self.engine.module)
+        version = None
+        if self.rank == 0:
+            files = export_mod.export(os.path.join(self.out, "export", "best"), self.cfg.model.variant,
+                                      self.registrar.classes, self.cfg.aug, state, self.ema.module if self.ema else None,
+                                      self.step, self.loader.completed_epochs)
+            with self.metrics.paused():
+                version = self.registrar.register(files, res, self.step, self.loader.completed_epochs, [])
+        self.registrar.registered_best(version, res, self.step)
 
     # ----- the end (rank 0 alone)
 
     def _finish(self, state: dict, last_eval: dict | None) -> dict:
-        cfg = self.cfg
+        cfg, reg = self.cfg, self.registrar
         epoch = self.loader.completed_epochs
-        # a manifest without a class list: the indices are the names
-        classes = self.train_manifest.classes or tuple(str(i) for i in range(self.train_manifest.num_classes))
-        files = export_mod.export(self.out, cfg.model.variant, classes, cfg.aug, state,
+        files = export_mod.export(os.path.join(self.out, "export"), cfg.model.variant, reg.classes, cfg.aug, state,
                                   self.ema.module if self.ema else None, self.step, epoch)
         version = None
-        name = cfg.named(cfg.mlflow.register_as) if cfg.mlflow.register_as else ""
-        if name:
-            tags = {"run_id": self.run_id, "step": self.step, "epoch": epoch, "variant": cfg.model.variant}
-            if last_eval:
-                tags["top1"] = f"{last_eval['top1']:.2f}"
-            version = export_mod.register(self.tracker, name, cfg.model.variant, classes, cfg.aug, files, tags, ["last"])
+        if reg.name and reg.best_step == self.step and reg.best_version:  # the end's evaluation was registered
+            version = reg.best_version
+            self.tracker.alias(reg.name, version, "last")
+        elif reg.name:
+            version = reg.register(files, self.last_res, self.step, epoch, ["last"])
         self.tracker.end()
         done = {"step": self.step, "epoch": epoch, "run_id": self.run_id, "version": version,
                 "world_size": self.world, "zero_stage": cfg.train.zero_stage,
-                "registered_as": name, "schedule": self.schedule, "time": time.time()}
+                "registered_as": reg.name, "schedule": self.schedule, "time": time.time()}
         write_atomic(os.path.join(self.out, "FINISHED.json"), json.dumps(done, indent=1))
         return {"step": self.step, "eval": last_eval, "export": files, "run_id": self.run_id}
 

@@ -48,3 +48,53 @@ class MlflowServer:
             self.proc.wait()
         if self.proc:
             self.log.close()
+
+
+class ModelServer:
+    """``mlflow models serve -m URI --env-manager local`` on 127.0.0.1, run by ``python``
+    (any environment with MLflow: its ``uvicorn`` must come first on PATH)."""
+
+    def __init__(self, python: str, model_uri: str, tracking_uri: str, root: str):
+        self.python, self.model_uri, self.tracking_uri, self.root = python, model_uri, tracking_uri, root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120, env: dict | None = None) -> "ModelServer":
+        os.makedirs(self.root, exist_ok=True)
+        self.log = open(os.path.join(self.root, "serve.log"), "w")
+        bin_dir = os.path.dirname(self.python)
+        env = dict(env or os.environ, MLFLOW_TRACKING_URI=self.tracking_uri, PATH=bin_dir + os.pathsep + os.environ["PATH"])
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited: {open(os.path.join(self.root, 'serve.log')).read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow models serve did not answer on {self.url} within {timeout}s")
+
+    def post(self, body: bytes, content_type: str = "application/json", timeout: float = 120) -> tuple[int, bytes]:
+        import urllib.error
+
+        req = urllib.request.Request(self.url + "/invocations", data=body, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc:
+            self.log.close()

@@ -4,6 +4,9 @@ does not stop training."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -25,25 +28,28 @@ def server(tmp_path_factory):
 
 LOAD_AND_CLASSIFY = textwrap.dedent(
     """
-    import io, json, sys
-    import numpy as np, mlflow, torch, webdataset
+    import io, json, os, sys
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    import numpy as np, mlflow, pandas as pd, webdataset
     from PIL import Image
     uri, name, val_dir = sys.argv[1:4]
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}@best").eval()
+    model = mlflow.pyfunc.load_model(f"models:/{name}@best")
     assert "deepspeed" not in sys.modules, "loading the model imported deepspeed"
     manifest = json.load(open(val_dir + "/manifest.json"))
     urls = [val_dir + "/" + s["name"] for s in manifest["shards"]]
-    images, labels = [], []
-    for sample in webdataset.WebDataset(urls, shardshuffle=False):
-        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((32, 32), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-        labels.append(int(sample["cls"]))
-    with torch.no_grad():
-        pred = model(torch.stack(images)).argmax(1)
-    acc = (pred == torch.tensor(labels)).float().mean().item()
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False))
+    labels = np.array([int(s["cls"]) for s in samples])
+    out = model.predict(pd.DataFrame({"image": [s["jpg"] for s in samples]}), params={"top_k": 3})
+    pred = np.array([ids[0] for ids in out["class_ids"]])
+    # a uint8 array batch (the decoded 28x28 digits) through the unwrapped model
+    arrays = np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"]))) for s in samples[:50]])
+    pred_arrays = [ids[0] for ids in model.unwrap_python_model().predict(None, arrays)["class_ids"]]
     files = {m: getattr(sys.modules[m], "__file__", None) for m in sys.modules if m.startswith("pipeline")}
-    print(json.dumps({"accuracy": acc, "n": len(labels), "modules": files}))
+    print(json.dumps({"accuracy": float((pred == labels).mean()), "n": len(labels), "modules": files,
+                      "top3": len(out["class_ids"][0]), "names": out["class_names"][0],
+                      "arrays_agree": float(np.mean(np.array(pred_arrays) == pred[:50])),
+                      "module": type(model.unwrap_python_model().model).__name__}))
     """
 )
 
@@ -52,7 +58,8 @@ def runtime_env(tmp_path) -> str:
     """A Python environment with the runtime dependencies but not this project: a new
     venv whose path reaches the test venv's site-packages through a plain .pth line,
     so the editable install's finder there (a .pth of its own, processed only in a
-    real site directory) is not run. Returns its python."""
+    real site directory) is not run. Its bin/ has a ``uvicorn`` (what ``mlflow models
+    serve`` starts) of its own. Returns its python."""
     import site
     import sysconfig
 
@@ -63,22 +70,31 @@ def runtime_env(tmp_path) -> str:
     deps = [p for p in site.getsitepackages() if os.path.isdir(p)] or [sysconfig.get_paths()["purelib"]]
     with open(os.path.join(purelib, "runtime_deps.pth"), "w") as f:
         f.write("\n".join(deps) + "\n")
+    uvicorn = venv / "bin" / "uvicorn"
+    uvicorn.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
     return str(venv / "bin" / "python")
 
 
-def test_run_is_tracked_registered_and_loads_without_deepspeed(server, demo_shards, tmp_path):
-    from mlflow import MlflowClient
-
-    out = str(tmp_path / "run")
-    env = {"MLFLOW_TRACKING_URI": server.uri}
+@pytest.fixture(scope="module")
+def registered(server, demo_shards, tmp_path_factory):
+    """One 2-rank run into the server, registered as tnt-test (evaluated each epoch)."""
+    tmp = tmp_path_factory.mktemp("registered")
+    out = str(tmp / "run")
     proc = subprocess.run(
         command(out, demo_shards, "train.max_steps=62", "train.eval_every=1",
                 "mlflow.register_as=tnt-test", "mlflow.system_metrics=true", "mlflow.experiment=tests"),
-        env=dict(os.environ, **env), capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(server.uri)
     run_id = next(line.rsplit(" ", 1)[-1] for line in proc.stdout.splitlines() if line.startswith("done:"))
+    return {"out": out, "run_id": run_id, "proc": proc, "python": runtime_env(tmp), "tmp": tmp}
+
+
+def test_run_is_tracked_and_registered_with_its_lineage(server, registered, demo_shards):
+    from mlflow import MlflowClient
+
+    client, run_id, out = MlflowClient(server.uri), registered["run_id"], registered["out"]
     run = client.get_run(run_id)
     assert run.data.params["train.zero_stage"] == "1" and run.data.params["train_data.samples"] == "4000"
     history = client.get_metric_history(run_id, "train/loss")
@@ -87,13 +103,40 @@ def test_run_is_tracked_registered_and_loads_without_deepspeed(server, demo_shar
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "config.yaml" in artifacts
-    version = client.get_model_version_by_alias("tnt-test", "best")
-    assert version.run_id == run_id and version.tags["run_id"] == run_id and float(version.tags["top1"]) > 0
-    assert client.get_model_version_by_alias("tnt-test", "last").version == version.version
+    # a version at each new best evaluation (epoch 1 is always one), the end's is @last
+    versions = sorted(client.search_model_versions("name='tnt-test'"), key=lambda v: int(v.version))
+    assert [v.tags["step"] for v in versions][0] == "31" and versions[-1].tags["step"] == "62"
+    assert [float(v.tags["top1"]) for v in versions] == sorted(float(v.tags["top1"]) for v in versions)
+    best, last = (client.get_model_version_by_alias("tnt-test", a) for a in ("best", "last"))
+    assert last.version == versions[-1].version
+    assert float(best.tags["top1"]) == max(float(v.tags["top1"]) for v in versions)
+    evals = {m["step"]: m for m in metrics(out) if "val/top1" in m}
+    for v in versions:
+        tags, ev = v.tags, evals[int(v.tags["step"])]
+        assert v.run_id == run_id and tags["run_id"] == run_id
+        # the better of model and EMA (mlflow.register_weights=auto), both recorded
+        assert float(tags["model.top1"]) == pytest.approx(ev["val/top1"], abs=0.006)
+        assert float(tags["ema.top1"]) == pytest.approx(ev["val_ema/top1"], abs=0.006)
+        assert tags["weights"] == ("ema" if ev["val_ema/top1"] > ev["val/top1"] else "model")
+        assert tags["top1"] == tags[f"{tags['weights']}.top1"]
+        assert tags["checkpoint"] == os.path.join(out, "checkpoints", f"step{int(tags['step']):08d}")
+        assert os.path.isdir(tags["checkpoint"]) or tags["step"] != "62"  # keep_last prunes older ones
+        assert tags["attempts"] == "1" and tags["requeues"] == "0" and tags["world_sizes"] == "2"
+        assert tags["faults"] == "0" and len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+        assert len(tags["config.sha256"]) == 64
+        for split in ("train", "val"):
+            manifest = os.path.join(demo_shards[split], "manifest.json")
+            assert tags[f"data.{split}.manifest"] == manifest
+            assert tags[f"data.{split}.sha256"] == hashlib.sha256(open(manifest, "rb").read()).hexdigest()
 
-    # a fresh process in an environment where this project is not installed (the model's
-    # code ships with it), no DeepSpeed
-    python = runtime_env(tmp_path)
+
+def test_registered_model_loads_without_pickle_or_this_checkout(server, registered, demo_shards, tmp_path):
+    """A fresh process in an environment where this project is not installed (the
+    model's code ships with it), pickle disallowed, no DeepSpeed: JPEG bytes in, the
+    trainer's top-1 out."""
+    from mlflow import MlflowClient
+
+    python = registered["python"]
     script = tmp_path / "load.py"
     script.write_text(LOAD_AND_CLASSIFY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -103,14 +146,78 @@ def test_run_is_tracked_registered_and_loads_without_deepspeed(server, demo_shar
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    assert result["n"] == 1000
+    assert result["n"] == 1000 and result["top3"] == 3 and result["module"] == "TNT"
+    assert all(name in [str(d) for d in range(10)] for name in result["names"])
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = [f for f in result["modules"].values() if f]
     assert "pipeline.tnt" in result["modules"] and files
     assert all(not f.startswith(here) for f in files), files  # the downloaded model's copy, not this checkout
-    # the same accuracy as the trainer's own evaluation, and above chance (10 classes)
-    assert result["accuracy"] * 100 == pytest.approx(float(version.tags["top1"]), abs=1.0)
+    # the trainer's own evaluation of these weights (the EMA's in fp32 exactly; the model's in bf16)
+    best = MlflowClient(server.uri).get_model_version_by_alias("tnt-test", "best")
+    assert result["accuracy"] * 100 == pytest.approx(float(best.tags["top1"]), abs=1.0)
     assert result["accuracy"] > 0.13
+    assert result["arrays_agree"] == 1.0  # the decoded JPEGs as uint8 arrays: the same pixels, the same classes
+
+
+def val_images(val_dir: str) -> tuple[list[bytes], list[int]]:
+    import webdataset
+
+    manifest = json.load(open(os.path.join(val_dir, "manifest.json")))
+    urls = [os.path.join(val_dir, s["name"]) for s in manifest["shards"]]
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False))
+    return [s["jpg"] for s in samples], [int(s["cls"]) for s in samples]
+
+
+def invocation(images: list[bytes], top_k: int = 1) -> bytes:
+    rows = [[base64.b64encode(b).decode()] for b in images]
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}, "params": {"top_k": top_k}}).encode()
+
+
+def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, demo_shards, tmp_path):
+    """``mlflow models serve`` (in the environment without this project) answers HTTP
+    POSTs of the 1,000 real val JPEGs with the loaded model's classes; bad requests get
+    a 400 and one line, and the server goes on serving."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow_server import ModelServer
+    from PIL import Image
+
+    images, labels = val_images(demo_shards["val"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    served = ModelServer(registered["python"], "models:/tnt-test@best", server.uri, str(tmp_path / "serve")).start(env=env)
+    try:
+        predicted = []
+        for i in range(0, len(images), 250):
+            status, body = served.post(invocation(images[i : i + 250]))
+            assert status == 200, body[:500]
+            predicted += [row["class_ids"][0] for row in json.loads(body)["predictions"]]
+        # bad requests: one clear 4xx each
+        status, body = served.post(invocation([b"not an image at all"]))
+        assert status == 400 and b"image 0: not an image PIL can read" in body, body[:300]
+        status, body = served.post(b"")
+        assert 400 <= status < 500, (status, body[:300])
+        status, body = served.post(json.dumps({"dataframe_split": {"columns": ["image"], "data": []}}).encode())
+        assert 400 <= status < 500, (status, body[:300])
+        huge = io.BytesIO()
+        Image.new("L", (8000, 6000)).save(huge, "PNG")  # 48M pixels: refused from the header, never decoded
+        status, body = served.post(invocation([huge.getvalue()]))
+        assert status == 400 and b"is over 40000000 pixels" in body, body[:300]
+        # still serving, top-3 by default parameter
+        status, body = served.post(invocation(images[:2], top_k=3))
+        assert status == 200 and len(json.loads(body)["predictions"][0]["class_ids"]) == 3
+    finally:
+        served.kill()
+    # the same answers as the model loaded in this process (same images, same transform)
+    mlflow.set_tracking_uri(server.uri)
+    model = mlflow.pyfunc.load_model("models:/tnt-test@best")
+    local = [ids[0] for ids in model.predict(pd.DataFrame({"image": images}), params={"top_k": 1})["class_ids"]]
+    assert predicted == local
+    from mlflow import MlflowClient
+
+    best = MlflowClient(server.uri).get_model_version_by_alias("tnt-test", "best")
+    top1 = 100 * float(np.mean(np.array(predicted) == np.array(labels)))
+    assert top1 == pytest.approx(float(best.tags["top1"]), abs=1.0)  # the trainer's evaluation of it
 
 
 def test_tracking_server_killed_mid_run_does_not_stop_training(demo_shards, tmp_path):
@@ -153,22 +260,24 @@ def test_tracking_server_killed_mid_run_does_not_stop_training(demo_shards, tmp_
 def test_best_alias_follows_the_best_top1_across_versions(server, tmp_path):
     """Three registered versions with top-1 50, 40, 60: @best stays on the first, then
     moves to the third; @last is always the newest."""
-    import numpy as np
     from mlflow import MlflowClient
 
-    from pipeline import tnt
+    from pipeline import export, tnt
     from pipeline.tracking import Tracker
+    from pipeline.data import Augment
 
-    model = tnt.create("tntp_tiny_patch8_32", num_classes=10).eval()
-    weights = tmp_path / "w.txt"
-    weights.write_text("weights")
+    aug = Augment(img_size=32)
+    state = tnt.create("tntp_tiny_patch8_32", num_classes=10).state_dict()
+    files = export.export(str(tmp_path / "export"), "tntp_tiny_patch8_32", tuple("0123456789"), aug, state, None, 1, 1)
+    config = tmp_path / "config.yaml"
+    config.write_text("name: test\n")
     client = MlflowClient(server.uri)
     expected = []
     for i, top1 in enumerate(("50.00", "40.00", "60.00")):
         tracker = Tracker(server.uri, "best-alias", artifact_root=None)
         tracker.start(None, f"run{i}", system_metrics=False)
-        version = tracker.register(model, "tnt-best", np.zeros((1, 3, 32, 32), np.float32), [str(weights)],
-                                   {"top1": top1, "step": i}, ["last"])
+        version = export.register(tracker, "tnt-best", files, "model", str(config), None, {"top1": top1, "step": i},
+                                  ["last"])
         tracker.end()
         assert version is not None and tracker.failed is None
         expected.append(version)

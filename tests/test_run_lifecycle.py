@@ -45,8 +45,8 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
     exp = client.get_experiment_by_name("tntpipe-digits")
     assert exp is not None and exp.artifact_location == "file://" + os.path.join(out, "mlartifacts")
     versions = client.search_model_versions("name='tnt-tiny-digits'")
-    assert len(versions) == 1
-    version = versions[0]
+    assert len(versions) == 2  # epoch 1's evaluation (the first best), the end (another best, or @last)
+    version = client.get_model_version_by_alias("tnt-tiny-digits", "last")
     # 2. epochs: completed epochs everywhere (31 steps an epoch)
     assert "eval epoch 1 step 31:" in first.stderr and "eval epoch 2 step 62:" in first.stderr
     assert [m["val/epoch"] for m in metrics(out) if "val/epoch" in m] == [1, 2]
@@ -55,23 +55,24 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
         assert json.load(f)["epoch"] == 2
     # 3. the model says what it is: 10 digits at 32 px, crop_pct 1.0, the class names
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model("models:/tnt-tiny-digits@last")
+    model = mlflow.pyfunc.load_model("models:/tnt-tiny-digits@last").unwrap_python_model()
+    assert type(model.model).__name__ == "TNT"
     cfg = model.pretrained_cfg
     assert cfg["num_classes"] == 10 and tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == 1.0
     assert cfg["interpolation"] == "bicubic" and tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
-    assert cfg["label_names"] == [str(d) for d in range(10)]
+    assert cfg["label_names"] == [str(d) for d in range(10)] and cfg["architecture"] == "tntp_tiny_patch8_32"
     with open(os.path.join(out, "export", "pretrained_cfg.json")) as f:
         assert json.load(f)["num_classes"] == 10
-    artifacts = {a.path for a in client.list_artifacts(version.run_id, "weights")}
-    assert {"weights/model.safetensors", "weights/model_ema.safetensors", "weights/classes.json",
-            "weights/pretrained_cfg.json"} <= artifacts
+    files = os.listdir(os.path.join(mlflow.artifacts.download_artifacts("models:/tnt-tiny-digits@last"), "artifacts"))
+    assert sorted(files) == ["config.yaml", f"model{'_ema' if version.tags['weights'] == 'ema' else ''}.safetensors",
+                             "pretrained_cfg.json"]
 
     # 4. the same command again: finished, nothing logged or registered
     before = open(os.path.join(out, "metrics.jsonl")).read()
     again = run(base, elsewhere)
     assert again.returncode == 0 and again.stdout.startswith("finished: "), again.stderr[-2000:]
     assert open(os.path.join(out, "metrics.jsonl")).read() == before
-    assert len(client.search_model_versions("name='tnt-tiny-digits'")) == 1
+    assert len(client.search_model_versions("name='tnt-tiny-digits'")) == 2
 
     # 5. another schedule: refused in one line, unless asked for
     longer = run([*base, "optim.epochs=4"], elsewhere)
@@ -83,7 +84,8 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "with a changed schedule (train.allow_schedule_change=true): optim.epochs 2 -> 4" in allowed.stderr
     assert client.get_run(version.run_id).data.tags["schedule_change.step62"].startswith("optim.epochs 2 -> 4")
-    assert len(client.search_model_versions("name='tnt-tiny-digits'")) == 2
+    assert len(client.search_model_versions("name='tnt-tiny-digits'")) >= 3
+    assert client.get_model_version_by_alias("tnt-tiny-digits", "last").tags["step"] == "64"
     assert os.listdir(elsewhere) == []
 
 

@@ -1,0 +1,156 @@
+"""What goes into the MLflow Model Registry, when, and the lineage each version carries.
+
+When (``mlflow.register_best``): at every evaluation whose top-1 beats the best so far
+(of the weights chosen), so that a run killed late leaves its best model registered,
+and at the end (alias ``last``; the end's evaluation, when it is the best, is the same
+version). The ``best`` alias follows the best ``top1`` tag across all versions of the
+name (:meth:`pipeline.tracking.Tracker.register`).
+
+Which weights (``mlflow.register_weights``): ``auto`` takes the better top-1 of the
+model and its EMA at that evaluation, or ``model``, or ``ema``; tag ``weights``.
+
+Lineage, as version tags (the config itself is the model's ``artifacts/config.yaml``):
+
+* ``git.commit``, ``git.dirty``: the code that trained it;
+* ``config.sha256``: of the config (canonical JSON of every key);
+* ``data.train.manifest``, ``data.train.sha256`` (and ``data.val.*``): the manifests;
+* ``checkpoint``, ``step``, ``epoch``: the checkpoint saved at the step it comes from;
+* ``attempts``, ``requeues``, ``world_sizes``, ``faults``: the run's history until
+  then (attempts that started training; requeues on the time-limit signal; the world
+  size of each attempt; records in ``failures.jsonl``);
+* ``top1``/``top5`` of the registered weights, ``model.top1``/``model.top5`` and
+  ``ema.top1``/``ema.top5`` of both;
+* ``run_id``, ``variant``, ``weights``; ``parent.*`` when it was fine-tuned from
+  ``model.init_from`` (``pipeline/pretrained.py``): the parent's URI, registered
+  name and version, run and weights sha256.
+
+Every rank keeps the same state (the evaluations it decides on are all-reduced); only
+rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+
+from pipeline import export as export_mod
+from pipeline.checkpoint import tag_of
+from pipeline.failures import FILE as FAILURES_FILE
+
+log = logging.getLogger("tntpipe.registry")
+
+
+def git_state(path: str) -> dict[str, str]:
+    """The commit of the checkout holding ``path`` and whether it has changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown (not a git checkout)", "git.dirty": "unknown"}
+
+
+def config_sha256(cfg) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def first_image(manifest) -> bytes | None:
+    """The encoded image of the manifest's first sample: the model's input example."""
+    from pipeline.manifest import _Reporter, _Sequence
+
+    for _, sample in _Sequence(manifest, list(range(len(manifest.urls)))).fetch([0], _Reporter("input example")):
+        for key in ("jpg", "jpeg", "png", "webp"):
+            if key in sample:
+                return bytes(sample[key])
+    return None
+
+
+class Registrar:
+    """Decides on, and (rank 0) makes, the registrations of a run."""
+
+    def __init__(self, cfg, tracker, out: str, rank: int, classes: tuple[str, ...], manifests: dict,
+                 parent: dict | None = None):
+        self.cfg, self.tracker, self.out, self.rank = cfg, tracker, out, rank
+        self.classes = classes
+        self.manifests = manifests  # {"train": Manifest, "val": Manifest or None}
+        self.parent = parent or {}
+        self.name = cfg.named(cfg.mlflow.register_as) if cfg.mlflow.register_as else ""
+        self.best_top1 = -1.0  # of the registered weights
+        self.best_step: int | None = None
+        self.best_version: str | None = None  # rank 0's
+        self.attempts, self.requeues, self.world_sizes = 0, 0, []
+        self._example: bytes | None = None
+
+    def state_dict(self) -> dict:
+        return {"best_top1": self.best_top1, "best_step": self.best_step, "best_version": self.best_version,
+                "attempts": self.attempts, "requeues": self.requeues, "world_sizes": self.world_sizes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_top1, self.best_step = float(state["best_top1"]), state["best_step"]
+        self.best_version = state["best_version"]
+        self.attempts, self.requeues = int(state["attempts"]), int(state["requeues"])
+        self.world_sizes = list(state["world_sizes"])
+
+    def start_attempt(self, world: int) -> None:
+        self.attempts += 1
+        self.world_sizes.append(world)
+
+    def choose(self, res: dict | None) -> str:
+        """``model`` or ``ema``: the weights to register after the evaluation ``res``."""
+        want = self.cfg.mlflow.register_weights
+        if "val_ema" not in (res or {}) and want != "ema":
+            return "model"
+        if want != "auto":
+            return want
+        return "ema" if res["val_ema"]["top1"] > res["val"]["top1"] else "model"
+
+    def is_new_best(self, res: dict) -> bool:
+        """Whether ``res`` (all-reduced: the same on every rank) is a new best to register."""
+        split = {"model": "val", "ema": "val_ema"}[self.choose(res)]
+        return bool(self.name) and self.cfg.mlflow.register_best and res[split]["top1"] > self.best_top1
+
+    def register(self, files: dict, res: dict | None, step: int, epoch: int, aliases: list[str]) -> str | None:
+        """Register the exported ``files`` (rank 0); returns the version."""
+        weights = self.choose(res)
+        tags = self._tags(res, weights, step, epoch)
+        if self._example is None:
+            self._example = first_image(self.manifests["val"] or self.manifests["train"])
+        version = export_mod.register(self.tracker, self.name, files, weights, os.path.join(self.out, "config.yaml"),
+                                      self._example, tags, aliases)
+        return version
+
+    def registered_best(self, version: str | None, res: dict, step: int) -> None:
+        """Note the best registered at ``step`` (every rank: the decision state)."""
+        split = {"model": "val", "ema": "val_ema"}[self.choose(res)]
+        self.best_top1, self.best_step, self.best_version = res[split]["top1"], step, version
+
+    def _tags(self, res: dict | None, weights: str, step: int, epoch: int) -> dict:
+        cfg = self.cfg
+        tags = {"run_id": self.tracker.run_id, "variant": cfg.model.variant, "weights": weights, "step": step,
+                "epoch": epoch, "checkpoint": os.path.join(self.out, "checkpoints", tag_of(step)),
+                "config.sha256": config_sha256(cfg), "attempts": self.attempts, "requeues": self.requeues,
+                "world_sizes": ",".join(map(str, self.world_sizes)), "faults": self._faults(),
+                **git_state(os.path.dirname(os.path.abspath(__file__))), **self.parent}
+        for split, m in self.manifests.items():
+            if m is not None:
+                tags[f"data.{split}.manifest"] = m.path if "://" in m.path else os.path.abspath(m.path)
+                tags[f"data.{split}.sha256"] = m.digest
+        for split, prefix in (("val", "model"), ("val_ema", "ema")):
+            if res and split in res:
+                tags[f"{prefix}.top1"] = f"{res[split]['top1']:.2f}"
+                tags[f"{prefix}.top5"] = f"{res[split]['top5']:.2f}"
+        if res:
+            tags["top1"], tags["top5"] = tags[f"{weights}.top1"], tags[f"{weights}.top5"]
+        return tags
+
+    def _faults(self) -> int:
+        try:
+            with open(os.path.join(self.out, FAILURES_FILE)) as f:
+                return sum(1 for line in f if line.strip())
+        except OSError:
+            return 0

@@ -1,0 +1,136 @@
+"""``model.init_from`` (pipeline/pretrained.py) and the registry's choices
+(pipeline/registry.py), without a process group or a server: the sources, the head and
+position-encoding adaptation, the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import export, pretrained, tnt
+from pipeline.data import Augment
+from pipeline.imagenet import InputError
+
+TINY = "tntp_tiny_patch8_32"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A 10-class 32 px tiny TNT exported the trainer's way (safetensors + pretrained_cfg)."""
+    torch.manual_seed(0)
+    model = tnt.create(TINY, num_classes=10)
+    folder = tmp_path_factory.mktemp("export")
+    files = export.export(str(folder), TINY, tuple("0123456789"), Augment(img_size=32, crop_pct=1.0),
+                          model.state_dict(), None, 7, 1)
+    return {"model": model, "files": files, "folder": str(folder)}
+
+
+def test_same_shape_loads_exactly(source):
+    weights, cfg, lineage = pretrained.resolve(source["folder"], "")
+    assert cfg["architecture"] == TINY and lineage["parent.init_from"] == source["folder"]
+    assert len(lineage["parent.sha256"]) == 64
+    model = tnt.create(TINY, num_classes=10)
+    assert pretrained.load_into(model, TINY, weights, cfg) == []
+    for k, v in source["model"].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_new_classes_and_size_reinit_the_head_and_resample_patch_pos(source, caplog):
+    model = tnt.create(TINY, num_classes=3, img_size=48)
+    head = model.head.weight.detach().clone()
+    with caplog.at_level("INFO", logger="tntpipe.pretrained"):
+        notes = pretrained.load_into(model, TINY, source["files"]["model"], None)
+    assert len(notes) == 2 and "head re-initialised: 10 classes" in notes[0] and "3 here" in notes[0]
+    assert "from a 4x4 grid to 6x6 (48 px)" in notes[1]
+    assert caplog.text.count("model.init_from:") == 2
+    state, src = model.state_dict(), source["model"].state_dict()
+    assert torch.equal(state["head.weight"], head)  # fresh head, untouched
+    assert torch.equal(state["pixel_pos"], src["pixel_pos"])  # pixel encodings kept
+    assert torch.equal(state["patch_pos"][:, :1], src["patch_pos"][:, :1])  # the class token's
+    assert state["patch_pos"].shape == (1, 37, 96)
+    assert torch.equal(state["blocks.0.attn_out.qk.weight"], src["blocks.0.attn_out.qk.weight"])
+    model.eval()(torch.randn(2, 3, 48, 48))  # runs at the new size
+
+
+def test_timm_checkpoint_file_prefers_its_ema(source, tmp_path):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in source["model"].state_dict().items()}
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": source["model"].state_dict(), "state_dict_ema": ema, "epoch": 3}, path)
+    model = tnt.create(TINY, num_classes=10)
+    pretrained.load_into(model, TINY, str(path), None)
+    assert torch.equal(model.state_dict()["cls_token"], ema["cls_token"])
+
+
+@pytest.mark.parametrize("case", ["variant_cfg", "variant_shapes", "missing", "not_weights"])
+def test_refusals_are_one_line(source, tmp_path, case):
+    model = tnt.create(TINY, num_classes=10)
+    weights, cfg = source["files"]["model"], json.load(open(source["files"]["pretrained_cfg"]))
+    if case == "variant_cfg":
+        cfg["architecture"] = "tntp_s_patch16_224"
+        match = "holds a tntp_s_patch16_224 model, not tntp_tiny_patch8_32: set model.variant=tntp_s_patch16_224"
+    elif case == "variant_shapes":  # another inner width: another variant, whatever the cfg says
+        model, cfg = tnt.create(TINY, num_classes=10, inner_dim=16, num_heads_inner=2), None
+        match = r"another variant than tntp_tiny_patch8_32: \S+ is \(12,\), tntp_tiny_patch8_32 has \(16,\)"
+    elif case == "missing":
+        with pytest.raises(InputError, match="no such file or directory"):
+            pretrained.resolve(str(tmp_path / "nope.safetensors"), "")
+        return
+    else:
+        weights = str(tmp_path / "junk.safetensors")
+        open(weights, "wb").write(b"not safetensors")
+        match = "is not a weights file timm can read"
+    with pytest.raises(InputError, match=match) as exc:
+        pretrained.load_into(model, TINY, weights, cfg)
+    assert "\n" not in str(exc.value)
+
+
+def test_unreachable_registry_is_one_line():
+    with pytest.raises(InputError, match=r"models:/tnt@best: cannot be read from the MLflow store .*mlflow.tracking_uri"):
+        pretrained.resolve("models:/tnt@best", "http://127.0.0.1:9")
+
+
+class _Cfg:
+    """Only what Registrar reads."""
+
+    def __init__(self, weights="auto", best=True):
+        self.mlflow = type("M", (), {"register_weights": weights, "register_best": best, "register_as": "x"})()
+
+    def named(self, template):
+        return template
+
+
+def _res(model, ema=None):
+    res = {"val": {"top1": model, "top5": 99.0}}
+    if ema is not None:
+        res["val_ema"] = {"top1": ema, "top5": 99.0}
+    return res
+
+
+@pytest.mark.parametrize("weights,res,chosen", [
+    ("auto", _res(50, 60), "ema"), ("auto", _res(60, 50), "model"), ("auto", _res(50, 50), "model"),
+    ("auto", _res(50), "model"), ("model", _res(50, 60), "model"), ("ema", _res(60, 50), "ema"),
+])
+def test_registrar_chooses_the_weights(weights, res, chosen):
+    from pipeline.registry import Registrar
+
+    reg = Registrar(_Cfg(weights), None, "", 0, (), {})
+    assert reg.choose(res) == chosen
+
+
+def test_registrar_registers_only_new_bests_and_keeps_its_history():
+    from pipeline.registry import Registrar
+
+    reg = Registrar(_Cfg(), None, "", 0, (), {})
+    assert reg.is_new_best(_res(40, 30))
+    reg.registered_best("1", _res(40, 30), 31)
+    assert not reg.is_new_best(_res(35, 40)) and reg.is_new_best(_res(35, 41))
+    reg.start_attempt(2)
+    reg.requeues += 1
+    again = Registrar(_Cfg(), None, "", 0, (), {})
+    again.load_state_dict(json.loads(json.dumps(reg.state_dict())))  # through a checkpoint's JSON
+    again.start_attempt(1)
+    assert again.state_dict() | {"attempts": 0} == reg.state_dict() | {"attempts": 0, "world_sizes": [2, 1]}
+    assert again.attempts == 2 and again.best_step == 31 and again.best_version == "1"
+    assert not Registrar(_Cfg(best=False), None, "", 0, (), {}).is_new_best(_res(90))
