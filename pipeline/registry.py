@@ -114,8 +114,33 @@ class Registrar:
         split = {"model": "val", "ema": "val_ema"}[self.choose(res)]
         return bool(self.name) and self.cfg.mlflow.register_best and res[split]["top1"] > self.best_top1
 
+    def export_and_register(self, folder: str, state: dict, ema, res: dict | None, step: int, epoch: int,
+                            aliases: tuple[str, ...] = ()) -> str | None:
+        """Export ``state`` (and the EMA) into ``<train.out>/export/<folder>`` and register
+        the chosen weights (rank 0); returns the version (None: not registered)."""
+        files = self._export(os.path.join("export", folder), state, ema, step, epoch)
+        return self.register(files, res, step, epoch, list(aliases)) if self.name else None
+
+    def finish(self, state: dict, ema, res: dict | None, step: int, epoch: int) -> tuple[dict, str | None]:
+        """The end of the run (rank 0): export into ``export/``; alias ``last`` on the
+        version of the end's evaluation when it was registered as a best, else a new
+        version. Returns the exported files and the version."""
+        files = self._export("export", state, ema, step, epoch)
+        if not self.name:
+            return files, None
+        if self.best_step == step and self.best_version:
+            self.tracker.alias(self.name, self.best_version, "last")
+            return files, self.best_version
+        return files, self.register(files, res, step, epoch, ["last"])
+
+    def _export(self, folder: str, state: dict, ema, step: int, epoch: int) -> dict:
+        return export_mod.export(os.path.join(self.out, folder), self.cfg.model.variant, self.classes, self.cfg.aug,
+                                 state, ema, step, epoch)
+
     def register(self, files: dict, res: dict | None, step: int, epoch: int, aliases: list[str]) -> str | None:
         """Register the exported ``files`` (rank 0); returns the version."""
+        if not self.tracker.enabled or self.tracker.failed:  # no MLflow, or it failed: the export stays on disk
+            return None
         weights = self.choose(res)
         tags = self._tags(res, weights, step, epoch)
         if self._example is None:

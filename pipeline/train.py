@@ -642,11 +642,9 @@ class Trainer:
         state = export_mod.gather_fp32_state(self.engine.module)
         version = None
         if self.rank == 0:
-            files = export_mod.export(os.path.join(self.out, "export", "best"), self.cfg.model.variant,
-                                      self.registrar.classes, self.cfg.aug, state, self.ema.module if self.ema else None,
-                                      self.step, self.loader.completed_epochs)
             with self.metrics.paused():
-                version = self.registrar.register(files, res, self.step, self.loader.completed_epochs, [])
+                version = self.registrar.export_and_register("best", state, self.ema.module if self.ema else None, res,
+                                                             self.step, self.loader.completed_epochs)
         self.registrar.registered_best(version, res, self.step)
 
     # ----- the end (rank 0 alone)
@@ -654,14 +652,7 @@ class Trainer:
     def _finish(self, state: dict, last_eval: dict | None) -> dict:
         cfg, reg = self.cfg, self.registrar
         epoch = self.loader.completed_epochs
-        files = export_mod.export(os.path.join(self.out, "export"), cfg.model.variant, reg.classes, cfg.aug, state,
-                                  self.ema.module if self.ema else None, self.step, epoch)
-        version = None
-        if reg.name and reg.best_step == self.step and reg.best_version:  # the end's evaluation was registered
-            version = reg.best_version
-            self.tracker.alias(reg.name, version, "last")
-        elif reg.name:
-            version = reg.register(files, self.last_res, self.step, epoch, ["last"])
+        files, version = reg.finish(state, self.ema.module if self.ema else None, self.last_res, self.step, epoch)
         self.tracker.end()
         done = {"step": self.step, "epoch": epoch, "run_id": self.run_id, "version": version,
                 "world_size": self.world, "zero_stage": cfg.train.zero_stage,

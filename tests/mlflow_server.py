@@ -12,6 +12,21 @@ import urllib.request
 from launch.local import free_port
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, log: str) -> None:
+    """Until ``url`` answers 200; the log's tail in the error if ``proc`` exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited: {open(log).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s (log: {log})")
+
+
 class MlflowServer:
     def __init__(self, root: str):
         self.root = root
@@ -29,17 +44,8 @@ class MlflowServer:
              "--artifacts-destination", os.path.join(self.root, "artifacts")],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: see {self.root}/server.log")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout}s")
+        wait_until_up(self.proc, self.uri + "/health", timeout, os.path.join(self.root, "server.log"))
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server and everything it started (its own process group)."""
@@ -50,15 +56,14 @@ class MlflowServer:
             self.log.close()
 
 
-class ModelServer:
+class ModelServer(MlflowServer):
     """``mlflow models serve -m URI --env-manager local`` on 127.0.0.1, run by ``python``
     (any environment with MLflow: its ``uvicorn`` must come first on PATH)."""
 
     def __init__(self, python: str, model_uri: str, tracking_uri: str, root: str):
-        self.python, self.model_uri, self.tracking_uri, self.root = python, model_uri, tracking_uri, root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
+        super().__init__(root)
+        self.python, self.model_uri, self.tracking_uri = python, model_uri, tracking_uri
+        self.url = self.uri
 
     def start(self, timeout: float = 120, env: dict | None = None) -> "ModelServer":
         os.makedirs(self.root, exist_ok=True)
@@ -70,17 +75,8 @@ class ModelServer:
              "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env,
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited: {open(os.path.join(self.root, 'serve.log')).read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow models serve did not answer on {self.url} within {timeout}s")
+        wait_until_up(self.proc, self.url + "/ping", timeout, os.path.join(self.root, "serve.log"))
+        return self
 
     def post(self, body: bytes, content_type: str = "application/json", timeout: float = 120) -> tuple[int, bytes]:
         import urllib.error
@@ -91,10 +87,3 @@ class ModelServer:
                 return r.status, r.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        if self.proc:
-            self.log.close()
