@@ -10,7 +10,7 @@ builder runs on them exactly as it does on ImageNet.
                                        # -> evaluation -> MLflow registry -> load check
 
 The training step is ``launch/local.py --nproc 2 -- --config configs/demo.yaml``
-(the tiny TNT, ZeRO-1, bf16, about 3 minutes on 2 cores); its MLflow store is
+(the digits TNT, ZeRO-1, bf16, about 3.5 minutes on 2 cores, 94.9% top-1); its MLflow store is
 ``runs/tiny-cpu/mlflow.db``. Running the demo again resumes/reuses what is done.
 """
 
