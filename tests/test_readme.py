@@ -2,7 +2,7 @@
 fresh process (the installed environment, the current directory elsewhere); every
 ``launch/slurm.py`` command of the ``bash`` blocks is run with ``--dry-run``, which
 loads and checks the trainer's config as the job would; every other command's script
-exists and its ``--help`` works."""
+exists and its ``--help`` works (for ``mlflow``: the subcommand and the options given)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def test_readme_command_exists_and_explains_itself(line):
         return
     if argv[0] == "bash":
         assert os.path.isfile(os.path.join(ROOT, argv[1])), line
+        return
+    if os.path.basename(argv[0]) == "mlflow":  # MLflow's CLI (serving): the subcommand and its options exist
+        sub = [a for a in argv[1:] if not a.startswith("-")][:2]
+        proc = subprocess.run([sys.executable, "-m", "mlflow", *sub, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+        assert all(opt in proc.stdout for opt in argv[1:] if opt.startswith("--")), f"{line}\n{proc.stdout[-2000:]}"
         return
     assert argv[0] == "python", line
     target = ["-m", argv[2]] if argv[1] == "-m" else [os.path.join(ROOT, argv[1])]
