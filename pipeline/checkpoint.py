@@ -378,7 +378,7 @@ class CheckpointManager:
         random.seed(derived)
         np.random.seed(derived % (1 << 32))
         self.last_step = int(meta["step"])
-        return {k: meta[k] for k in ("loader", "step", "best_top1", "mlflow_run_id")}
+        return {k: meta[k] for k in ("loader", "step", "best_top1", "mlflow_run_id", "registry") if k in meta}
 
     def load(self, tag: str, engine, ema=None) -> dict:
         """Restore the engine, this rank's RNG states and the EMA from ``tag``; returns

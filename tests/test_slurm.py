@@ -399,7 +399,14 @@ def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags[f"layout_change.step{on_two}"] == "2 ranks x accum 1 -> 1 ranks x accum 2"
-    assert len(client.search_model_versions("name='tnt-fault'")) == 1
+    # a version at each new best evaluation and @last at the end, all in the one run; the
+    # last carries the history: the attempts (the first, its resubmission, the one on
+    # node1 alone), their world sizes and the faults recorded
+    versions = client.search_model_versions("name='tnt-fault'")
+    assert {v.run_id for v in versions} == {runs[0].info.run_id}
+    last = client.get_model_version_by_alias("tnt-fault", "last").tags
+    assert last["step"] == "40" and last["world_sizes"] == "2,2,1" and last["attempts"] == "3", last
+    assert 2 <= int(last["faults"]) <= len(failures.read(out)) and last["requeues"] == "0"
     print(f"node cut off: found in {detected:.0f} s")
 
 

@@ -80,8 +80,10 @@ def losses(out) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(out) if "train/loss" in m}
 
 
-# ZeRO-0 bf16 trains and exports in the resume test below (its weights compared there)
-@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32"), (2, "fp16")])
+# ZeRO-0 and ZeRO-2 in bf16 train and export in the resume test below (ZeRO-0's weights
+# compared there); the masters' equality with DeepSpeed's own reader is checked on ZeRO-3
+# and on ZeRO-2 in fp16 (ZeRO-2 bf16 dropped for the suite's 30-minute budget: 26 s)
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (3, "bf16"), (3, "fp32"), (2, "fp16")])
 def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     out = str(tmp_path / "run")
     ema = "train.ema=false" if stage == 3 else "train.ema=true"
