@@ -36,11 +36,10 @@ WEIGHTS = ("model.safetensors", "model_ema.safetensors")
 
 
 def _find_weights(folder: str) -> str | None:
-    """The weights file of a downloaded model or export folder: the registered
-    ``model.safetensors`` first (``artifacts/`` of a pyfunc model, ``weights/`` of a
-    run, the folder itself)."""
-    for pattern in ("artifacts/model.safetensors", "model.safetensors", "weights/model.safetensors", "*.safetensors",
-                    "**/model.safetensors"):
+    """The weights file of a downloaded model or export folder: a registered version's
+    (``artifacts/``: ``model.safetensors`` or ``model_ema.safetensors``, whichever was
+    registered), then an export folder's model weights."""
+    for pattern in ("artifacts/*.safetensors", "model.safetensors", "*.safetensors", "**/model.safetensors"):
         found = sorted(glob.glob(os.path.join(folder, pattern), recursive=True))
         if found:
             return found[0]

@@ -37,6 +37,19 @@ def test_same_shape_loads_exactly(source):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_a_registered_version_with_ema_weights_is_found(source, tmp_path):
+    """A downloaded version holds one weights file, model_ema.safetensors when the EMA
+    was registered, next to its pretrained_cfg."""
+    import shutil
+
+    folder = tmp_path / "model" / "artifacts"
+    folder.mkdir(parents=True)
+    shutil.copy(source["files"]["model"], folder / "model_ema.safetensors")
+    shutil.copy(source["files"]["pretrained_cfg"], folder / "pretrained_cfg.json")
+    weights, cfg, _ = pretrained.resolve(str(tmp_path / "model"), "")
+    assert weights == str(folder / "model_ema.safetensors") and cfg["architecture"] == TINY
+
+
 def test_new_classes_and_size_reinit_the_head_and_resample_patch_pos(source, caplog):
     model = tnt.create(TINY, num_classes=3, img_size=48)
     head = model.head.weight.detach().clone()
