@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 
 from pipeline import export as export_mod
 from pipeline.checkpoint import tag_of
 from pipeline.failures import FILE as FAILURES_FILE
-
-log = logging.getLogger("tntpipe.registry")
 
 
 def git_state(path: str) -> dict[str, str]:
@@ -73,9 +70,8 @@ def first_image(manifest) -> bytes | None:
 class Registrar:
     """Decides on, and (rank 0) makes, the registrations of a run."""
 
-    def __init__(self, cfg, tracker, out: str, rank: int, classes: tuple[str, ...], manifests: dict,
-                 parent: dict | None = None):
-        self.cfg, self.tracker, self.out, self.rank = cfg, tracker, out, rank
+    def __init__(self, cfg, tracker, out: str, classes: tuple[str, ...], manifests: dict, parent: dict | None = None):
+        self.cfg, self.tracker, self.out = cfg, tracker, out
         self.classes = classes
         self.manifests = manifests  # {"train": Manifest, "val": Manifest or None}
         self.parent = parent or {}
@@ -109,10 +105,13 @@ class Registrar:
             return want
         return "ema" if res["val_ema"]["top1"] > res["val"]["top1"] else "model"
 
+    def _top1(self, res: dict) -> float:
+        """The top-1 in ``res`` of the weights :meth:`choose` takes."""
+        return res[{"model": "val", "ema": "val_ema"}[self.choose(res)]]["top1"]
+
     def is_new_best(self, res: dict) -> bool:
         """Whether ``res`` (all-reduced: the same on every rank) is a new best to register."""
-        split = {"model": "val", "ema": "val_ema"}[self.choose(res)]
-        return bool(self.name) and self.cfg.mlflow.register_best and res[split]["top1"] > self.best_top1
+        return bool(self.name) and self.cfg.mlflow.register_best and self._top1(res) > self.best_top1
 
     def export_and_register(self, folder: str, state: dict, ema, res: dict | None, step: int, epoch: int,
                             aliases: tuple[str, ...] = ()) -> str | None:
@@ -151,8 +150,7 @@ class Registrar:
 
     def registered_best(self, version: str | None, res: dict, step: int) -> None:
         """Note the best registered at ``step`` (every rank: the decision state)."""
-        split = {"model": "val", "ema": "val_ema"}[self.choose(res)]
-        self.best_top1, self.best_step, self.best_version = res[split]["top1"], step, version
+        self.best_top1, self.best_step, self.best_version = self._top1(res), step, version
 
     def _tags(self, res: dict | None, weights: str, step: int, epoch: int) -> dict:
         cfg = self.cfg

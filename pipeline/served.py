@@ -39,6 +39,7 @@ import os
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.pyfunc import PythonModel
 
 MAX_PIXELS = int(os.environ.get("TNTP_SERVE_MAX_PIXELS", 40_000_000))
@@ -59,7 +60,6 @@ class TNTClassifier(PythonModel):
         self.load(context.artifacts["weights"], context.artifacts["pretrained_cfg"])
 
     def load(self, weights: str, pretrained_cfg: str) -> "TNTClassifier":
-        import torch
         from safetensors.torch import load_file
 
         from pipeline import tnt
@@ -77,7 +77,6 @@ class TNTClassifier(PythonModel):
         self.transform = EvalTransform(aug)
         self.finish = BatchFinish(aug, len(self.classes), train=False)
         self.size = size
-        self.torch = torch
         return self
 
     def _decode(self, value, row: int):
@@ -107,7 +106,7 @@ class TNTClassifier(PythonModel):
         return img
 
     def _batch(self, images: list):
-        x = self.torch.empty(len(images), 3, self.size, self.size)
+        x = torch.empty(len(images), 3, self.size, self.size)
         for i, img in enumerate(images):
             try:
                 array = self.transform.image(img)
@@ -129,8 +128,8 @@ class TNTClassifier(PythonModel):
         if not values:
             raise _bad_input("no images in the request")
         x = self._batch([self._decode(v, i) for i, v in enumerate(values)])
-        with self.torch.inference_mode():
-            probs = self.torch.softmax(self.model(x).float(), dim=-1)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(x).float(), dim=-1)
         p, idx = probs.topk(min(max(1, top_k), len(self.classes)), dim=-1)
         return pd.DataFrame({
             "class_ids": [row.tolist() for row in idx],

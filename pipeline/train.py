@@ -225,7 +225,7 @@ class Trainer:
         )
         # a manifest without a class list: the indices are the names
         classes = self.train_manifest.classes or tuple(str(i) for i in range(self.train_manifest.num_classes))
-        self.registrar = Registrar(cfg, self.tracker, self.out, self.rank, classes,
+        self.registrar = Registrar(cfg, self.tracker, self.out, classes,
                                    {"train": self.train_manifest, "val": self.val_manifest}, self.parent)
         self.last_res: dict | None = None  # the last evaluation, model and EMA
         t = cfg.train

@@ -128,22 +128,22 @@ def _res(model, ema=None):
 def test_registrar_chooses_the_weights(weights, res, chosen):
     from pipeline.registry import Registrar
 
-    reg = Registrar(_Cfg(weights), None, "", 0, (), {})
+    reg = Registrar(_Cfg(weights), None, "", (), {})
     assert reg.choose(res) == chosen
 
 
 def test_registrar_registers_only_new_bests_and_keeps_its_history():
     from pipeline.registry import Registrar
 
-    reg = Registrar(_Cfg(), None, "", 0, (), {})
+    reg = Registrar(_Cfg(), None, "", (), {})
     assert reg.is_new_best(_res(40, 30))
     reg.registered_best("1", _res(40, 30), 31)
     assert not reg.is_new_best(_res(35, 40)) and reg.is_new_best(_res(35, 41))
     reg.start_attempt(2)
     reg.requeues += 1
-    again = Registrar(_Cfg(), None, "", 0, (), {})
+    again = Registrar(_Cfg(), None, "", (), {})
     again.load_state_dict(json.loads(json.dumps(reg.state_dict())))  # through a checkpoint's JSON
     again.start_attempt(1)
     assert again.state_dict() | {"attempts": 0} == reg.state_dict() | {"attempts": 0, "world_sizes": [2, 1]}
     assert again.attempts == 2 and again.best_step == 31 and again.best_version == "1"
-    assert not Registrar(_Cfg(best=False), None, "", 0, (), {}).is_new_best(_res(90))
+    assert not Registrar(_Cfg(best=False), None, "", (), {}).is_new_best(_res(90))
