@@ -33,9 +33,20 @@ fi
 failed=0
 rows=()
 
+# The whole script ends inside GPU_CHECK_BUDGET seconds (default 480; a lent machine's
+# device time is short): each step's limit is cut to what is left, less 20 s for the
+# summary, and a step with under 20 s left is skipped and reported as such.
+BUDGET=${GPU_CHECK_BUDGET:-480}
 step() {  # step NAME LIMIT_S COMMAND...: run, time, record
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - SECONDS - 20))
+    if [ $left -lt 20 ]; then
+        echo "== $name skipped: ${left}s of GPU_CHECK_BUDGET=${BUDGET}s left"
+        rows+=("| $name | SKIPPED (budget) | 0s |"); failed=1
+        return
+    fi
+    [ $left -lt $limit ] && limit=$left
     local t0=$SECONDS
     echo "== $name (limit ${limit}s)"
     timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
