@@ -74,10 +74,12 @@ export MLFLOW_TRACKING_URI=""  # MLflow is not carried: the trainer says so once
 # --- 2. the machine
 step machine 120 "$PY" - <<'EOF'
 import platform, torch
+import pipeline.compat  # before timm
 from pipeline import mfu
 cuda = torch.cuda.is_available()
 name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device: {name}")
+import timm
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, timm {timm.__version__}, device: {name}")
 if cuda:
     print(f"peak dense bf16 {mfu.peak_tflops(name, 'bf16')} TFLOP/s, tf32 {mfu.peak_tflops(name, 'tf32')} (pipeline/mfu.py)")
     import deepspeed, webdataset
@@ -98,8 +100,15 @@ fi
 # --- 4. tests marked gpu (skipped with their reason on CPU)
 step tests_gpu 300 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 
-# --- 5. the trainer on the device: ZeRO-1 (BF16_Optimizer, fp32 grads) and ZeRO-3, bf16
-if [ $DRY = 1 ]; then STEPS=3; WORKERS=1; else STEPS=300; WORKERS=6; fi
+# --- 5. TNT-S throughput and MFU, ours vs timm, eager (seconds)
+if [ $DRY = 1 ]; then
+    step bench_eager 300 "$PY" bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 1 --warmup 1 --no-compile
+else
+    step bench_eager 120 "$PY" bench/tnt_gpu_bench.py --batch 128 --steps 20 --warmup 5 --no-compile
+fi
+
+# --- 6. the trainer on the device: ZeRO-1 (BF16_Optimizer, fp32 grads) and ZeRO-3, bf16
+if [ $DRY = 1 ]; then STEPS=3; WORKERS=1; else STEPS=${GPU_CHECK_STEPS:-300}; WORKERS=6; fi
 for stage in 1 3; do
     ema=true; [ $stage = 3 ] && ema=false
     rm -rf "$OUTDIR/zero$stage"
@@ -109,11 +118,9 @@ for stage in 1 3; do
         train.ckpt_every=100 data.workers=$WORKERS mlflow.register_as= mlflow.system_metrics=false
 done
 
-# --- 6. TNT-S throughput and MFU, ours vs timm
-if [ $DRY = 1 ]; then
-    step bench_tnt_s 300 "$PY" bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 1 --warmup 1 --no-compile
-else
-    step bench_tnt_s 360 "$PY" bench/tnt_gpu_bench.py --batch 128 --steps 20 --warmup 5
+# --- 7. TNT-S compiled, ours vs timm (compiling both takes minutes: last, in what is left)
+if [ $DRY = 0 ]; then
+    step bench_compiled 360 "$PY" bench/tnt_gpu_bench.py --batch 128 --steps 20 --warmup 5
 fi
 
 # --- summary
@@ -141,7 +148,7 @@ EOF
         fi
     done
     echo
-    grep -hE "ms/step|TFLOP|peak GPU" "$LOGS/bench_tnt_s.log" 2>/dev/null | sed 's/^/    /'
+    grep -hE "ms/step|TFLOP|peak GPU" "$LOGS"/bench_*.log 2>/dev/null | sed 's/^/    /'
 } > "$SUMMARY"
 echo
 cat "$SUMMARY"

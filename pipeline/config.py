@@ -108,7 +108,7 @@ class TrainCfg:
     heartbeat_timeout_s: float = 30.0  # a rank silent this long (stopped, hung, node or network down) ends the run (0: off)
     allow_schedule_change: bool = False  # resume although the lr schedule (epochs, lr, batch...) changed
     allow_batch_change: bool = False  # resume on a number of ranks that cannot keep the global batch (lr scales with it)
-    compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA, off on CPU
+    compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA under ZeRO-1/2, else off
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):

@@ -24,6 +24,7 @@ exports and registers (minutes for TNT-B over a network, which no collective wai
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -144,10 +145,24 @@ class EMA:
         from timm.utils import ModelEmaV3
 
         device = None if torch.cuda.is_available() else torch.device("cpu")
-        self.ema = ModelEmaV3(module, decay=decay, dtype=torch.float32, device=device)
+        # timm before 1.0.20 has no `dtype` here, and its lerp needs equal dtypes (seen on
+        # a GPU machine's image): there the copy is made float32 and updated by us below
+        self.cast = "dtype" not in inspect.signature(ModelEmaV3).parameters
+        kwargs = {} if self.cast else {"dtype": torch.float32}
+        self.ema = ModelEmaV3(module, decay=decay, device=device, **kwargs)
+        if self.cast:
+            self.ema.module.float()
 
     def update(self, module: torch.nn.Module) -> None:
-        self.ema.update(module)
+        if not self.cast:
+            self.ema.update(module)
+            return
+        with torch.no_grad():
+            for ema_v, model_v in zip(self.ema.module.state_dict().values(), module.state_dict().values()):
+                if ema_v.is_floating_point():
+                    ema_v.lerp_(model_v.to(ema_v.dtype), 1.0 - self.ema.decay)
+                else:
+                    ema_v.copy_(model_v)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -390,7 +405,13 @@ class Trainer:
             config=deepspeed_config(t, o.clip_grad, self.global_batch),
         )
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema else None
-        self.compiled = self.device.type == "cuda" if t.compile is None else t.compile
+        # Default: on CUDA under ZeRO-1/2. Under ZeRO-3, dynamo traces DeepSpeed's parameter
+        # hooks: on an H200 the tiny model's first 50 steps took 5 min and it then ran at
+        # 200 img/s (bench/README.md), so ZeRO-3 stays eager unless train.compile=true.
+        if t.compile is None:
+            self.compiled = self.device.type == "cuda" and t.zero_stage < 3
+        else:
+            self.compiled = t.compile
         if self.compiled:
             # DeepSpeed compiles the module in place: engine.module, the EMA's source and
             # the export keep their parameter names. Our CPU kernels stay out of the graph

@@ -16,7 +16,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
                           capture_output=True, text=True, timeout=900)
     summary = (tmp_path / "gpu_check.md").read_text()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    for step in ("machine", "tests_gpu", "train_zero1", "train_zero3", "bench_tnt_s"):
+    for step in ("machine", "tests_gpu", "bench_eager", "train_zero1", "train_zero3"):
         assert f"| {step} | ok |" in summary, summary
     assert "ZeRO-1 bf16 tiny TNT" in summary and "ZeRO-3 bf16 tiny TNT" in summary
     assert "timm eager" in summary and "ours eager" in summary

@@ -237,3 +237,24 @@ def test_compiled_training_does_not_recompile_every_step(demo_shards, tmp_path):
     assert seen[1][0] >= 1  # the model was compiled
     assert seen[3] == seen[6], seen  # steps 4-6 compiled nothing new
     assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "model_ema.safetensors").is_file()
+
+
+def test_ema_without_timms_dtype_argument_is_float32_and_matches(monkeypatch):
+    """timm before 1.0.20 (a GPU machine's image) has no ModelEmaV3(dtype=): the EMA then
+    makes its copy float32 and updates it itself, to the same values as timm's own."""
+    from pipeline.train import EMA
+
+    torch.manual_seed(0)
+    model = tnt.create("tntp_tiny_patch8_32", num_classes=10).to(torch.bfloat16)
+    new, old = EMA(model, 0.9), EMA(model, 0.9)
+    assert not new.cast
+    old.cast = True  # the path taken when timm's signature lacks dtype
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        new.update(model)
+        old.update(model)
+    for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert a.dtype == b.dtype == (torch.float32 if a.is_floating_point() else a.dtype), name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
