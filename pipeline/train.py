@@ -145,8 +145,8 @@ class EMA:
         from timm.utils import ModelEmaV3
 
         device = None if torch.cuda.is_available() else torch.device("cpu")
-        # timm before 1.0.20 has no `dtype` here, and its lerp needs equal dtypes (seen on
-        # a GPU machine's image): there the copy is made float32 and updated by us below
+        # timm 1.0.29 (a GPU machine's image) has no `dtype` here (1.0.31 has) and its lerp
+        # needs equal dtypes: there the copy is made float32 and updated by us below
         self.cast = "dtype" not in inspect.signature(ModelEmaV3).parameters
         kwargs = {} if self.cast else {"dtype": torch.float32}
         self.ema = ModelEmaV3(module, decay=decay, device=device, **kwargs)
@@ -499,6 +499,11 @@ class Trainer:
 
     # ----- the loop
 
+    def close_loaders(self) -> None:
+        for loader in (self.loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
@@ -519,6 +524,7 @@ class Trainer:
                     last_eval = self.validate()
         if self.validator:
             last_eval = self.validate()
+        self.close_loaders()
         if not self.checkpointer.saved(self.step):
             self.save()
         state = export_mod.gather_fp32_state(self.engine.module)
@@ -750,6 +756,8 @@ def main(argv=None) -> int:
                   f"(recorded in {os.path.join(cfg.out_dir, failures.FILE)})", file=sys.stderr)
         raise
     finally:
+        if trainer is not None:
+            trainer.close_loaders()
         watchdog_mod.stop_current(done=not alone)
         distributed.close()
     if rank0:

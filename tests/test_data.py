@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -466,3 +467,24 @@ def test_workers_persist_across_epochs_with_the_same_batches(photo_shards):
     evals = Loader(EvalStream(m, 16, augment=Augment(img_size=32)), workers=2)
     once, pids = [b["key"] for b in evals.epoch(0)], [w.pid for w in evals._dl._iterator._workers]
     assert [b["key"] for b in evals.epoch(0)] == once and [w.pid for w in evals._dl._iterator._workers] == pids
+
+
+def test_close_stops_the_workers_at_once_mid_epoch(photo_shards):
+    """A run that stops mid-epoch (max_steps) ends its loaders' workers itself: left to
+    interpreter exit, torch 2.11 with pinned memory waited 5 s per worker (issue 81794;
+    75 s on an H200 machine). Pinned memory needs CUDA, so here the workers alone."""
+    import multiprocessing
+
+    m = load_manifest(photo_shards)
+    loader = Loader(TrainStream(m, 4, augment=LIGHT), workers=2, pin_memory=False)
+    batches = loader.epoch(0)
+    next(batches)  # mid-epoch, the generator still holding the DataLoader iterator
+    workers = [p for p in multiprocessing.active_children() if "DataLoader" in p.name or p.daemon]
+    assert len(workers) >= 2
+    t0 = time.monotonic()
+    loader.close()
+    assert time.monotonic() - t0 < 3.0
+    assert not any(p.is_alive() for p in workers)
+    loader.close()  # twice is harmless
+    assert len(list(loader.epoch(1))) > 0  # and the loader starts workers again when asked
+    loader.close()

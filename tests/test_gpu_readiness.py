@@ -240,7 +240,7 @@ def test_compiled_training_does_not_recompile_every_step(demo_shards, tmp_path):
 
 
 def test_ema_without_timms_dtype_argument_is_float32_and_matches(monkeypatch):
-    """timm before 1.0.20 (a GPU machine's image) has no ModelEmaV3(dtype=): the EMA then
+    """timm 1.0.29 (a GPU machine's image) has no ModelEmaV3(dtype=): the EMA then
     makes its copy float32 and updates it itself, to the same values as timm's own."""
     from pipeline.train import EMA
 
