@@ -109,7 +109,8 @@ def setup_logging(rank: int, out_dir: str | None) -> None:
     root.handlers.clear()
     root.propagate = False
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname).1s " + (f"[rank {rank}] " if rank else "") + "%(message)s", "%H:%M:%S")
+    prefix = f"[rank {rank}] " if rank else ""
+    fmt = logging.Formatter("%(asctime)s %(levelname).1s " + prefix + "%(message)s", "%H:%M:%S")
     handler = logging.StreamHandler()
     handler.setFormatter(fmt)
     root.addHandler(handler)
@@ -251,7 +252,9 @@ class Trainer:
             n = self.train_manifest.num_classes
             self.finish = DeviceFinish(cfg.aug, n, True, t.seed, self.rank, self.device)
             self.eval_finish = DeviceFinish(cfg.aug, n, False, t.seed, self.rank, self.device)
-        self.validator = Validator(self.val_loader, self.device, self.dtype, self.eval_finish) if self.val_loader else None
+        self.validator = None
+        if self.val_loader:
+            self.validator = Validator(self.val_loader, self.device, self.dtype, self.eval_finish)
         self.metrics = MetricsProcessor(sinks_for(self.rank, self.out, self.tracker), self.world, self.device,
                                         self.flops_per_image, self._peak_tflops())
 
@@ -303,7 +306,8 @@ class Trainer:
         self.global_batch = t.micro_batch * t.grad_accum * world
         self.steps_per_epoch = len(self.loader) // t.grad_accum
         if self.steps_per_epoch == 0:
-            raise InputError(f"an epoch has {len(self.loader)} micro-batches, fewer than train.grad_accum={t.grad_accum}")
+            raise InputError(f"an epoch has {len(self.loader)} micro-batches, "
+                             f"fewer than train.grad_accum={t.grad_accum}")
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -395,7 +399,8 @@ class Trainer:
         self.num_params = tnt.count_params(model)
         self.base_lr = o.lr * self.global_batch / o.lr_batch
         warmup = int(o.warmup_epochs * self.steps_per_epoch)
-        optimizer = torch.optim.AdamW(tnt.param_groups(model, o.weight_decay), lr=self.base_lr, betas=o.betas, eps=o.eps)
+        groups = tnt.param_groups(model, o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=o.betas, eps=o.eps)
         sched_total = o.epochs * self.steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_at(step, o, self.base_lr, warmup, sched_total) / self.base_lr
@@ -466,7 +471,8 @@ class Trainer:
         changed = check_schedule(meta.get("schedule"), self._expected_schedule(meta), f"checkpoint {path}",
                                  t.allow_schedule_change)
         if changed:
-            log.warning("resuming %s with a changed schedule (train.allow_schedule_change=true): %s", path, "; ".join(changed))
+            log.warning("resuming %s with a changed schedule (train.allow_schedule_change=true): %s",
+                        path, "; ".join(changed))
         if elastic:
             was = meta["schedule"]["global_batch"]
             log.warning("resuming %s on another number of ranks: %s, global batch %d (was %d)%s", path,
@@ -542,7 +548,8 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
                 yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
-        self.run_id = self.tracker.start(self.run_id, cfg.named(cfg.mlflow.run_name or cfg.name), cfg.mlflow.system_metrics)
+        run_name = cfg.named(cfg.mlflow.run_name or cfg.name)
+        self.run_id = self.tracker.start(self.run_id, run_name, cfg.mlflow.system_metrics)
         if self.rank == 0 and not resumed:
             self.tracker.params(cfg.flat())
             self.tracker.params({
@@ -743,8 +750,9 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Requeued as exc:
-        _record(cfg, trainer, exc, everywhere=True, kind="checkpointed at the time limit, not requeued (--max-requeues spent)"
-                if isinstance(exc, RequeuesSpent) else "checkpointed and requeued (time limit or preemption)")
+        kind = ("checkpointed at the time limit, not requeued (--max-requeues spent)" if isinstance(exc, RequeuesSpent)
+                else "checkpointed and requeued (time limit or preemption)")
+        _record(cfg, trainer, exc, everywhere=True, kind=kind)
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:  # a fault: recorded and said in one line, then the traceback
@@ -762,7 +770,8 @@ def main(argv=None) -> int:
         distributed.close()
     if rank0:
         ev = result["eval"]
-        print(f"done: step {result['step']}" + (f", top-1 {ev['top1']:.2f}%" if ev else "") + f", MLflow run {result['run_id']}")
+        top1 = f", top-1 {ev['top1']:.2f}%" if ev else ""
+        print(f"done: step {result['step']}{top1}, MLflow run {result['run_id']}")
     return 0
 
 
