@@ -39,6 +39,7 @@ import os
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
@@ -115,9 +116,10 @@ class TNTClassifier(PythonModel):
             self.finish.image(x[i], array)
         return x
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd
-
+    # The DataFrame hint is one MLflow infers no schema from: the declared signature stays
+    # the contract, and MLflow's "add type hints" warning (which ignores warning filters:
+    # it sets its own) is not printed at each load. A uint8 array is accepted too (below).
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         top_k = int((params or {}).get("top_k", 5))
         if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim in (3, 4):
             values = list(model_input)

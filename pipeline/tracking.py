@@ -125,11 +125,7 @@ class Tracker:
         def register(mlflow):
             from mlflow import MlflowClient
 
-            import warnings
-
-            with warnings.catch_warnings():  # "add type hints to predict": the signature is declared instead
-                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-                info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+            info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
             client = MlflowClient(self.uri)
             version = str(info.registered_model_version)
             for k, v in tags.items():
