@@ -111,6 +111,29 @@ def test_se_variant_has_no_timm_layout_and_changes_the_output():
         tnt.to_timm_state_dict(se)
 
 
+def test_image_pixel_conv_is_one_convolution_over_the_whole_image():
+    torch.manual_seed(0)
+    per_patch = tnt.create("tntp_tiny_patch8_32").eval()
+    whole = tnt.TNT(**{**tnt.VARIANTS["tntp_tiny_patch8_32"], "pixel_conv": "image"}).eval()
+    whole.load_state_dict(per_patch.state_dict())  # same parameters, names and shapes
+    x = images(whole)
+    embed = whole.pixel_embed
+    with torch.no_grad():
+        got = embed(x, whole.pixel_pos)  # (B*16 patches, 4x4 pixels, c)
+        conv = embed.proj(x)  # (B, c, 16, 16): the 4x4 grids of the 4x4 patches
+        want = conv.reshape(2, -1, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(32, -1, 4, 4) + whole.pixel_pos
+        assert torch.allclose(got, want.flatten(2).transpose(1, 2), atol=1e-6)
+        old = per_patch.pixel_embed(x, per_patch.pixel_pos)
+        # stride 2, 7x7: only the pixel at (2, 2) of each patch has its window inside the patch
+        inside = torch.zeros(4, 4, dtype=torch.bool)
+        inside[2, 2] = True
+        assert torch.allclose(got[:, inside.flatten()], old[:, inside.flatten()], atol=1e-6)
+        assert not torch.allclose(got[:, ~inside.flatten()], old[:, ~inside.flatten()], atol=1e-3)
+        assert not torch.allclose(whole(x), per_patch(x), atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of the pixel stride"):
+        tnt.TNT(img_size=30, patch_size=10, first_stride=4, pixel_conv="image")
+
+
 def test_gradients_reach_every_parameter(tiny):
     tiny.train()
     tiny.zero_grad()
