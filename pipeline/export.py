@@ -1,4 +1,5 @@
-"""Export (consolidated fp32 weights in timm's layout) and registration in MLflow.
+"""Export (consolidated fp32 weights in timm's layout; SE variants add ``se_layer.*``) and
+registration in MLflow.
 
 Both run on rank 0 alone, after the other ranks have left the process group: they
 can take minutes for TNT-B over a network, longer than a collective may wait.
@@ -64,6 +65,13 @@ def gather_fp32_state(module: torch.nn.Module) -> dict:
     return state
 
 
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as written: timm's TNT names, plus ``se_layer.*`` for the SE
+    variants, which timm's TNT lacks (``tnt.to_timm_state_dict`` refuses those; an SE run
+    must still export and register)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
 def export(folder: str, variant: str, classes: tuple[str, ...], aug, state: dict, ema: torch.nn.Module | None,
            step: int, epoch: int) -> dict:
     """Write the weights (and the EMA's), the classes and the pretrained_cfg into
@@ -75,10 +83,10 @@ def export(folder: str, variant: str, classes: tuple[str, ...], aug, state: dict
     os.makedirs(folder, exist_ok=True)
     meta = {"variant": variant, "num_classes": str(len(classes)), "step": str(step), "epoch": str(epoch)}
     files = {"model": os.path.join(folder, "model.safetensors")}
-    save_file(tnt.to_timm_state_dict(model), files["model"], metadata=meta)
+    save_file(_weights(model), files["model"], metadata=meta)
     if ema is not None:
         files["ema"] = os.path.join(folder, "model_ema.safetensors")
-        save_file({k: v.contiguous() for k, v in tnt.to_timm_state_dict(ema).items()}, files["ema"], metadata=meta)
+        save_file(_weights(ema), files["ema"], metadata=meta)
     files["classes"] = os.path.join(folder, "classes.json")
     with open(files["classes"], "w") as f:
         json.dump(list(classes), f)

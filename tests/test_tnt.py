@@ -111,6 +111,25 @@ def test_se_variant_has_no_timm_layout_and_changes_the_output():
         tnt.to_timm_state_dict(se)
 
 
+def test_se_variant_exports_and_loads_back(tmp_path):
+    # timm's layout refuses SE (above); the export must not: an SE run registers its model
+    from pipeline import export
+    from pipeline.data import Augment
+
+    torch.manual_seed(0)
+    variant, classes, aug = "tntp_s_se_patch16_224", ("a", "b"), Augment(img_size=32)
+    trained = export.build(variant, classes, aug).eval()
+    files = export.export(str(tmp_path), variant, classes, aug, trained.state_dict(), trained, step=1, epoch=0)
+    from safetensors.torch import load_file
+
+    for kind in ("model", "ema"):
+        loaded = export.build(variant, classes, aug).eval()
+        tnt.load_timm_state_dict(loaded, load_file(files[kind]))  # strict
+        x = images(loaded)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), trained(x))
+
+
 def test_image_pixel_conv_is_one_convolution_over_the_whole_image():
     torch.manual_seed(0)
     per_patch = tnt.create("tntp_tiny_patch8_32").eval()
