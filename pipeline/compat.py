@@ -13,50 +13,16 @@ not, and nothing in this project uses them (PIL decodes JPEGs). On a normal GPU
 install the extension loads and this module changes nothing.
 
 Call it before the first import of torchvision or timm; importing any module of
-this project that needs timm does so.
+this project that needs timm does so. In the project's venv, ``.ci/setup`` also installs
+it as a start-up hook (see ``pipeline/torchvision_fix.py``), so a plain ``import timm``
+works there too.
 """
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 
-_LIB = None  # keeps the torch.library registration alive for the process
-
-
-def _extension_loads() -> bool:
-    import torch
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return True  # torchvision not installed: nothing to fix
-    for pkg_dir in spec.submodule_search_locations:
-        for path in glob.glob(os.path.join(pkg_dir, "_C*.so")):
-            try:
-                torch.ops.load_library(path)
-                return True
-            except (OSError, RuntimeError):
-                return False
-    return False
-
-
-def ensure_torchvision() -> bool:
-    """Make ``import torchvision`` work. Returns True if a shim was installed."""
-    global _LIB
-    if _LIB is not None:
-        return True
-    import sys
-
-    if "torchvision" in sys.modules or _extension_loads():
-        return False
-    import torch
-
-    _LIB = torch.library.Library("torchvision", "DEF")
-    _LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _LIB.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return True
-
+from pipeline.torchvision_fix import ensure_torchvision
 
 ensure_torchvision()
 

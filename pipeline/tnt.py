@@ -47,8 +47,6 @@ it. The official code has a registered but unused ``outer_tokens`` buffer and no
 parameters beyond ours; the 23.8M of the paper is matched without it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import math
@@ -61,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline import compat  # before timm: it needs torchvision to import
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_dict", "param_groups", "count_params", "count_flops"]
@@ -134,22 +132,33 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+# FX (torch.fx, timm's feature extraction): the modules that choose a kernel by device and
+# dtype are leaves of the trace, so the traced model keeps the fast paths at run time.
+@register_notrace_module
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same maths) whose float32 CPU products run
     through oneDNN instead of MKL; see the comment above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            _KERNELS["onednn_fp32"]
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
-            return _OneDnnLinear.apply(x, self.weight, self.bias)
+        # TorchScript compiles nothing inside `if not torch.jit.is_scripting():` (a constant
+        # False there; it does compile the right side of an `and`): scripted models take
+        # torch's ops.
+        if not torch.jit.is_scripting():
+            if _onednn_on(x, self.weight):
+                return _OneDnnLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _KERNELS["onednn_fp32"]
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 # ------------------------------------------------------------- C++ kernels on CPU
@@ -339,6 +348,7 @@ class _LayerNorm(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+@register_notrace_module  # FX: a leaf, see Linear
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters, same maths) through our C++ kernel on CPU
     (pipeline/csrc/layer_norm.cpp).
@@ -359,12 +369,17 @@ class LayerNorm(nn.LayerNorm):
     feeds_linear = False  # set by feeding_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) == 1 and x.numel() > 0 and _kernel_on("fused_norm", x):
-            out_dtype = x.dtype
-            if self.feeds_linear and torch.is_autocast_enabled("cpu"):
-                out_dtype = torch.get_autocast_dtype("cpu")
-            return _LayerNorm.apply(x, self.weight, self.bias, self.eps, out_dtype)
-        return super().forward(x)
+        if not torch.jit.is_scripting():  # TorchScript: torch's op (see Linear)
+            if _layer_norm_kernel_on(self, x):
+                out_dtype = x.dtype
+                if self.feeds_linear and torch.is_autocast_enabled("cpu"):
+                    out_dtype = torch.get_autocast_dtype("cpu")
+                return _LayerNorm.apply(x, self.weight, self.bias, self.eps, out_dtype)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _layer_norm_kernel_on(norm: nn.LayerNorm, x: torch.Tensor) -> bool:
+    return len(norm.normalized_shape) == 1 and x.numel() > 0 and _kernel_on("fused_norm", x)
 
 
 def feeding_linear(norm: nn.Module) -> nn.Module:
@@ -378,6 +393,7 @@ def feeding_linear(norm: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------ model
 
 
+@register_notrace_module  # FX: a leaf, see Linear
 class Attention(nn.Module):
     """Multi-head self-attention with timm's TNT parameter layout (qk, v, proj)."""
 
@@ -399,14 +415,21 @@ class Attention(nn.Module):
         (the output has n tokens: the last block of a class-token model needs one)."""
         B, N, C = x.shape
         qk, v = self.qk(x), self.v(x)
-        if self._use_kernel(qk, v, queries):
-            x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
-            return self.proj_drop(self.proj(x))
-        q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if not torch.jit.is_scripting():  # TorchScript: torch's ops (see Linear)
+            if self._use_kernel(qk, v, queries):
+                x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
+                return self.proj_drop(self.proj(x))
+        qk = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
         v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if queries is not None:
-            q, N = q[:, :, :queries], queries
-        x = attention(q, k, v, self.attn_drop if self.training else 0.0)
+            q = q[:, :, :queries]
+            N = queries
+        dropout_p = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():  # TorchScript: the explicit form (no custom kernels)
+            x = attention_explicit(q, k, v, dropout_p)
+        else:
+            x = attention(q, k, v, dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
     def _use_kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> bool:
@@ -455,10 +478,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         with torch.autocast("cuda", enabled=False):
             attn = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
         return F.dropout(attn.softmax(dim=-1).to(q.dtype), dropout_p) @ v
+    return attention_explicit(q, k, v, dropout_p)
+
+
+def attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """q·kᵀ scaled, softmax, ·v as batched matmuls: :func:`attention`'s ``"explicit"`` path,
+    and the only one in TorchScript."""
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    # float32 softmax for short rows (CPU: see above; the inner attention's 16 tokens,
+    # float32 softmax for short rows (CPU: see attention(); the inner attention's 16 tokens,
     # where the exponentials' rounding in bf16 would be the largest error)
-    attn = attn.float().softmax(dim=-1).to(q.dtype) if attn.shape[-1] < 32 else attn.softmax(dim=-1)
+    if attn.shape[-1] < 32:
+        attn = attn.float().softmax(dim=-1).to(q.dtype)
+    else:
+        attn = attn.softmax(dim=-1)
     return F.dropout(attn, dropout_p) @ v
 
 
@@ -590,13 +622,24 @@ class PixelEmbed(nn.Module):
         self.legacy = False  # read by timm's checkpoint_filter_fn
         self.proj = nn.Conv2d(in_chans, in_dim, kernel_size=7, padding=3, stride=stride)
 
+    def feat_ratio(self, as_scalar: bool = True):
+        """The patch tokens' stride in pixels (timm's ``PixelEmbed.feat_ratio``)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid of an image of ``img_size`` (H, W)."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
     def forward(self, x: torch.Tensor, pixel_pos: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        torch._assert(H == self.img_size[0] and W == self.img_size[1], "input image size does not match the model")
+        # one check per dimension: a Python `and` of two traced values would end an FX trace
+        torch._assert(H == self.img_size[0], "input image height does not match the model")
+        torch._assert(W == self.img_size[1], "input image width does not match the model")
         gh, gw = self.grid_size
         if self.conv == "image":
             x = self.proj(x)  # (B, c, gh*nh, gw*nw): the patches' pixel grids side by side
-            C, (ph, pw) = self.in_dim, self.new_patch_size
+            C = self.in_dim
+            ph, pw = self.new_patch_size[0], self.new_patch_size[1]
         else:
             ph, pw = self.patch_size
         # (B, C, gh, ph, gw, pw) -> (B*gh*gw, C, ph, pw): row-major patch order, like nn.Unfold
@@ -638,7 +681,7 @@ class TNT(nn.Module):
         norm_layer=LayerNorm,
     ):
         super().__init__()
-        assert global_pool in ("token", "avg")
+        assert global_pool in ("", "token", "avg")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -661,6 +704,9 @@ class TNT(nn.Module):
                   qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], se, norm_layer)
             for i in range(depth)
         )
+        # timm's TNT: every block's patch tokens, at the patch stride
+        r = self.pixel_embed.feat_ratio()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=r) for i in range(depth)]
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -684,37 +730,118 @@ class TNT(nn.Module):
         return {"patch_pos", "pixel_pos", "cls_token"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, for timm's layer-wise lr decay (timm's TNT's)."""
+        return dict(
+            stem=r"^cls_token|patch_pos|pixel_pos|pixel_embed|norm[12]_proj|proj",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head of ``num_classes`` (0: none); ``global_pool`` "token", "avg" or ""
+        (no pooling: ``forward`` returns every token, as timm's)."""
         self.num_classes = num_classes
         if global_pool is not None:
+            assert global_pool in ("", "token", "avg")
             self.global_pool = global_pool
         self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.to(device=self.cls_token.device, dtype=self.cls_token.dtype).train(self.training)
 
     def forward_features(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
         """Normed tokens (B, 1 + patches, d); ``cls_only``: the class token alone (B, 1, d),
         skipping the last block's work that only the patch tokens need (same values)."""
+        pixel_embed, patch_embed = self._embed(x)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if not torch.jit.is_scripting():  # TorchScript: no checkpointing (see Linear)
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    pixel_embed, patch_embed = self._run_block(blk, pixel_embed, patch_embed, cls_only and i == last)
+                    continue
+            pixel_embed, patch_embed = blk(pixel_embed, patch_embed, cls_only and i == last)
+        return self.norm(patch_embed[:, :1] if cls_only else patch_embed)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first pixel and patch embeddings: (B*patches, pixels, c), (B, 1 + patches, d)."""
         B = x.shape[0]
         pixel_embed = self.pixel_embed(x, self.pixel_pos)
         patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, self.num_patches, -1))))
         patch_embed = torch.cat((self.cls_token.expand(B, -1, -1), patch_embed), dim=1) + self.patch_pos
-        patch_embed = self.pos_drop(patch_embed)
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            flags = (cls_only and i == last,)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed, *flags, use_reentrant=False)
-            else:
-                pixel_embed, patch_embed = blk(pixel_embed, patch_embed, *flags)
-        return self.norm(patch_embed[:, :1] if cls_only else patch_embed)
+        return pixel_embed, self.pos_drop(patch_embed)
+
+    @torch.jit.ignore
+    def _run_block(self, blk: nn.Module, pixel_embed: torch.Tensor, patch_embed: torch.Tensor,
+                   cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, pixel_embed, patch_embed, cls_only, use_reentrant=False)
+        return blk(pixel_embed, patch_embed, cls_only)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the patch tokens after the blocks ``indices``
+        picks (an int n: the last n; a list: those blocks), normed by the final norm if
+        ``norm``, as (B, d, H, W) maps (``output_fmt="NCHW"``, the patch grid) or
+        (B, patches, d) (``"NLC"``); the class token split off (returned beside each map
+        with ``return_prefix_tokens``). Returns ``(forward_features(x), intermediates)``
+        (every token of the last block computed, as timm), or the list alone with
+        ``intermediates_only``; ``stop_early`` skips the blocks after the last one taken."""
+        from timm.models._features import feature_take_indices
+
+        assert output_fmt in ("NCHW", "NLC"), "output_fmt must be NCHW or NLC"
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        pixel_embed, patch_embed = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            pixel_embed, patch_embed = self._run_block(blk, pixel_embed, patch_embed)
+            if i in take_indices:
+                intermediates.append(self.norm(patch_embed) if norm else patch_embed)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.pixel_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(patch_embed), intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one ``indices`` takes (and the norm, the head if
+        asked), as timm's; returns the indices taken."""
+        from timm.models._features import feature_take_indices
+
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        if self.global_pool:  # "": no pooling, every token (timm's)
+            x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -776,7 +903,11 @@ default_cfgs = generate_default_cfgs({v: _cfg(v) for v in VARIANTS})
 def _create(variant: str, pretrained: bool = False, **kwargs) -> TNT:
     if pretrained:
         raise ValueError(f"{variant}: no hosted weights; load a checkpoint with load_timm_state_dict()")
-    return build_model_with_cfg(TNT, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True), **{**VARIANTS[variant], **kwargs})
+    kwargs = {**VARIANTS[variant], **kwargs}
+    # features_only=True: timm's TNT's getter over forward_intermediates, the last 3 blocks by default
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 12)))
+    return build_model_with_cfg(TNT, variant, pretrained=False,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _register(variant: str) -> None:
