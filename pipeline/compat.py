@@ -51,7 +51,7 @@ def fix_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 1.0) -> None:
+def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 1.0, say_every_s: float = 30.0) -> None:
     """Make sure torch's extension loader will not wait forever on a dead process's lock.
 
     ``torch.utils.cpp_extension.load`` (our CPU kernels, and DeepSpeed's JIT ops such as
@@ -61,14 +61,17 @@ def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 
     window (a fault test, a timeout, a session stopped) leaves every later process on the
     machine hung at its first load: this is how one killed process once made a whole CI
     run time out. Here a young lock (a build in progress) is waited on; one older than
-    ``max_age_s`` belongs to a dead process (no build here takes minutes) and is removed."""
+    ``max_age_s`` belongs to a dead process (no build here takes minutes) and is removed.
+    The wait is said on stderr at once and every ``say_every_s``: it happens before the
+    trainer sets up logging, and a silent five-minute wait looks like a hang."""
     import logging
+    import sys
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-    said = False
+    said_at = None
     while True:
         try:
             age = time.time() - os.path.getmtime(lock)
@@ -81,8 +84,8 @@ def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 
             except OSError:  # another process removed it first
                 pass
             return
-        if not said:
-            logging.getLogger(__name__).info("waiting for %s (a build in progress, or left by a killed process: "
-                                             "removed after %.0f s)", lock, max_age_s)
-            said = True
+        if said_at is None or time.monotonic() - said_at >= say_every_s:
+            print(f"waiting for the build lock {lock} ({age:.0f} s old: a build in progress, or left by a killed "
+                  f"process, removed at {max_age_s:.0f} s)", file=sys.stderr, flush=True)
+            said_at = time.monotonic()
         time.sleep(poll_s)

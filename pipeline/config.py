@@ -229,13 +229,28 @@ def load(path: str = "", overrides: list[str] = ()) -> Config:
         if not os.path.isfile(path):
             raise InputError(f"no config file {path}")
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            tree = _parse_yaml(f, path) or {}
+        if not isinstance(tree, dict):
+            raise InputError(f"{path}: a config file is a mapping of sections (model:, data:, ...), not a "
+                             f"{type(tree).__name__}")
     for item in overrides:
         if "=" not in item:
             raise InputError(f"override {item!r} is not section.key=value")
         key, value = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(value))
+        _set(tree, key.strip(), _parse_yaml(value, f"override {item!r}"))
     return _build(Config, tree, "")
+
+
+def _parse_yaml(text, where: str):
+    """YAML, or one line naming ``where`` and the line and column of the first error
+    (yaml's own message is a multi-line traceback-like report)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"{where}:{at}: not valid YAML ({problem})") from None
 
 
 def _comments(cls) -> dict[str, str]:

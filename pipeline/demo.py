@@ -108,15 +108,18 @@ def main(argv=None) -> int:
     print("\nchecking the registered model:")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(args.shards, "val")], env=env)
+    # The venv's own mlflow, by path: it runs from any shell, activated or not (the venv's
+    # start-up hook puts the uvicorn it starts on PATH: pipeline/venv_env.py).
+    mlflow_cli = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "mlflow"))
     print(
         f"""
 next steps:
-  MLflow UI:     mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)
+  MLflow UI:     {mlflow_cli} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)
   load it:       import mlflow; mlflow.set_tracking_uri("{uri}")
                  model = mlflow.pyfunc.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
                  model.predict(pandas.DataFrame({{"image": [open("digit.jpg", "rb").read()]}}))
                  module = model.unwrap_python_model().model   # the torch nn.Module
-  serve it:      MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{cfg.named(cfg.mlflow.register_as)}@best \\
+  serve it:      MLFLOW_TRACKING_URI={uri} {mlflow_cli} models serve -m models:/{cfg.named(cfg.mlflow.register_as)}@best \\
                      --env-manager local -h 127.0.0.1 -p 5001   (README.md: "Serving a registered model")
   weights:       {os.path.join(out, "export", "model.safetensors")} (safetensors, timm's TNT names)
                  pipeline.tnt.load_timm_state_dict(pipeline.tnt.create("{cfg.model.variant}", num_classes=10), ...)"""

@@ -66,3 +66,31 @@ def test_schedule_warmup_then_cosine():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx((1e-3 + 1e-5) / 2) and lrs[110] == pytest.approx(1e-5)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    """A broken --config (or override) is one line naming the file, line and column: not
+    yaml's multi-line report, through the trainer's and the launcher's entry points too."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  micro_batch: 4: 5\n")
+    with pytest.raises(InputError) as e:
+        config.load(str(bad))
+    assert str(e.value).startswith(f"{bad}: line 2, column ") and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(InputError, match=r"^override 'train.seed=\[1': line 1, column \d+: not valid YAML"):
+        config.load("", ["train.seed=[1"])
+    assert config.load("", ["train.seed=0"]).train.seed == 0  # a falsy value stays itself
+    with pytest.raises(InputError, match="mapping of sections"):
+        (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+        config.load(str(tmp_path / "list.yaml"))
+    for entry in ([sys.executable, "-m", "pipeline.train"], [sys.executable, os.path.join(ROOT, "launch", "local.py"),
+                                                             "--nproc", "1", "--"]):
+        out = tmp_path / "out"
+        proc = subprocess.run([*entry, "--config", str(bad), f"train.out={out}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "line 2" in lines[0], \
+            proc.stderr[-2000:]
+        assert not out.exists()

@@ -224,6 +224,44 @@ def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, de
     assert top1 == pytest.approx(float(best.tags["top1"]), abs=1.0)  # the trainer's evaluation of it
 
 
+def test_readme_serve_command_runs_as_printed_without_an_activated_venv(server, registered, demo_shards, tmp_path):
+    """The README's ``.venv/bin/mlflow models serve ...`` line, copied into a shell whose
+    PATH has no venv on it (MLflow starts ``uvicorn`` by name: exit 127 before the venv's
+    start-up hook put its bin/ on PATH). Only the model and the port are this test's."""
+    import shlex
+    import signal
+
+    from launch.local import free_port
+    from mlflow_server import wait_until_up
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    line = next(ln for ln in readme.splitlines() if ln.startswith(".venv/bin/mlflow models serve"))
+    if not os.path.exists(os.path.join(root, ".venv", "bin", "mlflow")):
+        pytest.skip("no .venv in this checkout (the suite runs from .ci/run's venv)")
+    port = free_port()
+    argv = [{"models:/tnt-tiny-mnist@best": "models:/tnt-test@best", "5001": str(port)}.get(a, a) for a in shlex.split(line)]
+    assert "models:/tnt-test@best" in argv and str(port) in argv, line
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", MLFLOW_TRACKING_URI=server.uri)
+    log_path = str(tmp_path / "serve.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{port}/ping", 120, log_path)
+        images, _ = val_images(demo_shards["val"])
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=invocation(images[:2], top_k=3),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert len(json.loads(r.read())["predictions"][0]["class_ids"]) == 3
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def relabelled_digits(tree: str, root, digits: dict) -> dict:
     """Shards of a new class set: the demo's ``digits`` under new names (class-per-folder)."""
     import contextlib

@@ -502,10 +502,11 @@ def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
     assert "could not be built" in done.stdout and "using torch's ops" in done.stdout
 
 
-def test_a_build_lock_is_waited_on_while_young_and_removed_once_stale(tmp_path, monkeypatch):
+def test_a_build_lock_is_waited_on_while_young_and_removed_once_stale(tmp_path, monkeypatch, capfd):
     """torch's loader waits forever on the lock file of a killed build (or of a process
     killed during the no-op rebuild check every load makes): a young lock is waited on
-    until its holder removes it, an old one is removed."""
+    until its holder removes it, saying so on stderr at once and again every
+    ``say_every_s`` (before the trainer's logging exists), an old one is removed."""
     import os
     import threading
     import time
@@ -519,8 +520,10 @@ def test_a_build_lock_is_waited_on_while_young_and_removed_once_stale(tmp_path, 
     open(lock, "w").close()
     threading.Timer(1.5, os.remove, [lock]).start()  # a live build finishing
     t = time.monotonic()
-    clear_stale_build_lock("tntp_lock_test", poll_s=0.1)
+    clear_stale_build_lock("tntp_lock_test", poll_s=0.1, say_every_s=0.6)
     assert 1.4 < time.monotonic() - t < 10
+    said = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("waiting for the build lock")]
+    assert 2 <= len(said) <= 3 and lock in said[0], said  # at 0 s, ~0.6 s and ~1.2 s
     open(lock, "w").close()
     old = time.time() - 600
     os.utime(lock, (old, old))
