@@ -29,6 +29,13 @@ class ModelCfg:
     # export or timm's layout), an export/ directory or a timm checkpoint (.pth, .pth.tar);
     # another class count re-initialises the head, another image size resamples patch_pos
     init_from: str = ""  # "" : random initialisation (pipeline/pretrained.py)
+    # inner attention kernel: auto (the Triton kernel on CUDA after a start-up self-check,
+    # else torch's path, said in one warning line), triton (the kernel or an error), torch
+    inner_kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.inner_kernel not in ("auto", "triton", "torch"):
+            raise InputError(f"model.inner_kernel must be auto, triton or torch, not {self.inner_kernel!r}")
 
 
 @dataclasses.dataclass

@@ -402,6 +402,8 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.fused_cpu = fused_cpu  # short sequences: our CPU kernel (see _InnerAttention)
+        # the Triton kernel (CUDA), set by select_inner_kernel() after its self-check
+        self.use_triton = False
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qk = Linear(dim, dim * 2, bias=qkv_bias)
@@ -416,8 +418,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qk, v = self.qk(x), self.v(x)
         if not torch.jit.is_scripting():  # TorchScript: torch's ops (see Linear)
-            if self._use_kernel(qk, v, queries):
+            kernel = self._kernel(qk, v, queries)
+            if kernel == "cpu":
                 x = _InnerAttention.apply(qk.contiguous(), v.contiguous(), self.num_heads, self.head_dim**-0.5)
+                return self.proj_drop(self.proj(x))
+            if kernel == "triton":
+                x = torch.ops.tntp_triton.inner_attention(qk, v, self.num_heads, self.head_dim**-0.5)
                 return self.proj_drop(self.proj(x))
         qk = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = qk[0], qk[1]
@@ -432,16 +438,63 @@ class Attention(nn.Module):
             x = attention(q, k, v, dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
-    def _use_kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> bool:
-        return (
+    def _kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> str:
+        """"cpu" (our C++ kernel), "triton" (the CUDA kernel, once selected) or "" (torch's ops)."""
+        if not (
             self.fused_cpu
             and qk.dtype == v.dtype
             and queries is None
-            and not (self.training and self.attn_drop > 0)
+            and not (self.training and self.attn_drop > 0)  # neither kernel has dropout (the paper's recipe: 0)
             and v.shape[1] <= _MAX_FUSED_TOKENS
             and self.head_dim <= _MAX_FUSED_HEAD_DIM
-            and _kernel_on("fused_inner", v)
-        )
+        ):
+            return ""
+        if self.use_triton and (v.is_cuda or _triton_interpreted()) and v.dtype in _FUSED_DTYPES:
+            return "triton"
+        return "cpu" if _kernel_on("fused_inner", v) else ""
+
+
+def _triton_interpreted() -> bool:
+    """Triton's CPU interpreter is on (tests): the Triton kernel then runs on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _auto_uses_triton(device: torch.device) -> bool:
+    """Whether ``inner_kernel="auto"`` tries the Triton kernel on ``device``: CUDA only (the
+    CPU keeps its C++ kernel; the tests stand in a CPU for a GPU by replacing this)."""
+    return device.type == "cuda"
+
+
+def select_inner_kernel(mode: str, device: torch.device, model: nn.Module) -> tuple[str, str]:
+    """Choose the inner attention's kernel for ``model`` on ``device``: ``mode`` "auto"
+    (the Triton kernel on CUDA if it passes its self-check on the model's shapes, else
+    torch's path), "triton" (the kernel, or ValueError saying why not) or "torch". Returns
+    (the path, why); the caller logs it. Sets ``use_triton`` on the model's inner
+    attention modules."""
+    inner = [m for m in model.modules() if isinstance(m, Attention) and m.fused_cpu]
+    for m in inner:
+        m.use_triton = False
+    if mode == "torch":
+        return "torch", "model.inner_kernel=torch"
+    if mode == "auto" and not _auto_uses_triton(device):
+        return "torch", f"{device.type}: the Triton kernel is for CUDA"
+    if mode == "triton" and device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"model.inner_kernel=triton needs a CUDA device, not {device.type} (auto or torch elsewhere)")
+    heads, head_dim = inner[0].num_heads, inner[0].head_dim
+    tokens = model.pixel_embed.new_patch_size[0] * model.pixel_embed.new_patch_size[1]
+    try:
+        from pipeline.kernels import inner_attention_triton
+
+        problem = inner_attention_triton.self_check(device, heads, head_dim, tokens)
+    except Exception as e:  # no triton, no compiler, a kernel that does not build...
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if problem:
+        if mode == "triton":
+            raise ValueError(f"model.inner_kernel=triton: the kernel's self-check failed ({problem})")
+        return "torch", f"the Triton kernel's self-check failed ({problem}); using torch's path"
+    for m in inner:
+        m.use_triton = True
+    return "triton", f"self-check passed ({heads} heads x {head_dim}, {tokens} tokens)"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -11,8 +11,9 @@ This file imports nothing but the standard library at import time and nothing fr
 this project, so that it can also run as a top-level module of the venv:
 ``.ci/setup`` copies it to site-packages as ``tntpipe_torchvision_fix.py`` with a
 ``.pth`` line that calls :func:`install_hook` at every interpreter start. The hook
-costs nothing until something imports torchvision, then applies the fix first; so
-``import timm`` works from a plain ``.venv/bin/python`` in any order. Not ``import
+costs nothing until torchvision is imported, then applies the fix just before
+torchvision's code runs; so ``import timm`` works from a plain ``.venv/bin/python`` in
+any order. Not ``import
 pipeline`` in that ``.pth``: a model pulled from the registry runs its own bundled copy
 of ``pipeline/``, which a package imported at start-up would shadow.
 """
@@ -55,10 +56,16 @@ def _schemas_defined() -> bool:
 
 def ensure_torchvision() -> bool:
     """Make ``import torchvision`` work. Returns True if a shim was installed."""
+    if _LIB is None and "torchvision" in sys.modules:  # imported already: too late or not needed
+        return False
+    return _declare()
+
+
+def _declare() -> bool:
     global _LIB
     if _LIB is not None:
         return True
-    if "torchvision" in sys.modules or _extension_loads() or _schemas_defined():
+    if _extension_loads() or _schemas_defined():
         return False
     import torch
 
@@ -68,15 +75,45 @@ def ensure_torchvision() -> bool:
     return True
 
 
+class _Loader:
+    """torchvision's own loader, with :func:`ensure_torchvision` run just before the
+    package's code (and the hook removed after it)."""
+
+    def __init__(self, loader, hook):
+        self._loader, self._hook = loader, hook
+
+    def __getattr__(self, name):  # get_data, get_resource_reader, ...: torchvision's loader's
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        _declare()  # torchvision is in sys.modules now, its code not yet run
+        try:
+            self._loader.exec_module(module)
+        finally:
+            if self._hook in sys.meta_path:
+                sys.meta_path.remove(self._hook)
+
+
 class _Hook:
-    """A meta-path finder that applies :func:`ensure_torchvision` just before the first
-    ``import torchvision``, then steps aside (finds nothing itself)."""
+    """A meta-path finder that hands out torchvision's own spec with its loader wrapped
+    (:class:`_Loader`): the fix runs when torchvision is executed, not when it is only
+    looked up. A look-up alone (``importlib.util.find_spec``, as an older copy of
+    ``pipeline/compat.py`` bundled with a registered model does before it declares the
+    schemas itself) changes nothing; :func:`ensure_torchvision` then finds the schemas
+    declared and leaves them."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "torchvision":
-            sys.meta_path.remove(self)  # ensure_torchvision's own find_spec("torchvision") must not come back
-            ensure_torchvision()
-        return None
+        if name != "torchvision":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _Loader):
+            spec.loader = _Loader(spec.loader, self)
+        return spec
 
 
 def install_hook() -> None:

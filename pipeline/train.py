@@ -387,6 +387,12 @@ class Trainer:
         model = tnt.create(cfg.model.variant, num_classes=self.train_manifest.num_classes,
                            drop_path_rate=cfg.model.drop_path, img_size=cfg.aug.img_size)
         model.grad_checkpointing = cfg.model.checkpointing
+        try:
+            path, why = tnt.select_inner_kernel(cfg.model.inner_kernel, self.device, model)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        fell_back = cfg.model.inner_kernel == "auto" and self.device.type == "cuda" and path != "triton"
+        (log.warning if fell_back else log.info)("inner attention: %s (%s)", path, why)
         self.parent = {}
         if cfg.model.init_from:
             weights, pretrained_cfg, self.parent = pretrained.resolve(

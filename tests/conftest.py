@@ -6,10 +6,19 @@ each test image is a different crop, so every class folder holds distinct images
 
 from __future__ import annotations
 
+import os
+
 import pipeline.compat  # noqa: F401  (before anything imports timm or torchvision)
 
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs our Triton kernels on CPU tensors (tests/test_triton_kernels.py).
+    # Triton reads this when a kernel is defined, so before anything imports one; on a GPU
+    # machine (bench/gpu_check.sh) the kernels compile for the GPU instead.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import io
-import os
 
 import numpy as np
 import pytest

@@ -40,3 +40,30 @@ def test_venv_bin_is_on_path_and_compiled_ops_stay_in_the_venv(tmp_path):
     assert got["ext"] == os.path.join(got["prefix"], "torch_extensions")
     mine = json.loads(run(tmp_path, code, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")).stdout)
     assert mine["ext"] == str(tmp_path / "ext")  # a value the user set is kept
+
+
+OLDER_COMPAT = """
+import glob, importlib.util, os, torch
+spec = importlib.util.find_spec("torchvision")  # the hook must not act on a look-up alone
+loads = False
+for d in spec.submodule_search_locations:
+    for p in glob.glob(os.path.join(d, "_C*.so")):
+        try:
+            torch.ops.load_library(p); loads = True
+        except (OSError, RuntimeError):
+            pass
+if not loads:
+    lib = torch.library.Library("torchvision", "DEF")  # what pipeline/compat.py did before 2026-12-05
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+import timm
+print("ok")
+"""
+
+
+def test_a_model_bundling_an_older_compat_still_loads(tmp_path):
+    """A model registered before the start-up hook existed carries the older
+    ``pipeline/compat.py``, which looks torchvision up and then declares the schemas
+    itself: with the hook installed that must not be declared twice."""
+    out = run(tmp_path, OLDER_COMPAT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
