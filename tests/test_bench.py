@@ -19,4 +19,4 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
     for step in ("machine", "tests_gpu", "bench_eager", "train_zero1", "train_zero3"):
         assert f"| {step} | ok |" in summary, summary
     assert "ZeRO-1 bf16 tiny TNT" in summary and "ZeRO-3 bf16 tiny TNT" in summary
-    assert "timm eager" in summary and "ours eager" in summary
+    assert "timm-eager" in summary and "ours-eager" in summary and "ours-triton-eager" in summary

@@ -175,3 +175,28 @@ def test_compile_traces_through_the_custom_ops_without_a_graph_break():
     kernel.reference(ref_qk, ref_v, heads, d**-0.5).sum().backward()
     torch.testing.assert_close(qk.grad, ref_qk.grad, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(v.grad, ref_v.grad, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cpu_training_step_is_unchanged_by_the_selection(precision):
+    """inner_kernel=torch and auto on CPU: a training step bit-identical to a model that
+    never went through the selection (the path the trainer took before the kernel existed)."""
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+
+    def trained(mode):
+        torch.manual_seed(0)
+        model = tnt.create("tntp_tiny_patch8_32", num_classes=10, drop_path_rate=0.1).train()
+        if mode:
+            assert tnt.select_inner_kernel(mode, torch.device("cpu"), model)[0] == "torch"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return list(model.state_dict().values())
+
+    before = trained(None)
+    for mode in ("torch", "auto"):
+        assert all(torch.equal(a, b) for a, b in zip(trained(mode), before)), mode
