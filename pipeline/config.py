@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Any, Literal
 
@@ -67,10 +68,6 @@ class DataCfg:
     def __post_init__(self):
         if self.finish not in ("auto", "worker", "device"):
             raise InputError(f"data.finish must be auto, worker or device, not {self.finish!r}")
-        if self.timeout_s < 0:
-            raise InputError(f"data.timeout_s must be >= 0 seconds (0: wait forever), not {self.timeout_s}")
-        if self.retries < 1 or self.read_timeout_s <= 0 or self.cache_limit < 0:
-            raise InputError("data.retries must be >= 1, data.read_timeout_s > 0 and data.cache_limit >= 0 bytes")
         from pipeline.store import check_url
 
         for url in (self.train, self.val, self.url_base):
@@ -124,14 +121,8 @@ class TrainCfg:
             raise InputError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage!r}")
         if self.zero_stage == 3 and self.ema:
             raise InputError("train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false")
-        if self.keep_last < 1:
-            raise InputError(f"train.keep_last must be >= 1, not {self.keep_last}")
         if self.compile not in (None, True, False):
             raise InputError(f"train.compile must be true, false or null (on CUDA only), not {self.compile!r}")
-        if self.dist_timeout_s <= 0:
-            raise InputError(f"train.dist_timeout_s must be > 0 seconds, not {self.dist_timeout_s}")
-        if self.heartbeat_timeout_s < 0:
-            raise InputError(f"train.heartbeat_timeout_s must be >= 0 seconds (0: off), not {self.heartbeat_timeout_s}")
 
 
 @dataclasses.dataclass
@@ -163,6 +154,7 @@ class Config:
     def __post_init__(self):
         if self.mlflow.register_weights == "ema" and not self.train.ema:
             raise InputError("mlflow.register_weights=ema needs train.ema=true (or use auto or model)")
+        check_limits(self)
 
     @property
     def out_dir(self) -> str:
@@ -195,20 +187,108 @@ class Config:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """The values a numeric key takes: ``lo <= x <= hi`` (``None``: no bound); ``lo_open``/
+    ``hi_open`` make a bound strict. Tuples (``aug.scale``) are checked element by element."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.lo is None or x > self.lo or (not self.lo_open and x == self.lo))
+                and (self.hi is None or x < self.hi or (not self.hi_open and x == self.hi)))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() and abs(x) < 2**63 else f"{x:g}"
+
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, PROBABILITY = Limit(0, lo_open=True), Limit(0), Limit(0, 1)
+COUNT = Limit(1)  # 1, 2, 3...
+# Every numeric key's range, checked when a config loads (a value outside it: one line,
+# exit 2, nothing written). Upper bounds catch typos (micro_batch=12800000) and values
+# that would fail hours later (a seed past numpy's 2**32). optim.lr allows 1e30: the
+# non-finite-loss test blows the weights up with it.
+LIMITS: dict[str, Limit] = {
+    "model.drop_path": Limit(0, 1, hi_open=True),
+    "data.workers": Limit(0, 1024), "data.shuffle_buffer": Limit(0, 10**8), "data.repeats": Limit(1, 64),
+    "data.eval_batch": Limit(0, 2**20), "data.timeout_s": NON_NEGATIVE, "data.retries": Limit(1, 1000),
+    "data.backoff_s": Limit(0, 3600), "data.read_timeout_s": POSITIVE, "data.cache_limit": NON_NEGATIVE,
+    "optim.epochs": Limit(1, 10**6), "optim.lr": Limit(0, 1e30, lo_open=True), "optim.lr_batch": Limit(1, 2**24),
+    "optim.min_lr": Limit(0, 10), "optim.warmup_lr": Limit(0, 10), "optim.warmup_epochs": Limit(0, 10**6),
+    "optim.weight_decay": Limit(0, 10), "optim.eps": Limit(0, 1, lo_open=True), "optim.betas": Limit(0, 1, hi_open=True),
+    "optim.clip_grad": NON_NEGATIVE,
+    "train.micro_batch": Limit(1, 2**20), "train.grad_accum": Limit(1, 2**16), "train.zero_stage": Limit(0, 3),
+    "train.ema_decay": Limit(0, 1, hi_open=True), "train.seed": Limit(0, 2**31 - 1), "train.max_steps": Limit(0, 2**53),
+    "train.log_every": COUNT, "train.eval_every": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE,
+    "train.ckpt_every_min": NON_NEGATIVE, "train.keep_last": Limit(1, 10**4), "train.max_nonfinite": COUNT,
+    "train.device_peak_tflops": NON_NEGATIVE, "train.dist_timeout_s": POSITIVE, "train.lock_wait_s": NON_NEGATIVE,
+    "train.heartbeat_timeout_s": NON_NEGATIVE,
+    "aug.img_size": Limit(8, 4096), "aug.scale": Limit(0, 1, lo_open=True), "aug.ratio": Limit(0, 100, lo_open=True),
+    "aug.hflip": PROBABILITY, "aug.color_jitter": NON_NEGATIVE, "aug.mean": Limit(-1e3, 1e3),
+    "aug.std": Limit(0, 1e3, lo_open=True), "aug.re_prob": PROBABILITY, "aug.re_count": Limit(1, 100),
+    "aug.mixup": NON_NEGATIVE, "aug.cutmix": NON_NEGATIVE, "aug.mixup_prob": PROBABILITY,
+    "aug.mixup_switch_prob": PROBABILITY, "aug.label_smoothing": Limit(0, 1, hi_open=True),
+    "aug.crop_pct": Limit(0, 1, lo_open=True),
+}
+# string keys whose value cannot be empty, and those with a fixed set of values
+NOT_EMPTY = ("name", "model.variant", "data.train", "train.out", "mlflow.experiment")
+CHOICES = {"aug.interpolation": ("bicubic", "bilinear", "nearest"), "aug.re_mode": ("pixel", "rand", "const")}
+
+
+def check_limits(cfg: "Config") -> None:
+    """InputError naming the first key outside :data:`LIMITS`, :data:`NOT_EMPTY` or
+    :data:`CHOICES`, or a variant :mod:`pipeline.tnt` does not have."""
+    flat = cfg.flat()
+    for key, limit in LIMITS.items():
+        value = flat[key]
+        if not all(limit.holds(x) for x in (value if isinstance(value, tuple) else (value,))):
+            raise InputError(f"{key} must be {limit}{' (each)' if isinstance(value, tuple) else ''}, not {value!r}")
+    for key in NOT_EMPTY:
+        if not str(flat[key]).strip():
+            raise InputError(f"{key} cannot be empty")
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise InputError(f"{key} must be one of {', '.join(choices)}, not {flat[key]!r}")
+    for key in ("aug.scale", "aug.ratio"):
+        if flat[key][0] > flat[key][1]:
+            raise InputError(f"{key} is a (low, high) range, not {flat[key]!r}")
+    from pipeline import tnt
+
+    if cfg.model.variant not in tnt.VARIANTS:
+        raise InputError(f"model.variant {cfg.model.variant!r} is not one of {', '.join(tnt.VARIANTS)}")
+
+
 def _build(cls, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     defaults = cls()
     kwargs = {}
     for key, value in (values or {}).items():
-        if key not in names:
-            raise InputError(f"unknown config key {where}{key} (valid: {', '.join(sorted(names))})")
+        if key not in types:
+            raise InputError(f"unknown config key {where}{key} (valid: {', '.join(sorted(types))})")
         default = getattr(defaults, key)
+        if value is None and "None" not in types[key]:  # `key=` or `key: null`
+            if not isinstance(default, str):
+                raise InputError(f"config key {where}{key} wants a value of type {type(default).__name__}, got none")
+            value = ""
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise InputError(f"config key {where}{key} is a section, not a value")
             kwargs[key] = _build(type(default), value, f"{where}{key}.")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[key] = tuple(value)
+        elif isinstance(default, tuple):
+            if not (isinstance(value, list) and len(value) == len(default)
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+                raise InputError(f"config key {where}{key} wants {len(default)} numbers ([a, b...]), got {value!r}")
+            kwargs[key] = tuple(float(x) for x in value)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, bool):
+            raise InputError(f"config key {where}{key} wants a number, got {value!r}")
         elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads 4e-3 (no dot) as a string
                 kwargs[key] = float(value)

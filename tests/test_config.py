@@ -94,3 +94,102 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "line 2" in lines[0], \
             proc.stderr[-2000:]
         assert not out.exists()
+
+
+def _bad_values(key: str, default) -> list[str]:
+    """Override values of the wrong type for ``key`` (YAML text)."""
+    if isinstance(default, bool) or default is None:
+        return ["maybe", "[1]", "2"]
+    if isinstance(default, (int, float)):
+        return ["x", "[1]", "true", "{a: 1}"]
+    if isinstance(default, tuple):
+        return ["x", "1", "[]", "[x, y, z, w]", "[" + ", ".join(["true"] * len(default)) + "]"]
+    return ["[1]", "{a: 1}", "5"]
+
+
+# keys where 0 means "off" or "none" (accepted), and those where any size goes (no upper bound)
+ZERO_OK = {"model.drop_path", "data.workers", "data.shuffle_buffer", "data.eval_batch", "data.timeout_s",
+           "data.backoff_s", "data.cache_limit", "optim.min_lr", "optim.warmup_lr", "optim.warmup_epochs",
+           "optim.weight_decay", "optim.clip_grad", "optim.betas", "train.zero_stage", "train.ema_decay", "train.seed",
+           "train.max_steps", "train.eval_every", "train.ckpt_every", "train.ckpt_every_min",
+           "train.device_peak_tflops", "train.lock_wait_s", "train.heartbeat_timeout_s", "aug.hflip",
+           "aug.color_jitter", "aug.mean", "aug.re_prob", "aug.mixup", "aug.cutmix", "aug.mixup_prob",
+           "aug.mixup_switch_prob", "aug.label_smoothing"}
+UNBOUNDED = {"data.timeout_s", "data.read_timeout_s", "data.cache_limit", "optim.clip_grad", "train.ckpt_every",
+             "train.ckpt_every_min", "train.eval_every", "train.log_every", "train.max_nonfinite",
+             "train.device_peak_tflops", "train.dist_timeout_s", "train.lock_wait_s", "train.heartbeat_timeout_s",
+             "aug.color_jitter", "aug.mixup", "aug.cutmix"}
+
+
+def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value_in_one_line():
+    """A fuzz over every config key: values of the wrong type, and 0, -1, a huge value,
+    NaN, infinity and an empty value for every numeric one (0 where 0 means nothing),
+    an empty string where a name or path is needed: each an InputError of one line
+    naming the key. The zeros that mean "off" and the huge values where any size goes
+    still load (the ranges do not refuse what the README documents)."""
+    flat = config.Config().flat()
+    refused = accepted = 0
+
+    def refuses(key: str, text: str) -> bool:
+        try:
+            config.load("", [f"{key}={text}"])
+        except InputError as e:
+            assert "\n" not in str(e) and key.split(".")[-1] in str(e), (key, text, str(e))
+            return True
+        return False
+
+    for key, default in flat.items():
+        for text in _bad_values(key, default):
+            assert refuses(key, text), (key, text)
+            refused += 1
+        numeric = isinstance(default, (int, float, tuple)) and not isinstance(default, bool) and default is not None
+        if numeric:
+            n = len(default) if isinstance(default, tuple) else 0
+
+            def value(x: str) -> str:
+                return f"[{', '.join([x] * n)}]" if n else x
+
+            bad = ["-1", ".nan", ".inf", "''"] if key != "aug.mean" else [".nan", ".inf", "-1e9", "''"]
+            if key not in UNBOUNDED:
+                bad.append("1e300" if isinstance(default, float) or n else str(10**30))
+            for text in bad:
+                assert refuses(key, value(text) if text != "''" else text), (key, text)
+                refused += 1
+            if key in UNBOUNDED:
+                assert not refuses(key, value("1e300" if isinstance(default, float) else str(10**30))), key
+                accepted += 1
+            if key in ZERO_OK:
+                assert not refuses(key, value("0")), key
+                accepted += 1
+            else:
+                assert refuses(key, value("0")), key
+                refused += 1
+    for key in ("name", "model.variant", "data.train", "train.out", "mlflow.experiment", "aug.interpolation",
+                "aug.re_mode"):
+        assert refuses(key, "''") and refuses(key, "' '" if key != "aug.re_mode" else "x"), key
+    for key in ("data.val", "mlflow.register_as", "model.init_from", "data.url_base"):  # "" is "none" there
+        assert not refuses(key, ""), key
+    assert refuses("model.variant", "tntp_huge") and refuses("aug.scale", "[1.0, 0.5]")
+    assert refused > 250 and accepted > 40, (refused, accepted)
+
+
+@pytest.mark.parametrize("launcher", ["trainer", "local", "slurm"])
+def test_a_bad_value_is_one_line_exit_2_and_nothing_written(tmp_path, launcher):
+    """train.micro_batch=0 was a ZeroDivisionError traceback, exit 1 and a failure record
+    (which Slurm's companion treats as a fault and resubmits); -4 a ValueError after
+    train.out was made. Now: one line, exit 2, nothing on disk, nothing submitted
+    (launch/slurm.py checks the config before it asks Slurm for anything)."""
+    import subprocess
+    import sys
+
+    entry = {"trainer": [sys.executable, "-m", "pipeline.train"],
+             "local": [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", "1", "--"],
+             "slurm": [sys.executable, os.path.join(ROOT, "launch", "slurm.py"), "--dry-run", "--"]}[launcher]
+    for value in ("0", "-4"):
+        out = tmp_path / f"out{value}"
+        proc = subprocess.run([*entry, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"train.out={out}",
+                               f"train.micro_batch={value}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines == [f"error: train.micro_batch must be in [1, 1048576], not {value}"], \
+            (proc.returncode, proc.stderr[-2000:])
+        assert not out.exists() and os.listdir(tmp_path) == [] and "#SBATCH" not in proc.stdout
