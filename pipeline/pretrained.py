@@ -113,15 +113,21 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                          f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
 
 
-def load_into(model: torch.nn.Module, variant: str, weights: str, pretrained_cfg: dict | None) -> list[str]:
-    """Load ``weights`` into ``model`` (built as ``variant``), adapting the head and the
-    patch position encodings; returns what was adapted, one line each (also logged)."""
-    from timm.models.tnt import checkpoint_filter_fn
-
+def _check_architecture(variant: str, pretrained_cfg: dict | None) -> None:
     source = (pretrained_cfg or {}).get("architecture")
     if source and source != variant:
         raise InputError(f"model.init_from holds a {source} model, not {variant}: set model.variant={source}")
-    state = read_state_dict(weights)
+
+
+def adapt(model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor],
+          pretrained_cfg: dict | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` made loadable into ``model`` (built as ``variant``): timm's key names,
+    the patch position encodings resampled, the head dropped for another class count;
+    and what was adapted, one line each (only ``model``'s shapes are read). Another
+    variant is refused in one line."""
+    from timm.models.tnt import checkpoint_filter_fn
+
+    _check_architecture(variant, pretrained_cfg)
     pos = state.get("patch_pos", state.get("outer_pos"))
     state = checkpoint_filter_fn(dict(state), model)  # official key names; patch_pos resampled to this size
     own = model.state_dict()
@@ -133,6 +139,9 @@ def load_into(model: torch.nn.Module, variant: str, weights: str, pretrained_cfg
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise InputError(f"model.init_from is not a {variant} state dict: unexpected {', '.join(unknown[:3])}")
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    if missing:
+        raise InputError(f"model.init_from lacks {', '.join(missing[:3])}: not a {variant} state dict")
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
         notes.append(f"head re-initialised: {state['head.weight'].shape[0]} classes in model.init_from, "
                      f"{own['head.weight'].shape[0]} here")
@@ -142,9 +151,27 @@ def load_into(model: torch.nn.Module, variant: str, weights: str, pretrained_cfg
         notes.append(f"patch position encodings resampled from a {grid}x{grid} grid to "
                      f"{'x'.join(map(str, model.pixel_embed.grid_size))} ({model.pixel_embed.img_size[0]} px); "
                      f"pixel position encodings kept")
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    if [k for k in missing if not k.startswith("head.")]:
-        raise InputError(f"model.init_from lacks {', '.join(missing[:3])}: not a {variant} state dict")
+    return state, notes
+
+
+def check(variant: str, weights: str, pretrained_cfg: dict | None, num_classes: int, img_size: int) -> None:
+    """Refuse, in one line, weights that :func:`load_into` would refuse: the trainer
+    calls it before the process group, DeepSpeed or ``train.out``. The model is built on
+    the CPU (not the meta device: timm's drop-path rates call ``.item()``), without
+    touching the global random state."""
+    from pipeline import tnt
+
+    _check_architecture(variant, pretrained_cfg)  # before any model is built
+    with torch.random.fork_rng(devices=[]):
+        model = tnt.create(variant, num_classes=num_classes, img_size=img_size)
+    adapt(model, variant, read_state_dict(weights), pretrained_cfg)
+
+
+def load_into(model: torch.nn.Module, variant: str, weights: str, pretrained_cfg: dict | None) -> list[str]:
+    """Load ``weights`` into ``model`` (built as ``variant``), adapting the head and the
+    patch position encodings; returns what was adapted, one line each (also logged)."""
+    state, notes = adapt(model, variant, read_state_dict(weights), pretrained_cfg)
+    model.load_state_dict(state, strict=False)
     for note in notes:
         log.info("model.init_from: %s", note)
     return notes

@@ -221,6 +221,7 @@ class Trainer:
         # Input and config errors first: before the process group, before train.out exists.
         self._build_data()
         self._check_finished()
+        self._check_init_from()
         self.rank, self.world, self.local_rank = distributed.init_distributed(cfg.train.dist_timeout_s)
         self.step = 0
         self.watchdog = Watchdog(self.rank, self.world, cfg.train.heartbeat_timeout_s, self._lost_peer)
@@ -313,6 +314,24 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.schedule = schedule_of(cfg, self.steps_per_epoch, self.global_batch)
 
+    def _check_init_from(self) -> None:
+        """``model.init_from`` found, read and checked against ``model.variant`` (shapes
+        on the meta device) before the process group, DeepSpeed or ``train.out``: a wrong
+        source or variant is one line, with nothing built or written."""
+        cfg, self.parent, self.init_weights = self.cfg, {}, None
+        uri = cfg.model.init_from
+        if not uri:
+            return
+        tracking_uri = cfg.mlflow.tracking_uri or default_uri(self.out)
+        db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
+        if uri.startswith(("models:/", "runs:/")) and db and not os.path.isfile(db):
+            # MLflow would create an empty store there (and train.out with it)
+            raise InputError(f"model.init_from={uri}: no MLflow store at {tracking_uri}; set mlflow.tracking_uri "
+                             f"(or MLFLOW_TRACKING_URI) to the store that holds it, e.g. sqlite:///runs/tiny-cpu/mlflow.db")
+        weights, pretrained_cfg, self.parent = pretrained.resolve(uri, tracking_uri)
+        pretrained.check(cfg.model.variant, weights, pretrained_cfg, self.train_manifest.num_classes, cfg.aug.img_size)
+        self.init_weights = weights, pretrained_cfg
+
     def _adapt_to_checkpoint(self, world: int) -> None:
         """Resuming on another number of ranks: the ``train.grad_accum`` that keeps the
         checkpoint's global batch (or the refusal, in one line). Read by each rank
@@ -393,10 +412,8 @@ class Trainer:
             raise InputError(str(e)) from None
         fell_back = cfg.model.inner_kernel == "auto" and self.device.type == "cuda" and path != "triton"
         (log.warning if fell_back else log.info)("inner attention: %s (%s)", path, why)
-        self.parent = {}
         if cfg.model.init_from:
-            weights, pretrained_cfg, self.parent = pretrained.resolve(
-                cfg.model.init_from, cfg.mlflow.tracking_uri or default_uri(self.out))
+            weights, pretrained_cfg = self.init_weights
             pretrained.load_into(model, cfg.model.variant, weights, pretrained_cfg)
             log.info("weights from %s (%s)", cfg.model.init_from, weights)
         # after the model: each rank its own DropPath masks (and any other draw)

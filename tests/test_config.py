@@ -47,6 +47,20 @@ def test_mlflow_names_come_from_the_data_set(train, data):
     assert c.named(c.mlflow.register_as) == f"tnt-tiny-{data}" and c.named(c.mlflow.experiment) == f"tntpipe-{data}"
 
 
+@pytest.mark.parametrize("variant,model", [("tntp_s_patch16_224", "tnt-s"), ("tntp_b_se_patch16_224", "tnt-b-se"),
+                                           ("tntp_digits_imgconv_patch8_32", "tnt-digits-imgconv")])
+def test_the_registered_name_is_the_model_trained_not_the_parent(variant, model):
+    """configs/finetune.yaml registered a fine-tuned digits model as tnt-s-mnist (its
+    register_as was tnt-s-{data}); {model} is the variant actually trained."""
+    c = config.load(os.path.join(ROOT, "configs", "finetune.yaml"), [f"model.variant={variant}",
+                                                                      "data.train=shards/mnist/train"])
+    assert c.named(c.mlflow.register_as) == f"{model}-mnist"
+    c = config.load("", [f"model.variant={variant}", "train.out=runs/{model}-{data}", "data.train=shards/pets/train"])
+    assert c.out_dir == f"runs/{model}-pets"
+    with pytest.raises(InputError, match=r"mlflow.register_as='\{modl\}-x': not a name template \(KeyError: 'modl'"):
+        config.load("", ["mlflow.register_as='{modl}-x'"])
+
+
 def test_overrides_and_errors():
     c = config.load("", ["train.zero_stage=3", "train.ema=false", "optim.lr=4e-3", "aug.scale=[0.5, 1.0]", "name=x", "train.out=/tmp/{name}"])
     assert c.train.zero_stage == 3 and c.optim.lr == 4e-3 and c.aug.scale == (0.5, 1.0) and c.out_dir == "/tmp/x"

@@ -147,3 +147,28 @@ def test_registrar_registers_only_new_bests_and_keeps_its_history():
     assert again.state_dict() | {"attempts": 0} == reg.state_dict() | {"attempts": 0, "world_sizes": [2, 1]}
     assert again.attempts == 2 and again.best_step == 31 and again.best_version == "1"
     assert not Registrar(_Cfg(best=False), None, "", (), {}).is_new_best(_res(90))
+
+
+@pytest.mark.parametrize("case", ["variant", "no_store"])
+def test_the_trainer_checks_init_from_before_building_anything(source, demo_shards, tmp_path, case):
+    """A variant mismatch was found only after the process group and DeepSpeed's op
+    build (about 80 s), leaving train.log and a .lock in train.out; a models:/ URI with
+    no store made an empty mlflow.db there. Now: one line, exit 2, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    init, match = {"variant": (source["folder"], "error: model.init_from holds a tntp_tiny_patch8_32 model, not "
+                                                 "tntp_digits_patch8_32: set model.variant=tntp_tiny_patch8_32"),
+                   "no_store": ("models:/tnt-tiny-mnist@best", f"error: model.init_from=models:/tnt-tiny-mnist@best: "
+                                f"no MLflow store at sqlite:///{out}/mlflow.db; set mlflow.tracking_uri")}[case]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", os.path.join(root, "configs", "tiny_cpu.yaml"),
+                           f"train.out={out}", f"data.train={demo_shards['train']}", "data.val=",
+                           "model.variant=tntp_digits_patch8_32", f"model.init_from={init}"],
+                          cwd=root, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(match), proc.stderr[-2000:]
+    assert not out.exists() and "deepspeed" not in proc.stderr.lower()
