@@ -179,6 +179,11 @@ class Config:
         """``template`` with ``{name}``, ``{data}`` and ``{model}`` filled in (MLflow names)."""
         return template.format(name=self.name, data=self.data_name, model=self.model_name)
 
+    def resolved(self) -> dict[str, Any]:
+        """:meth:`flat` with the name templates filled in: what MLflow shows as params."""
+        flat = self.flat()
+        return {**flat, **{k: self.named(flat[k]) for k in TEMPLATED}}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -244,6 +249,8 @@ LIMITS: dict[str, Limit] = {
     "aug.mixup_switch_prob": PROBABILITY, "aug.label_smoothing": Limit(0, 1, hi_open=True),
     "aug.crop_pct": Limit(0, 1, lo_open=True),
 }
+# keys whose value is a name template ({name}, {data}, {model}: Config.named)
+TEMPLATED = ("mlflow.experiment", "mlflow.run_name", "mlflow.register_as", "train.out")
 # string keys whose value cannot be empty, and those with a fixed set of values
 NOT_EMPTY = ("name", "model.variant", "data.train", "train.out", "mlflow.experiment")
 CHOICES = {"aug.interpolation": ("bicubic", "bilinear", "nearest"), "aug.re_mode": ("pixel", "rand", "const")}
@@ -266,7 +273,7 @@ def check_limits(cfg: "Config") -> None:
     for key in ("aug.scale", "aug.ratio"):
         if flat[key][0] > flat[key][1]:
             raise InputError(f"{key} is a (low, high) range, not {flat[key]!r}")
-    for key in ("mlflow.experiment", "mlflow.run_name", "mlflow.register_as", "train.out"):
+    for key in TEMPLATED:
         try:
             flat[key].format(name="n", data="d", model="m")
         except (KeyError, IndexError, ValueError) as exc:

@@ -113,10 +113,12 @@ def signature(top_k: int = 5):
 
 
 def register(tracker, name: str, files: dict, weights: str, config_path: str, example: bytes | None, tags: dict,
-             aliases: list[str]) -> str | None:
+             aliases: list[str], metrics: dict | None = None, step: int | None = None, describe=None,
+             model_description: str | None = None) -> str | None:
     """Log the exported ``weights`` (``"model"`` or ``"ema"``) as the served pyfunc model
-    (``pipeline/served.py``, models from code: nothing pickled) and register a new
-    version of ``name`` with ``tags``."""
+    (``pipeline/served.py``, models from code: nothing pickled) with its ``metrics`` and
+    register a new version of ``name`` with ``tags`` and the description
+    ``describe(version)``."""
     import pandas as pd
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -129,7 +131,7 @@ def register(tracker, name: str, files: dict, weights: str, config_path: str, ex
         "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "timm", "safetensors", "numpy", "pillow",
                              "pandas", "mlflow"],
     }
-    version = tracker.register(model, name, tags, aliases)
+    version = tracker.register(model, name, tags, aliases, metrics, step, describe, model_description)
     if version:
         log.info(
             "registered %s version %s (%s weights); serve it: mlflow models serve -m models:/%s/%s --env-manager local "

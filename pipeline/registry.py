@@ -20,7 +20,7 @@ Lineage, as version tags (the config itself is the model's ``artifacts/config.ya
   size of each attempt; records in ``failures.jsonl``);
 * ``top1``/``top5`` of the registered weights, ``model.top1``/``model.top5`` and
   ``ema.top1``/``ema.top5`` of both;
-* ``run_id``, ``variant``, ``weights``; ``parent.*`` when it was fine-tuned from
+* ``run_id``, ``variant``, ``weights``, ``logged_model`` (its id: its page has the metrics); ``parent.*`` when it was fine-tuned from
   ``model.init_from`` (``pipeline/pretrained.py``): the parent's URI, registered
   name and version, run and weights sha256.
 
@@ -70,8 +70,10 @@ def first_image(manifest) -> bytes | None:
 class Registrar:
     """Decides on, and (rank 0) makes, the registrations of a run."""
 
-    def __init__(self, cfg, tracker, out: str, classes: tuple[str, ...], manifests: dict, parent: dict | None = None):
+    def __init__(self, cfg, tracker, out: str, classes: tuple[str, ...], manifests: dict, parent: dict | None = None,
+                 num_params: int = 0):
         self.cfg, self.tracker, self.out = cfg, tracker, out
+        self.num_params = num_params
         self.classes = classes
         self.manifests = manifests  # {"train": Manifest, "val": Manifest or None}
         self.parent = parent or {}
@@ -144,9 +146,53 @@ class Registrar:
         tags = self._tags(res, weights, step, epoch)
         if self._example is None:
             self._example = first_image(self.manifests["val"] or self.manifests["train"])
+        metrics = {f"val_{k}": float(tags[k]) for k in ("top1", "top5") if k in tags}  # on the logged model too
         version = export_mod.register(self.tracker, self.name, files, weights, os.path.join(self.out, "config.yaml"),
-                                      self._example, tags, aliases)
+                                      self._example, tags, aliases, metrics, step,
+                                      lambda version: self.describe(tags, version), self.describe_model())
         return version
+
+    def describe_model(self) -> str:
+        """The registered model's description (rewritten at each registration)."""
+        cfg = self.cfg
+        return (f"TNT `{cfg.model.variant}` for {len(self.classes)} classes at {cfg.aug.img_size} px, trained on "
+                f"**{cfg.data_name}** by tntpipe. Aliases: `best` (the best top-1 of all versions), `last` (each "
+                f"run's end). Each version's description says what it is, what it was trained on, its top-1 and how "
+                f"to call it.")
+
+    def describe(self, tags: dict, version: str) -> str:
+        """A version's description (markdown, shown on its MLflow page): the model, its
+        data, its evaluation and how to call it, with the real column name and param."""
+        cfg, train = self.cfg, self.manifests["train"]
+        val = self.manifests.get("val")
+        uri = f"models:/{self.name}/{version}"
+        lines = [f"**TNT `{cfg.model.variant}`** ({cfg.model_name}): {self.num_params / 1e6:.2f}M parameters, "
+                 f"{len(self.classes)} classes, {cfg.aug.img_size} px input.", ""]
+        lines.append(f"Trained on **{cfg.data_name}**: {train.num_samples:,} images "
+                     f"(manifest `{tags['data.train.manifest']}`, sha256 `{train.digest}`), "
+                     f"epoch {tags['epoch']} of {cfg.optim.epochs}, step {tags['step']}, "
+                     f"run `{tags['run_id']}`; {tags['weights']} weights.")
+        if "top1" in tags:
+            lines += ["", f"**top-1 {tags['top1']}%, top-5 {tags['top5']}%** on {val.num_samples:,} held-out images "
+                          f"(sha256 `{val.digest}`)" + (f"; model {tags['model.top1']}%, EMA {tags['ema.top1']}% top-1"
+                                                        if "ema.top1" in tags else "") + "."]
+        else:
+            lines += ["", "Not evaluated (no `data.val`)."]
+        if self.parent.get("parent.init_from"):
+            lines += ["", f"Fine-tuned from `{self.parent['parent.init_from']}`"
+                          + (f" ({self.parent['parent.model']} version {self.parent['parent.version']})"
+                             if "parent.version" in self.parent else "") + "."]
+        lines += ["", "Call it: a column `image` of encoded images (JPEG, PNG...; base64 in JSON), one per row; "
+                      "param `top_k` (default 5); out: `class_ids`, `class_names`, `probabilities`.", "",
+                  "```python", "import mlflow, pandas as pd", f'mlflow.set_tracking_uri("{self.tracker.uri}")',
+                  f'model = mlflow.pyfunc.load_model("{uri}")',
+                  'model.predict(pd.DataFrame({"image": [open("img.jpg", "rb").read()]}), params={"top_k": 5})',
+                  "```", "", "```sh",
+                  f"MLFLOW_TRACKING_URI={self.tracker.uri} mlflow models serve -m {uri} --env-manager local -p 5001",
+                  """printf '{"dataframe_split": {"columns": ["image"], "data": [["%s"]]}, "params": {"top_k": 5}}' \\""",
+                  """    "$(base64 -w0 img.jpg)" | curl -s http://127.0.0.1:5001/invocations \\""",
+                  """    -H 'Content-Type: application/json' -d @-""", "```"]
+        return "\n".join(lines)
 
     def registered_best(self, version: str | None, res: dict, step: int) -> None:
         """Note the best registered at ``step`` (every rank: the decision state)."""

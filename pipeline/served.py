@@ -47,10 +47,22 @@ MAX_PIXELS = int(os.environ.get("TNTP_SERVE_MAX_PIXELS", 40_000_000))
 
 
 def _bad_input(message: str):
+    """An HTTP 400 whose body says ``message`` and nothing else. MLflow's scoring server
+    rewrites an ``MlflowException``'s message to ``Failed to predict data '<the whole
+    DataFrame>'. Error: ...`` (mlflow/pyfunc/scoring_server); this one keeps its line."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    class BadInput(MlflowException):
+        @property
+        def message(self) -> str:
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:  # MLflow's __init__, then its rewrite
+            self._line = getattr(self, "_line", value)
+
+    return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class TNTClassifier(PythonModel):
@@ -120,7 +132,9 @@ class TNTClassifier(PythonModel):
     # the contract, and MLflow's "add type hints" warning (which ignores warning filters:
     # it sets its own) is not printed at each load. A uint8 array is accepted too (below).
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        top_k = int((params or {}).get("top_k", 5))
+        top_k = (params or {}).get("top_k", 5)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise _bad_input(f"top_k must be a whole number >= 1, not {top_k!r}")
         if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim in (3, 4):
             values = list(model_input)
         elif isinstance(model_input, pd.DataFrame) and "image" in model_input.columns:
@@ -132,7 +146,7 @@ class TNTClassifier(PythonModel):
         x = self._batch([self._decode(v, i) for i, v in enumerate(values)])
         with torch.inference_mode():
             probs = torch.softmax(self.model(x).float(), dim=-1)
-        p, idx = probs.topk(min(max(1, top_k), len(self.classes)), dim=-1)
+        p, idx = probs.topk(min(int(top_k), len(self.classes)), dim=-1)
         return pd.DataFrame({
             "class_ids": [row.tolist() for row in idx],
             "class_names": [[self.classes[i] for i in row.tolist()] for row in idx],

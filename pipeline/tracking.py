@@ -116,8 +116,10 @@ class Tracker:
     def tags(self, tags: dict) -> None:
         self._call("set tags", lambda mlflow: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
-    def register(self, model: dict, name: str, tags: dict, aliases: list[str]) -> str | None:
-        """Log ``model`` (``mlflow.pyfunc.log_model`` arguments) and register a new version.
+    def register(self, model: dict, name: str, tags: dict, aliases: list[str], metrics: dict | None = None,
+                 step: int | None = None, describe=None, model_description: str | None = None) -> str | None:
+        """Log ``model`` (``mlflow.pyfunc.log_model`` arguments) with ``metrics`` and
+        register a new version, described by ``describe(version)``.
 
         ``aliases`` are set on it; so is ``best`` when its ``top1`` tag beats the
         version that holds ``best`` now (or none does)."""
@@ -126,10 +128,16 @@ class Tracker:
             from mlflow import MlflowClient
 
             info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+            if metrics:  # the logged model's page shows its evaluation, not only system metrics
+                mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
             client = MlflowClient(self.uri)
             version = str(info.registered_model_version)
-            for k, v in tags.items():
+            for k, v in {**tags, "logged_model": info.model_id}.items():
                 client.set_model_version_tag(name, version, k, str(v))
+            if describe:
+                client.update_model_version(name, version, description=describe(version))
+            if model_description:
+                client.update_registered_model(name, description=model_description)
             try:
                 best = float(client.get_model_version_by_alias(name, "best").tags.get("top1", "-1"))
             except Exception:  # noqa: BLE001 - no "best" yet

@@ -243,7 +243,8 @@ class Trainer:
         # a manifest without a class list: the indices are the names
         classes = self.train_manifest.classes or tuple(str(i) for i in range(self.train_manifest.num_classes))
         self.registrar = Registrar(cfg, self.tracker, self.out, classes,
-                                   {"train": self.train_manifest, "val": self.val_manifest}, self.parent)
+                                   {"train": self.train_manifest, "val": self.val_manifest}, self.parent,
+                                   self.num_params)
         self.last_res: dict | None = None  # the last evaluation, model and EMA
         t = cfg.train
         self.checkpointer = CheckpointManager(os.path.join(self.out, "checkpoints"), self.rank, self.world,
@@ -574,7 +575,7 @@ class Trainer:
         run_name = cfg.named(cfg.mlflow.run_name or cfg.name)
         self.run_id = self.tracker.start(self.run_id, run_name, cfg.mlflow.system_metrics)
         if self.rank == 0 and not resumed:
-            self.tracker.params(cfg.flat())
+            self.tracker.params(cfg.resolved())  # train.out=runs/tiny-cpu, not runs/{name}
             self.tracker.params({
                 "world_size": self.world, "global_batch": self.global_batch, "base_lr": self.base_lr,
                 "params": self.num_params,

@@ -87,7 +87,7 @@ def registered(server, demo_shards, tmp_path_factory):
     out = str(tmp / "run")
     proc = subprocess.run(
         command(out, demo_shards, "train.max_steps=62", "train.eval_every=1", *LIGHT,
-                "mlflow.register_as=tnt-test", "mlflow.system_metrics=true", "mlflow.experiment=tests"),
+                "mlflow.register_as=tnt-test", "mlflow.system_metrics=true", "mlflow.experiment=tests-{data}"),
         env=dict(os.environ, MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,6 +101,8 @@ def test_run_is_tracked_and_registered_with_its_lineage(server, registered, demo
     client, run_id, out = MlflowClient(server.uri), registered["run_id"], registered["out"]
     run = client.get_run(run_id)
     assert run.data.params["train.zero_stage"] == "1" and run.data.params["train_data.samples"] == "4000"
+    # the names as resolved, not the templates ("tests-{data}")
+    assert run.data.params["mlflow.experiment"] == "tests-shards" == client.get_experiment(run.info.experiment_id).name
     history = client.get_metric_history(run_id, "train/loss")
     assert len(history) >= 60
     assert "val/top1" in run.data.metrics and "val_ema/top1" in run.data.metrics
@@ -132,6 +134,23 @@ def test_run_is_tracked_and_registered_with_its_lineage(server, registered, demo
             manifest = os.path.join(demo_shards[split], "manifest.json")
             assert tags[f"data.{split}.manifest"] == manifest
             assert tags[f"data.{split}.sha256"] == hashlib.sha256(open(manifest, "rb").read()).hexdigest()
+        # the version's page says what it is, on what data, how good, and how to call it
+        text = v.description
+        assert "**TNT `tntp_tiny_patch8_32`** (tnt-tiny)" in text and "10 classes, 32 px input" in text
+        assert f"{tnt_params()}M parameters" in text and "4,000 images" in text and tags["data.train.sha256"] in text
+        assert f"**top-1 {tags['top1']}%, top-5 {tags['top5']}%** on 1,000 held-out images" in text
+        assert f'load_model("models:/tnt-test/{v.version}")' in text and '"columns": ["image"]' in text
+        assert '"top_k": 5' in text and f"mlflow models serve -m models:/tnt-test/{v.version}" in text
+        # its logged model carries the evaluation
+        logged = client.get_logged_model(tags["logged_model"])
+        assert {m.key: m.value for m in logged.metrics}["val_top1"] == pytest.approx(float(tags["top1"]))
+    assert "TNT `tntp_tiny_patch8_32` for 10 classes" in client.get_registered_model("tnt-test").description
+
+
+def tnt_params() -> str:
+    from pipeline import tnt
+
+    return f"{tnt.count_params(tnt.create('tntp_tiny_patch8_32', num_classes=10)) / 1e6:.2f}"
 
 
 def test_registered_model_loads_without_pickle_or_this_checkout(server, registered, demo_shards, tmp_path):
@@ -172,9 +191,10 @@ def val_images(val_dir: str) -> tuple[list[bytes], list[int]]:
     return [s["jpg"] for s in samples], [int(s["cls"]) for s in samples]
 
 
-def invocation(images: list[bytes], top_k: int = 1) -> bytes:
+def invocation(images: list[bytes], top_k: int | None = 1) -> bytes:
     rows = [[base64.b64encode(b).decode()] for b in images]
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}, "params": {"top_k": top_k}}).encode()
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}}
+    return json.dumps(body if top_k is None else {**body, "params": {"top_k": top_k}}).encode()
 
 
 def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, demo_shards, tmp_path):
@@ -197,8 +217,11 @@ def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, de
             assert status == 200, body[:500]
             predicted += [row["class_ids"][0] for row in json.loads(body)["predictions"]]
         # bad requests: one clear 4xx each
+        # the message is the one line, not MLflow's "Failed to predict data '<DataFrame dump>'"
         status, body = served.post(invocation([b"not an image at all"]))
-        assert status == 400 and b"image 0: not an image PIL can read" in body, body[:300]
+        assert status == 400 and json.loads(body)["message"] == "image 0: not an image PIL can read (19 bytes)", body[:300]
+        status, body = served.post(invocation(images[:1], top_k=0))  # was clamped to 1 silently
+        assert status == 400 and json.loads(body)["message"] == "top_k must be a whole number >= 1, not 0", body[:300]
         status, body = served.post(b"")
         assert 400 <= status < 500, (status, body[:300])
         status, body = served.post(json.dumps({"dataframe_split": {"columns": ["image"], "data": []}}).encode())
@@ -207,9 +230,11 @@ def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, de
         Image.new("L", (8000, 6000)).save(huge, "PNG")  # 48M pixels: refused from the header, never decoded
         status, body = served.post(invocation([huge.getvalue()]))
         assert status == 400 and b"is over 40000000 pixels" in body, body[:300]
-        # still serving, top-3 by default parameter
+        # still serving: top_k=3, and without params the default top_k, 5
         status, body = served.post(invocation(images[:2], top_k=3))
         assert status == 200 and len(json.loads(body)["predictions"][0]["class_ids"]) == 3
+        status, body = served.post(invocation(images[:2], top_k=None))
+        assert status == 200 and len(json.loads(body)["predictions"][0]["class_ids"]) == 5
     finally:
         served.kill()
     # the same answers as the model loaded in this process (same images, same transform)
