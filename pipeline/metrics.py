@@ -44,9 +44,11 @@ class MetricsProcessor:
         self.device = device
         self.flops_per_image = flops_per_image
         self.peak = peak_tflops
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """A new window from now (the trainer calls it before its first step: set-up and
+        resuming are not training time)."""
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.micro_batches = 0
         self.images = 0
@@ -103,7 +105,7 @@ class MetricsProcessor:
             f" | bad samples {int(bad_samples)}, shards {int(bad_shards)}" if bad_samples or bad_shards else "",
         )
         self.record(metrics, step)
-        self._reset()
+        self.reset()
         return metrics
 
     def record(self, metrics: dict, step: int) -> None:

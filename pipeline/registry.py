@@ -201,7 +201,7 @@ class Registrar:
     def _tags(self, res: dict | None, weights: str, step: int, epoch: int) -> dict:
         cfg = self.cfg
         tags = {"run_id": self.tracker.run_id, "variant": cfg.model.variant, "weights": weights, "step": step,
-                "epoch": epoch, "checkpoint": os.path.join(self.out, "checkpoints", tag_of(step)),
+                "epoch": epoch, "checkpoint": os.path.abspath(os.path.join(self.out, "checkpoints", tag_of(step))),
                 "config.sha256": config_sha256(cfg), "attempts": self.attempts, "requeues": self.requeues,
                 "world_sizes": ",".join(map(str, self.world_sizes)), "faults": self._faults(),
                 **git_state(os.path.dirname(os.path.abspath(__file__))), **self.parent}

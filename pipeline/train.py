@@ -24,7 +24,9 @@ exports and registers (minutes for TNT-B over a network, which no collective wai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -33,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,15 +107,16 @@ class Finished(Exception):
 
 
 def setup_logging(rank: int, out_dir: str | None) -> None:
-    """Rank 0 logs INFO to stderr and train.log; other ranks only warnings."""
+    """Rank 0 logs INFO to stderr, and DEBUG too to train.log; other ranks only warnings."""
     root = logging.getLogger("tntpipe")
     root.handlers.clear()
     root.propagate = False
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.setLevel(logging.DEBUG if rank == 0 else logging.WARNING)
     prefix = f"[rank {rank}] " if rank else ""
     fmt = logging.Formatter("%(asctime)s %(levelname).1s " + prefix + "%(message)s", "%H:%M:%S")
     handler = logging.StreamHandler()
     handler.setFormatter(fmt)
+    handler.setLevel(logging.INFO)
     root.addHandler(handler)
     if out_dir and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -429,10 +433,15 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_at(step, o, self.base_lr, warmup, sched_total) / self.base_lr
         )
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(t, o.clip_grad, self.global_batch),
-        )
+        # DeepSpeed's optimizers print() memory statistics while they start (18 lines on
+        # rank 0, see_memory_usage(force=True)): kept out of the console, in train.log
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(t, o.clip_grad, self.global_batch),
+            )
+        if said.getvalue().strip():
+            log.debug("DeepSpeed at start-up:\n%s", said.getvalue().rstrip())
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema else None
         # Default: on CUDA under ZeRO-1/2. Under ZeRO-3, dynamo traces DeepSpeed's parameter
         # hooks: on an H200 the tiny model's first 50 steps took 5 min and it then ran at
@@ -539,6 +548,7 @@ class Trainer:
         resumed = self.resume()
         self.registrar.start_attempt(self.world)
         self._start_tracking(resumed)
+        self.metrics.reset()  # the first window's img/s: training only, not the set-up
         last_eval = None
         epoch = self.loader.epoch_index
         while self.step < self.total_steps:
@@ -745,6 +755,8 @@ def main(argv=None) -> int:
     )
     config_mod.add_arguments(p)
     args = p.parse_args(argv)
+    # DeepSpeed's ZeRO calls it at every step; said twice per rank, for torch to change, not the user
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     cfg = trainer = None
     alone = False  # a fault of this rank alone (the others are told through the watchdog)

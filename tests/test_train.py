@@ -98,6 +98,10 @@ def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     proc = train(out, demo_shards, f"train.zero_stage={stage}", f"train.precision={precision}", ema, "train.max_steps=16")
     if precision == "bf16" and stage >= 1:  # fp32 gradient accumulation (DeepSpeed's BF16_Optimizer at ZeRO-1)
         assert ("(BF16_Optimizer)" if stage == 1 else "(DeepSpeedZeroOptimizer") in proc.stderr
+    if stage == 1:  # BF16_Optimizer's 18 lines of memory statistics: in train.log, not on the console
+        console = proc.stdout + proc.stderr
+        assert "CPU Virtual Memory" not in console and "all_gather_into_tensor" not in console, console[-3000:]
+        assert "CPU Virtual Memory" in open(os.path.join(out, "train.log")).read()
     loss = losses(out)
     first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (14, 15, 16)) / 3
     assert last < first - 0.02, loss
