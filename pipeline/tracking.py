@@ -28,6 +28,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # read by MLflow 3's UI
+
+
 def default_uri(out_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
 
@@ -81,8 +84,17 @@ class Tracker:
             mlflow.set_tracking_uri(self.uri)
             if run_id is None:
                 client = mlflow.MlflowClient(self.uri)
-                if self.artifact_root and client.get_experiment_by_name(self.experiment) is None:
-                    client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+                experiment = client.get_experiment_by_name(self.experiment)
+                if experiment is None:
+                    # the UI's "Machine learning" kind: it opens on the training runs, not
+                    # on MLflow 3's GenAI overview (traces, prompts) that a new experiment gets
+                    try:
+                        client.create_experiment(self.experiment, artifact_location=self.artifact_root or None,
+                                                 tags={EXPERIMENT_KIND: "custom_model_development"})
+                    except mlflow.exceptions.MlflowException:  # another job made it just now
+                        pass
+                elif EXPERIMENT_KIND not in experiment.tags:
+                    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
                 mlflow.set_experiment(self.experiment)
                 run = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
             else:
