@@ -6,13 +6,20 @@ Starts N copies of ``python -m pipeline.train`` with RANK, LOCAL_RANK, WORLD_SIZ
 MASTER_ADDR and MASTER_PORT set (what torchrun would set), streams their output
 (rank 0 logs; other ranks only warn), and if one fails stops the others and exits
 with its status. The config is loaded once before any rank starts, so a bad key or
-value is one 'error:' line and nothing is started. Ctrl-C stops all of them; the last complete checkpoint stays, and
-running the same command again resumes from it.
+value is one 'error:' line and nothing is started. Ctrl-C stops all of them; the last
+complete checkpoint stays, and running the same command again resumes from it.
+
+The ranks live in a process group of their own, with a parent-death signal: Ctrl-C
+and SIGTERM reach each rank once (from the launcher, not also from the terminal);
+SIGUSR2 (the time-limit signal) is passed on to every rank, which checkpoints and
+exits with 3; and when the launcher dies, even by SIGKILL or the OOM killer, its ranks
+and their loader workers die with it instead of holding the GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -23,6 +30,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from pipeline import lifetime  # noqa: E402 - after the checkout is on sys.path
 
 
 def free_port() -> int:
@@ -36,27 +45,35 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
     port = free_port()
     base = dict(os.environ if env is None else env)
     base["PYTHONPATH"] = ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
-    procs = []
+    procs, group = [], 0
     for rank in range(nproc):
         e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if nproc > 1 and "OMP_NUM_THREADS" not in base:
             e["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        procs.append(subprocess.Popen([sys.executable, *entry, *args], env=e, cwd=os.getcwd()))
+        # rank 0 leads the ranks' own process group; the others join it
+        procs.append(subprocess.Popen([sys.executable, *entry, *args], env=e, cwd=os.getcwd(), process_group=group,
+                                      preexec_fn=functools.partial(lifetime.die_with, os.getpid())))
+        group = group or procs[0].pid
+
+    def signal_all(signum: int) -> None:
+        try:
+            os.killpg(group, signum)  # the ranks and their loader workers
+        except ProcessLookupError:
+            pass
 
     def stop(*_):
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.send_signal(signal.SIGCONT)  # a stopped rank (SIGSTOP, a debugger) acts on SIGTERM only when continued
+        if any(p.poll() is None for p in procs):
+            signal_all(signal.SIGTERM)
+            signal_all(signal.SIGCONT)  # a stopped rank (SIGSTOP, a debugger) acts on SIGTERM only when continued
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             time.sleep(0.1)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        signal_all(signal.SIGKILL)  # what is left, workers included
 
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGUSR2"):  # the time-limit signal: every rank checkpoints and exits with 3
+        signal.signal(signal.SIGUSR2, lambda *_: [p.send_signal(signal.SIGUSR2) for p in procs if p.poll() is None])
     status = 0
     try:
         while any(p.poll() is None for p in procs):

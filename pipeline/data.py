@@ -109,6 +109,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import lifetime
 from pipeline.compat import fix_timm_posterize
 from pipeline.imagenet import InputError
 from pipeline.manifest import DataError, Manifest, _Reporter, _Sequence, load_manifest  # noqa: F401 (re-exported)
@@ -949,6 +950,7 @@ class Loader:
                 prefetch_factor=self.prefetch if self.workers else None,
                 persistent_workers=self.workers > 0,
                 timeout=self.timeout_s if self.workers else 0,
+                worker_init_fn=lifetime.die_with_parent if self.workers else None,
             )
         return self._dl
 

@@ -405,3 +405,53 @@ def test_bad_samples_on_another_rank_reach_the_metrics(demo_shards, tmp_path):
     train(out, {"train": split, "val": ""}, "train.max_steps=31", "train.log_every=31", "data.val=")
     last = metrics(out)[-1]
     assert last["step"] == 31 and last["data/bad_samples"] == 5 and last["data/bad_shards"] == 0
+
+
+def _wait_for(what: str, predicate, timeout: float, interval: float = 0.2):
+    """``predicate()``'s first true value, or fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"waited {timeout:.0f} s for {what}")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "usr2"])
+def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path, how):
+    """sigkill: the launcher SIGKILLed mid-run (as by the OOM killer or a test's timeout)
+    left its ranks and their loader workers running; now they die with it.
+    usr2: the time-limit signal sent to the launcher reaches every rank once: they
+    checkpoint together and the launcher exits with 3 (README: Faults)."""
+    import psutil
+
+    out, log = str(tmp_path / "run"), tmp_path / "launcher.log"
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(command(out, demo_shards, "train.max_steps=2000", "data.val=", "train.ckpt_every=0"),
+                                    env=dict(os.environ, MLFLOW_TRACKING_URI=""), stdout=f, stderr=subprocess.STDOUT)
+    family = []
+    try:
+        _wait_for("the first training step in the log", lambda: " step 2/" in log.read_text(), 240)
+        family = psutil.Process(launcher.pid).children(recursive=True)
+        workers = [p for p in family if p.ppid() != launcher.pid]
+        assert len(family) >= 4 and workers, [p.cmdline()[:3] for p in family]  # 2 ranks, a worker each
+        if how == "sigkill":
+            launcher.kill()
+            launcher.wait(timeout=30)
+            _wait_for("the ranks and workers to die with the launcher",
+                      lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 15)
+        else:
+            launcher.send_signal(signal.SIGUSR2)
+            assert launcher.wait(timeout=180) == 3, log.read_text()[-3000:]
+            text = log.read_text()
+            assert text.count("stopped: checkpointed at step") == 2 and "Traceback" not in text, text[-3000:]
+            step = int(text.split("stopped: checkpointed at step ")[1].split()[0].rstrip(",;"))
+            assert os.path.isdir(os.path.join(out, "checkpoints", f"step{step:08d}"))
+    finally:
+        for p in [psutil.Process(launcher.pid), *family] if launcher.poll() is None else family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        launcher.wait(timeout=30)
