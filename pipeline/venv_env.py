@@ -9,7 +9,9 @@
   JIT ops and our CPU kernels. In the shared ``~/.cache/torch_extensions`` the build
   files hold the venv's paths, so two checkouts used in turn rebuilt DeepSpeed's op with
   g++ each time (up to minutes), and a process killed during a build left a lock that
-  every checkout then waited on.
+  every checkout then waited on. ``torch.compile``'s cache likewise
+  (``TORCHINDUCTOR_CACHE_DIR``, else ``/tmp/torchinductor_<user>``, shared by every
+  checkout and torch version): a bare ``pytest`` builds as ``.ci/run`` does.
 
 Standard library only and nothing from this project: ``.ci/setup`` copies this file into
 the venv's site-packages as ``tntpipe_venv_env.py`` and calls :func:`apply` from a
@@ -29,3 +31,4 @@ def apply() -> None:
     if bin_dir not in parts and os.path.isdir(bin_dir):
         os.environ["PATH"] = os.pathsep.join(parts + [bin_dir])
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(sys.prefix, "torchinductor"))

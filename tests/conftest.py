@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     # machine (bench/gpu_check.sh) the kernels compile for the GPU instead.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import io
 
 import numpy as np
@@ -124,3 +125,45 @@ def demo_shards(tmp_path_factory):
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main([tree, "--out", str(root / "shards"), "--shard-size", "500", "--quiet"]) == 0
     return {"tree": tree, **{split: str(root / "shards" / split) for split in ("train", "val")}}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a process the suite started outlives it: a rank, a loader
+    worker, a server or a Slurm daemon (found as this process's descendants, and by the
+    suite's temporary directory on their command line: daemons are re-parented). They
+    are killed, named, and the exit status becomes 1."""
+    import time
+
+    import psutil
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    # the trailing separator: pytest-1/ is not a prefix of another run's pytest-10/
+    base = os.path.join(str(factory.getbasetemp()), "") if factory is not None and factory._basetemp is not None else None
+    me = psutil.Process()
+
+    def leftovers() -> list:
+        found = {p.pid: p for p in me.children(recursive=True)}
+        if base:
+            for p in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error):
+                    if p.pid != me.pid and any(base in arg for arg in p.info["cmdline"] or ()):
+                        found[p.pid] = p
+        alive = []
+        for p in found.values():
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        return alive
+
+    deadline = time.monotonic() + 10  # processes in their last second of exiting
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        names = []
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                names.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
+                p.kill()
+        print(f"\nerror: {len(left)} process(es) started by the suite outlived it (killed now):\n  "
+              + "\n  ".join(names))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

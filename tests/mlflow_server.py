@@ -44,15 +44,26 @@ class MlflowServer:
              "--artifacts-destination", os.path.join(self.root, "artifacts")],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_until_up(self.proc, self.uri + "/health", timeout, os.path.join(self.root, "server.log"))
+        self._wait(self.uri + "/health", timeout, "server.log")
         return self
 
+    def _wait(self, url: str, timeout: float, log: str) -> None:
+        """Until ``url`` answers; a server that does not is killed before the error."""
+        try:
+            wait_until_up(self.proc, url, timeout, os.path.join(self.root, log))
+        except BaseException:
+            self.kill()
+            raise
+
     def kill(self) -> None:
-        """SIGKILL the server and everything it started (its own process group)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        """SIGKILL the server and everything it started (its own process group, also
+        what is left of it once its leader has exited)."""
         if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
             self.log.close()
 
 
@@ -75,7 +86,7 @@ class ModelServer(MlflowServer):
              "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env,
         )
-        wait_until_up(self.proc, self.url + "/ping", timeout, os.path.join(self.root, "serve.log"))
+        self._wait(self.url + "/ping", timeout, "serve.log")
         return self
 
     def post(self, body: bytes, content_type: str = "application/json", timeout: float = 120) -> tuple[int, bytes]:

@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, log, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"moto_server exited: {log.read().decode(errors='replace')[-2000:]}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return
         time.sleep(0.05)
@@ -56,9 +58,15 @@ class S3Server:
 
     def __enter__(self) -> "S3Server":
         exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        # its request log in a file: a pipe nobody reads fills up and blocks the server
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], env={**os.environ, **self.extra_env},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_port(self.port, self.proc)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        try:
+            _wait_port(self.port, self.proc, self.log)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,6 +75,8 @@ class S3Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
     def env(self, endpoint: str | None = None) -> dict:
         """The standard AWS variables that point a client at ``endpoint`` (default: the server)."""

@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the GPU check's dry run (training runs): bash .ci/run -m "not slow" leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -218,6 +218,7 @@ COMPILE_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_compiled_training_does_not_recompile_every_step(demo_shards, tmp_path):
     """train.compile=true on CPU (off there by default): one graph, no new compilation
     after the first steps (dynamo's counters per step), and the EMA and export work."""

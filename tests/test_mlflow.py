@@ -18,6 +18,8 @@ import pytest
 from mlflow_server import MlflowServer
 from test_train import command, metrics
 
+pytestmark = pytest.mark.slow  # a real mlflow server and training runs: bash .ci/run -m "not slow" leaves it out
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -13,6 +13,8 @@ import subprocess
 import pytest
 from test_train import command, metrics
 
+pytestmark = pytest.mark.slow  # training runs: bash .ci/run -m "not slow" leaves it out
+
 
 def run(cmd, cwd, timeout=400):
     return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,

@@ -22,19 +22,35 @@ from test_train import losses, metrics, train
 from launch.slurm import read_attempts
 from pipeline import failures
 
+pytestmark = pytest.mark.slow  # a real Slurm cluster and jobs: bash .ci/run -m "not slow" leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = [sys.executable, os.path.join(ROOT, "launch", "slurm.py")]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def _cluster(tmp_path_factory, name: str, netns: bool = False):
+    """A started test cluster's environment; stopped after the module, or at once when
+    it fails to start (daemons, namespaces and all). Skipped where Slurm cannot be installed."""
     sys.path.insert(0, ROOT)
     from launch import testcluster
 
-    state = str(tmp_path_factory.mktemp("slurm"))
-    env = testcluster.start(state)
-    yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env)
-    testcluster.stop(state)
+    state = str(tmp_path_factory.mktemp(name))
+    try:
+        env = testcluster.start(state, netns=netns)
+    except testcluster.Unavailable as exc:
+        pytest.skip(str(exc))
+    except BaseException:
+        testcluster.stop(state)
+        raise
+    try:
+        yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env, STATE=state)
+    finally:
+        testcluster.stop(state)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, "slurm")
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +59,7 @@ def netns_cluster(tmp_path_factory):
     address on a bridge): rank-to-rank traffic crosses a link that a test can cut."""
     if os.geteuid() != 0:
         pytest.skip("a cluster of network namespaces needs root (ip netns, nsenter, unshare)")
-    sys.path.insert(0, ROOT)
-    from launch import testcluster
-
-    state = str(tmp_path_factory.mktemp("slurm_netns"))
-    env = testcluster.start(state, netns=True)
-    yield dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="", **env, STATE=state)
-    testcluster.stop(state)
+    yield from _cluster(tmp_path_factory, "slurm_netns", netns=True)
 
 
 def trainer_args(out, shards, *overrides):

@@ -270,6 +270,7 @@ def test_store_errors_stop_the_trainer_in_one_line_with_exit_2(s3, shards, case,
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shards, tmp_path):
     """The demo digits built straight into the store, read by 2 ranks through the proxy
     (the first GET of every object answered 503 SlowDown) with a node-local cache shared

@@ -16,7 +16,8 @@ if sys.prefix == sys.base_prefix:
 
 
 def run(tmp_path, code: str, **env_changes) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TORCH_EXTENSIONS_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", **env_changes)
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -32,12 +33,14 @@ def test_import_timm_first_in_a_plain_interpreter(tmp_path):
 
 def test_venv_bin_is_on_path_and_compiled_ops_stay_in_the_venv(tmp_path):
     code = ("import json, os, shutil, sys; print(json.dumps({'uvicorn': shutil.which('uvicorn'), "
-            "'path': os.environ['PATH'], 'ext': os.environ.get('TORCH_EXTENSIONS_DIR'), 'prefix': sys.prefix}))")
+            "'path': os.environ['PATH'], 'ext': os.environ.get('TORCH_EXTENSIONS_DIR'), 'prefix': sys.prefix, "
+            "'inductor': os.environ.get('TORCHINDUCTOR_CACHE_DIR')}))")
     got = json.loads(run(tmp_path, code).stdout)
     bin_dir = os.path.join(got["prefix"], "bin")
     assert got["uvicorn"] == os.path.join(bin_dir, "uvicorn")  # what `mlflow models serve` starts by name
     assert got["path"] == f"/usr/local/bin:/usr/bin:/bin:{bin_dir}"  # appended: nothing the user's PATH finds changes
     assert got["ext"] == os.path.join(got["prefix"], "torch_extensions")
+    assert got["inductor"] == os.path.join(got["prefix"], "torchinductor")  # a bare pytest builds in the venv too
     mine = json.loads(run(tmp_path, code, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")).stdout)
     assert mine["ext"] == str(tmp_path / "ext")  # a value the user set is kept
 
