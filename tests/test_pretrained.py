@@ -63,6 +63,15 @@ def test_new_classes_and_size_reinit_the_head_and_resample_patch_pos(source, cap
     assert torch.equal(state["pixel_pos"], src["pixel_pos"])  # pixel encodings kept
     assert torch.equal(state["patch_pos"][:, :1], src["patch_pos"][:, :1])  # the class token's
     assert state["patch_pos"].shape == (1, 37, 96)
+    # the 4x4 grid's values resampled bicubically to 6x6, as PIL resamples each channel
+    # (an independent reference: torch's antialiased bicubic, a=-0.5, is PIL's; 1e-6 here)
+    import numpy as np
+    from PIL import Image
+
+    grid = src["patch_pos"][0, 1:].reshape(4, 4, 96).permute(2, 0, 1).numpy()
+    ref = np.stack([np.asarray(Image.fromarray(c, mode="F").resize((6, 6), Image.BICUBIC)) for c in grid])
+    got = state["patch_pos"][0, 1:].reshape(6, 6, 96).permute(2, 0, 1).numpy()
+    assert np.abs(got - ref).max() < 1e-5
     assert torch.equal(state["blocks.0.attn_out.qk.weight"], src["blocks.0.attn_out.qk.weight"])
     model.eval()(torch.randn(2, 3, 48, 48))  # runs at the new size
 

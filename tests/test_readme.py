@@ -76,3 +76,16 @@ def test_readme_command_exists_and_explains_itself(line):
     assert proc.returncode == 0 and "usage:" in proc.stdout, f"{line}\n{proc.stderr[-2000:]}"
     # the usage line names the command as the README writes it
     assert proc.stdout.startswith(f"usage: {' '.join(argv[:3] if argv[1] == '-m' else argv[:2])}"), proc.stdout[:200]
+    # and every flag the README gives it exists; after "--", the trainer's flags and config keys
+    own, rest = (argv[2:], []) if "--" not in argv else (argv[2 : argv.index("--")], argv[argv.index("--") + 1 :])
+    flags = [a.split("=")[0] for a in own if a.startswith("--")]
+    assert all(f in proc.stdout for f in flags), (line, [f for f in flags if f not in proc.stdout])
+    if rest:
+        trainer = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120).stdout
+        assert all(a in trainer for a in rest if a.startswith("--")), line
+    from pipeline import config
+
+    keys = set(config.Config().flat())
+    overrides = [a.split("=")[0] for a in (rest or own) if "=" in a and not a.startswith("-") and "." in a.split("=")[0]]
+    assert all(k in keys for k in overrides), (line, [k for k in overrides if k not in keys])

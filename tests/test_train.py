@@ -136,6 +136,19 @@ def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max() <= 1e-5
     assert os.path.isfile(os.path.join(out, "export", "model_ema.safetensors")) == (stage != 3)
+    # the size the trainer expects of a checkpoint before the first is written (its
+    # free-space check) against the real one: within a quarter, either way
+    from types import SimpleNamespace
+
+    from pipeline import config as config_mod
+    from pipeline.train import Trainer
+
+    cfg = config_mod.load(CONFIG, [f"train.zero_stage={stage}", f"train.precision={precision}", ema])
+    expected = Trainer._checkpoint_bytes(SimpleNamespace(cfg=cfg, ema=object() if stage != 3 else None,
+                                                         num_params=tnt.count_params(ours)))
+    folder = os.path.join(out, "checkpoints", "step00000016")
+    real = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+    assert 0.75 * real <= expected <= 1.25 * real, (expected, real)
 
 
 def test_zero3_with_ema_is_refused(demo_shards, tmp_path):
