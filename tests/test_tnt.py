@@ -202,18 +202,26 @@ def test_drop_path_is_identity_in_eval():
     assert not torch.allclose(a, b)  # stochastic in training
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
     torch.manual_seed(0)
     model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
     x, y = images(model, 4), torch.tensor([1, 2, 3, 4])
 
+    # forward calls of each block: twice per step when it is recomputed in the backward
+    # (a pre-hook: torch stops a recomputation early, once it has what the backward needs)
+    calls = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+
     def grads(ckpt):
         model.set_grad_checkpointing(ckpt)
         model.zero_grad()
+        calls.clear()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
 
-    plain, ckpt = grads(False), grads(True)
+    (plain, plain_calls), (ckpt, ckpt_calls) = grads(False), grads(True)
+    assert plain_calls == len(model.blocks) and ckpt_calls == 2 * len(model.blocks)  # it does recompute
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
