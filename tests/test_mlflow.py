@@ -17,6 +17,7 @@ import time
 import pytest
 from mlflow_server import MlflowServer
 from test_train import command, metrics
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow  # a real mlflow server and training runs: bash .ci/run -m "not slow" leaves it out
 
@@ -353,12 +354,8 @@ def test_tracking_server_killed_mid_run_does_not_stop_training(demo_shards, tmp_
     from mlflow import MlflowClient
 
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5:
-                break
-            assert proc.poll() is None
-            time.sleep(0.1)
+        wait_for("5 metrics lines", lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5,
+                 240, 0.1, proc)
         # the server has the run and its first metrics: tracking worked until the kill
         client = MlflowClient(s.uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

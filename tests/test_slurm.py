@@ -18,6 +18,7 @@ import pytest
 from mlflow_server import MlflowServer
 from safetensors.torch import load_file
 from test_train import losses, metrics, train
+from waiting import wait_for
 
 from launch.slurm import read_attempts
 from pipeline import failures
@@ -235,12 +236,9 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
 def signal_after_eval(proc, out, env) -> str:
     """The job id from the launcher's first line; USR2 once the first evaluation is logged."""
     job_id = proc.stdout.readline().split()[2].rstrip(":")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and any("val/top1" in m for m in metrics(out)):
-            break
-        assert proc.poll() is None
-        time.sleep(0.2)
+    wait_for("the first evaluation in metrics.jsonl",
+             lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and any("val/top1" in m for m in metrics(out)),
+             240, proc=proc)
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
     return job_id
 
@@ -259,18 +257,14 @@ def test_max_requeues_is_honoured(cluster, demo_shards, tmp_path):
     try:
         job_id = proc.stdout.readline().split()[2].rstrip(":")
         log = os.path.join(out, "train.log")
+        read = lambda: open(log).read() if os.path.isfile(log) else ""  # noqa: E731
         for attempt in range(2):
-            deadline = time.time() + 200
-            while time.time() < deadline:
-                text = open(log).read() if os.path.isfile(log) else ""
-                if text.count("| loss ") > 10 * (attempt + 1) and text.count("resumed from") == attempt:
-                    break
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.2)
+            wait_for(f"attempt {attempt + 1} to log {10 * (attempt + 1)} losses",
+                     lambda: read().count("| loss ") > 10 * (attempt + 1) and read().count("resumed from") == attempt,
+                     200, proc=proc)
             subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster, check=True)
             if attempt == 0:  # wait for the requeued attempt to be training
-                while time.time() < deadline + 200 and "resumed from" not in open(log).read():
-                    time.sleep(0.2)
+                wait_for("the requeued attempt to resume", lambda: "resumed from" in read(), 400, proc=proc)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

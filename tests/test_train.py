@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training runs: bash .ci/run -m "not slow" leaves it out
 
@@ -42,10 +43,12 @@ def start_until_checkpoint(out, shards, steps, at_least: str, **popen):
     names a checkpoint at or past the tag ``at_least``."""
     proc = subprocess.Popen(command(out, shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""), **popen)
     latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.isfile(latest) and open(latest).read().strip() >= at_least):
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
+    try:
+        wait_for(f"a checkpoint at or past {at_least}",
+                 lambda: os.path.isfile(latest) and open(latest).read().strip() >= at_least, 240, 0.05, proc)
+    except BaseException:
+        proc.kill()
+        raise
     return proc
 
 
@@ -422,17 +425,6 @@ def test_bad_samples_on_another_rank_reach_the_metrics(demo_shards, tmp_path):
     assert last["step"] == 31 and last["data/bad_samples"] == 5 and last["data/bad_shards"] == 0
 
 
-def _wait_for(what: str, predicate, timeout: float, interval: float = 0.2):
-    """``predicate()``'s first true value, or fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"waited {timeout:.0f} s for {what}")
-
-
 @pytest.mark.parametrize("how", ["sigkill", "usr2"])
 def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path, how):
     """sigkill: the launcher SIGKILLed mid-run (as by the OOM killer or a test's timeout)
@@ -447,14 +439,14 @@ def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path
                                     env=dict(os.environ, MLFLOW_TRACKING_URI=""), stdout=f, stderr=subprocess.STDOUT)
     family = []
     try:
-        _wait_for("the first training step in the log", lambda: " step 2/" in log.read_text(), 240)
+        wait_for("the first training step in the log", lambda: " step 2/" in log.read_text(), 240, proc=launcher)
         family = psutil.Process(launcher.pid).children(recursive=True)
         workers = [p for p in family if p.ppid() != launcher.pid]
         assert len(family) >= 4 and workers, [p.cmdline()[:3] for p in family]  # 2 ranks, a worker each
         if how == "sigkill":
             launcher.kill()
             launcher.wait(timeout=30)
-            _wait_for("the ranks and workers to die with the launcher",
+            wait_for("the ranks and workers to die with the launcher",
                       lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 15)
         else:
             launcher.send_signal(signal.SIGUSR2)
