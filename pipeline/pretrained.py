@@ -79,13 +79,19 @@ def resolve(uri: str, tracking_uri: str) -> tuple[str, dict | None, dict]:
         from pipeline import tracking  # noqa: F401 - its HTTP retry limits: seconds, not minutes, for a dead server
 
         try:
+            source = uri
             if uri.startswith("models:/"):
                 lineage.update(_registered_version(uri, tracking_uri))
+                # the version's own location: MLflow resolves a models:/ URI in its default
+                # registry whatever registry_uri says (./mlflow.db, made on the spot), so a
+                # store given as mlflow.tracking_uri (not the environment) was not searched
+                source = mlflow.MlflowClient(tracking_uri).get_model_version_download_uri(
+                    lineage["parent.model"], lineage["parent.version"])
             else:
                 lineage["parent.run_id"] = uri[len("runs:/"):].split("/", 1)[0]
             # Every rank downloads its own copy (a temporary directory): no rank waits for
             # another's download, and nodes need not share a filesystem for it.
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
         except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors...
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InputError(f"model.init_from={uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "

@@ -181,3 +181,32 @@ def test_the_trainer_checks_init_from_before_building_anything(source, demo_shar
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(match), proc.stderr[-2000:]
     assert not out.exists() and "deepspeed" not in proc.stderr.lower()
+
+
+def test_a_registered_version_is_found_in_the_store_given_not_the_environment(source, tmp_path, monkeypatch):
+    """models:/ resolved against mlflow.tracking_uri (here a SQLite store, no
+    MLFLOW_TRACKING_URI): MLflow looked the alias up in its default registry instead,
+    made ./mlflow.db there and said the model was not found (python -m pipeline.demo
+    --finetune failed so)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    store, cwd = f"sqlite:///{tmp_path}/store/mlflow.db", tmp_path / "cwd"
+    os.makedirs(tmp_path / "store")
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    client = MlflowClient(store)
+    experiment = client.create_experiment("e", artifact_location=f"file://{tmp_path}/store/artifacts")
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, source["folder"], "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("tiny")
+    version = client.create_model_version("tiny", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias("tiny", "best", version.version)
+    weights, cfg, lineage = pretrained.resolve("models:/tiny@best", store)
+    assert cfg["architecture"] == TINY and lineage["parent.model"] == "tiny"
+    assert lineage["parent.sha256"] == pretrained.sha256_file(source["files"]["model"])
+    assert os.listdir(cwd) == []  # no ./mlflow.db
