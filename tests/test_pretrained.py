@@ -210,3 +210,18 @@ def test_a_registered_version_is_found_in_the_store_given_not_the_environment(so
     assert cfg["architecture"] == TINY and lineage["parent.model"] == "tiny"
     assert lineage["parent.sha256"] == pretrained.sha256_file(source["files"]["model"])
     assert os.listdir(cwd) == []  # no ./mlflow.db
+
+
+def test_a_versions_checkpoint_tag_is_absolute_whatever_train_out_is(tmp_path, monkeypatch):
+    """train.out=runs/x gave a relative checkpoint tag, an absolute train.out an absolute
+    one: the tag must name the checkpoint from anywhere."""
+    import os
+    from types import SimpleNamespace
+
+    from pipeline import config
+    from pipeline.registry import Registrar
+
+    monkeypatch.chdir(tmp_path)
+    reg = Registrar(config.load("", []), SimpleNamespace(run_id="r"), "runs/x", (), {"train": None, "val": None})
+    tags = reg._tags(None, "model", 4, 1)
+    assert tags["checkpoint"] == os.path.join(str(tmp_path), "runs", "x", "checkpoints", "step00000004")
