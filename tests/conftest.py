@@ -167,3 +167,21 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nerror: {len(left)} process(es) started by the suite outlived it (killed now):\n  "
               + "\n  ".join(names))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """A test that calls ``mlflow.set_tracking_uri`` (to load a registered model) changes
+    it for the rest of the run, environment included (MLflow exports it for
+    subprocesses): put back what it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import sys
+
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(before)  # None: unset, as before
+        elif before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

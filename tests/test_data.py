@@ -315,14 +315,17 @@ def test_batch_buffers_are_reused_only_when_free(photo_shards, workers):
     ref = [b["image"] for b in rank_batches(TrainStream(m, 4, augment=LIGHT), max(1, workers))]  # fresh memory each
     loader = Loader(TrainStream(m, 4, augment=LIGHT), workers=workers, pin_memory=False)
     first, window, buffers = None, [], set()
-    for k, b in enumerate(loader.epoch(0)):
-        buffers.add(b["image"].untyped_storage().data_ptr())
-        first = first or (k, b)
-        window.append((k, b))
-        if len(window) > 2:  # a consumer that looks back two batches
-            j, old = window.pop(0)
-            assert torch.equal(old["image"], ref[j]), f"batch {j} was overwritten while held"
-        del b
+    try:
+        for k, b in enumerate(loader.epoch(0)):
+            buffers.add(b["image"].untyped_storage().data_ptr())
+            first = first or (k, b)
+            window.append((k, b))
+            if len(window) > 2:  # a consumer that looks back two batches
+                j, old = window.pop(0)
+                assert torch.equal(old["image"], ref[j]), f"batch {j} was overwritten while held"
+            del b
+    finally:
+        loader.close()  # its workers, also when an assertion failed
     assert torch.equal(first[1]["image"], ref[0])
     assert k + 1 == len(ref) and len(buffers) < len(ref) // 2, (len(buffers), len(ref))
 
@@ -449,9 +452,20 @@ def test_workers_persist_across_epochs_with_the_same_batches(photo_shards):
     epoch, and of a mid-epoch resume into it, equal those of a fresh Loader."""
     m = load_manifest(photo_shards)
 
-    def make():
-        return Loader(TrainStream(m, 4, seed=2, augment=LIGHT), workers=2, pin_memory=False)
+    made = []
 
+    def make():
+        made.append(Loader(TrainStream(m, 4, seed=2, augment=LIGHT), workers=2, pin_memory=False))
+        return made[-1]
+
+    try:
+        _workers_persist(m, make)
+    finally:
+        for loader in made:  # their workers, also when an assertion failed
+            loader.close()
+
+
+def _workers_persist(m, make):
     loader = make()
     first = [b["key"] for b in loader.epoch(0)]
     pids = [w.pid for w in loader._dl._iterator._workers]
@@ -465,8 +479,11 @@ def test_workers_persist_across_epochs_with_the_same_batches(photo_shards):
     resumed.load_state_dict({"epoch": 1, "batch": 3, "seed": 2, "workers": 2, "world_size": 1})
     assert [b["key"] for b in resumed.epoch(1)] == [k for k, _ in second[3:]]
     evals = Loader(EvalStream(m, 16, augment=Augment(img_size=32)), workers=2)
-    once, pids = [b["key"] for b in evals.epoch(0)], [w.pid for w in evals._dl._iterator._workers]
-    assert [b["key"] for b in evals.epoch(0)] == once and [w.pid for w in evals._dl._iterator._workers] == pids
+    try:
+        once, pids = [b["key"] for b in evals.epoch(0)], [w.pid for w in evals._dl._iterator._workers]
+        assert [b["key"] for b in evals.epoch(0)] == once and [w.pid for w in evals._dl._iterator._workers] == pids
+    finally:
+        evals.close()
 
 
 def test_close_stops_the_workers_at_once_mid_epoch(photo_shards):

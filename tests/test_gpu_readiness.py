@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from launch.local import free_port
 from pipeline import config, mfu, tnt
 from pipeline.imagenet import InputError
 
@@ -156,7 +157,7 @@ HANG = textwrap.dedent(
 def test_a_collective_gives_up_on_a_silent_rank_after_the_timeout(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANG)
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, str(script), ROOT, "5"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from launch.local import free_port
+
 pytestmark = pytest.mark.slow  # DeepSpeed engines on 1-3 ranks: bash .ci/run -m "not slow" leaves it out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,10 +107,9 @@ def run(script: str, folder: str, mode: str, world: int, port: int) -> str:
 def test_optimizer_state_saved_on_2_ranks_loads_on_1_and_on_3(tmp_path):
     script = tmp_path / "reshard.py"
     script.write_text(SCRIPT)
-    port = 21000 + os.getpid() % 4000
-    run(str(script), str(tmp_path), "save", 2, port)
+    run(str(script), str(tmp_path), "save", 2, free_port())
     for world in (1, 3):
-        out = run(str(script), str(tmp_path), "load", world, port + world)
+        out = run(str(script), str(tmp_path), "load", world, free_port())
         report = json.loads(out.split("REPORT ")[1].splitlines()[0])
         for stage, r in report.items():
             where = f"ZeRO-{stage} on {world} ranks: {r}"
