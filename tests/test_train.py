@@ -334,11 +334,15 @@ def test_a_rank_killed_from_outside_is_recorded_and_the_run_resumes(demo_shards,
 
     steps = ("train.max_steps=30", "train.ckpt_every=4", "data.val=")
     out = str(tmp_path / "run")
-    proc = start_until_checkpoint(out, demo_shards, steps, "step00000008", stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-    rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
-    rank1.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
+    with open(tmp_path / "launcher.log", "w") as log:  # a file: a pipe nobody reads can fill and block the ranks
+        proc = start_until_checkpoint(out, demo_shards, steps, "step00000008", stdout=log, stderr=subprocess.STDOUT)
+    try:
+        rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()  # the launcher; its ranks die with it
+    stderr = (tmp_path / "launcher.log").read_text()
     assert proc.returncode != 0
     (line,) = [line for line in stderr.splitlines() if line.startswith("launch/local.py: rank 1")]
     assert "was killed by SIGKILL (from outside, or the OOM killer)" in line and "the same command resumes from step" in line
@@ -366,13 +370,20 @@ def test_a_stopped_rank_is_found_by_the_heartbeat_not_the_collective_timeout(dem
     steps = ("train.max_steps=400", "train.ckpt_every=4", "data.val=", "train.heartbeat_timeout_s=6",
              "train.dist_timeout_s=600")
     out = str(tmp_path / "run")
-    proc = start_until_checkpoint(out, demo_shards, steps, "step00000004", stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-    rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
-    rank1.send_signal(signal.SIGSTOP)
-    stopped = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
-    elapsed = time.monotonic() - stopped
+    with open(tmp_path / "launcher.log", "w") as log:  # a file: a pipe nobody reads can fill and block the ranks
+        proc = start_until_checkpoint(out, demo_shards, steps, "step00000004", stdout=log, stderr=subprocess.STDOUT)
+    rank1 = None
+    try:
+        rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        proc.wait(timeout=120)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if rank1 is not None and rank1.is_running():
+            rank1.send_signal(signal.SIGCONT)  # never left stopped for good
+        proc.kill()
+    stderr = (tmp_path / "launcher.log").read_text()
     assert proc.returncode == 5, stderr[-3000:]
     assert elapsed < 6 + 20, f"{elapsed:.0f} s from SIGSTOP to every rank gone"
     with open(os.path.join(out, "failures.jsonl")) as f:
