@@ -56,6 +56,8 @@ SCRIPT = textwrap.dedent(
             state, step = reshard.gather(engine)
             if rank == 0:
                 reshard.save(path, state, step)
+            if stage >= 2:  # DeepSpeed's own consolidation of the same moment: an independent reference
+                engine.save_checkpoint(os.path.join(folder, f"ds{stage}"), tag="t")
         else:
             saved, step = reshard.read(path)
             reshard.load(engine, saved, step)
@@ -68,9 +70,18 @@ SCRIPT = textwrap.dedent(
             else:
                 lp_err = max((p.float() - saved[n + ":fp32"].to(p.dtype).float()).abs().max().item() for n, p in lp.items())
             loss = train_step()
+            ref_err = None
+            if stage >= 2 and rank == 0:  # the file's masters against DeepSpeed's own zero_to_fp32
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                from pipeline.checkpoint import weights_only_loads
+                with weights_only_loads():
+                    ref = get_fp32_state_dict_from_zero_checkpoint(os.path.join(folder, f"ds{stage}"), tag="t")
+                ref_err = max((saved[n + ":fp32"] - ref[n].float()).abs().max().item() for n in ref)
+            # every element of every moment set (a rank's zeroed partition would leave part of a tensor 0)
             report[stage] = {"keys": sorted(got) == sorted(saved), "err": err, "step": [step, got_step],
-                             "after": reshard.adam_step(engine), "lp_err": lp_err, "loss": loss,
-                             "moments": all(saved[k].abs().max().item() > 0 for k in saved if k.endswith("exp_avg_sq"))}
+                             "after": reshard.adam_step(engine), "lp_err": lp_err, "loss": loss, "ref_err": ref_err,
+                             "moments": min((saved[k] != 0).float().mean().item()
+                                            for k in saved if k.endswith("exp_avg_sq"))}
     if rank == 0:
         print("REPORT " + json.dumps(report), flush=True)
     # Leave the group together, the store's host (rank 0) last, as the trainer does.
@@ -116,4 +127,6 @@ def test_optimizer_state_saved_on_2_ranks_loads_on_1_and_on_3(tmp_path):
             assert r["keys"] and r["err"] == 0.0, where  # masters and moments, by name, exactly
             assert r["step"] == [3, 3] and r["after"] == 4, where  # bias correction goes on from step 3
             assert r["lp_err"] == 0.0, where  # the 16-bit weights are the masters, rounded
-            assert math.isfinite(r["loss"]) and r["moments"], where  # training goes on; the moments were real
+            assert math.isfinite(r["loss"]) and r["moments"] > 0.95, where  # training goes on; the moments were real
+            # the file holds what the 2-rank engine had (DeepSpeed's own consolidation, ZeRO-2/3)
+            assert r["ref_err"] == 0.0 if stage in ("2", "3") else r["ref_err"] is None, where
