@@ -337,3 +337,14 @@ def test_demo_data_shards(tmp_path):
     assert shard.main(["--verify", str(out), "--quiet"]) == 0
     sample = next(iter(wds.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False, empty_check=False).decode("pil")))
     assert sample["jpg"].size == (28, 28) and 0 <= sample["cls"] < 10
+
+
+def test_a_tree_without_split_folders_is_one_split_named_by_split_name(tmp_path):
+    """README: a SRC without train/ or val/ is one class-per-folder split, named by
+    --split-name (default train)."""
+    for i, img in enumerate(photo_crops(6, seed=5)):
+        write(str(tmp_path / "src" / WNIDS[i % 2] / f"{i}.JPEG"), jpeg_bytes(img))
+    assert run(tmp_path / "src", "--out", tmp_path / "a", "--quiet") == 0
+    assert load_manifest(tmp_path / "a", "train")["num_samples"] == 6
+    assert run(tmp_path / "src", "--out", tmp_path / "b", "--split-name", "val", "--quiet") == 0
+    assert os.listdir(tmp_path / "b") == ["val"] and load_manifest(tmp_path / "b", "val")["num_samples"] == 6

@@ -585,3 +585,26 @@ def test_kernels_are_not_rebuilt_for_a_copy_of_the_code_elsewhere(tmp_path):
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert os.stat(so).st_mtime_ns == built, f"the kernels were rebuilt for {copy}"
+
+
+@pytest.mark.parametrize("switch,kernel", [("TNTP_ONEDNN_FP32", "onednn_fp32"), ("TNTP_FUSED_INNER", "fused_inner"),
+                                           ("TNTP_FUSED_NORM", "fused_norm"), ("TNTP_FUSED_SOFTMAX", "fused_softmax")])
+def test_each_cpu_kernel_switch_turns_that_kernel_off_and_only_it(switch, kernel):
+    """README: TNTP_ONEDNN_FP32=0, TNTP_FUSED_INNER=0, TNTP_FUSED_NORM=0 and
+    TNTP_FUSED_SOFTMAX=0 each turn one kernel off; the model's output does not change
+    beyond float rounding (the reference path, tnt.reference_kernels())."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from pipeline import tnt; torch.manual_seed(0); "
+            "m = tnt.create('tntp_tiny_patch8_32', num_classes=10).eval(); x = torch.randn(2, 3, 32, 32); "
+            "y = m(x); ref = None\n"
+            "with tnt.reference_kernels(): ref = m(x)\n"
+            "print(json.dumps({'on': tnt._KERNELS, 'err': (y - ref).abs().max().item()}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    got = json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **{switch: "0"}),
+                                    capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()[-1])
+    assert got["on"][kernel] is False
+    assert all(on for name, on in got["on"].items() if name != kernel and name != "onednn_fp32")
+    assert got["err"] < 1e-4

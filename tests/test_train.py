@@ -460,6 +460,14 @@ def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path
             wait_for("the ranks and workers to die with the launcher",
                       lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 15)
         else:
+            # meanwhile a second job on the same train.out is refused (README: Faults), not run alongside
+            second = subprocess.run(command(out, demo_shards, "train.max_steps=2000", "data.val=", "train.ckpt_every=0",
+                                            "train.lock_wait_s=0", nproc=1),
+                                    env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
+                                    timeout=300)
+            errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+            assert second.returncode == 2 and len(errors) == 1 and "is in use by another live job" in errors[0], \
+                second.stderr[-2000:]
             launcher.send_signal(signal.SIGUSR2)
             assert launcher.wait(timeout=180) == 3, log.read_text()[-3000:]
             text = log.read_text()
