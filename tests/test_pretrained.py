@@ -209,6 +209,11 @@ def test_a_registered_version_is_found_in_the_store_given_not_the_environment(so
     weights, cfg, lineage = pretrained.resolve("models:/tiny@best", store)
     assert cfg["architecture"] == TINY and lineage["parent.model"] == "tiny"
     assert lineage["parent.sha256"] == pretrained.sha256_file(source["files"]["model"])
+    # a version by number, and a run's artifact (README: Fine-tuning)
+    for uri in (f"models:/tiny/{version.version}", f"runs:/{run.info.run_id}/model"):
+        weights, cfg, lineage = pretrained.resolve(uri, store)
+        assert cfg["architecture"] == TINY and lineage["parent.sha256"] == pretrained.sha256_file(source["files"]["model"])
+        assert lineage["parent.run_id"] == run.info.run_id
     assert os.listdir(cwd) == []  # no ./mlflow.db
 
 
@@ -225,3 +230,50 @@ def test_a_versions_checkpoint_tag_is_absolute_whatever_train_out_is(tmp_path, m
     reg = Registrar(config.load("", []), SimpleNamespace(run_id="r"), "runs/x", (), {"train": None, "val": None})
     tags = reg._tags(None, "model", 4, 1)
     assert tags["checkpoint"] == os.path.join(str(tmp_path), "runs", "x", "checkpoints", "step00000004")
+
+
+def test_the_served_model_takes_encoded_images_or_a_uint8_batch_alike(source, monkeypatch):
+    """README (Serving): the export holds classes.json; in process the model takes a
+    uint8 (N, H, W, 3) batch through unwrap_python_model().predict(None, array) with the
+    same answers as the same images encoded; top_k defaults to 5; an image over
+    TNTP_SERVE_MAX_PIXELS is refused from its size."""
+    import io
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline import served
+
+    assert json.load(open(source["files"]["classes"])) == list("0123456789")
+    model = served.TNTClassifier().load(source["files"]["model"], source["files"]["pretrained_cfg"])
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    encoded = []
+    for image in batch:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG")  # lossless: the same pixels
+        encoded.append(buf.getvalue())
+    from_array = model.predict(None, batch)
+    from_bytes = model.predict(None, pd.DataFrame({"image": encoded}))
+    assert [len(ids) for ids in from_bytes["class_ids"]] == [5, 5, 5]  # the default top_k
+    assert from_array["class_ids"].tolist() == from_bytes["class_ids"].tolist()
+    assert np.allclose(np.array(from_array["probabilities"].tolist()), np.array(from_bytes["probabilities"].tolist()))
+    monkeypatch.setattr(served, "MAX_PIXELS", 1000)
+    with pytest.raises(Exception, match=r"image 0: 40x40 is over 1000 pixels"):
+        model.predict(None, batch[:1])
+
+
+class _NotWeights:
+    """Pickled into a checkpoint: loading it would run code."""
+
+
+def test_a_checkpoint_that_needs_unpickling_code_is_refused(source, tmp_path):
+    """README: timm checkpoints are read with weights_only=True: one that holds objects
+    (loading it would run their code) is refused in one line, not loaded."""
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": source["model"].state_dict(), "extra": _NotWeights()}, path)
+    with pytest.raises(InputError, match="is not a weights file timm can read") as exc:
+        pretrained.load_into(tnt.create(TINY, num_classes=10), TINY, str(path), None)
+    assert "\n" not in str(exc.value)
