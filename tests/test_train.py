@@ -302,7 +302,11 @@ def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, e
         one = train(out, demo_shards, *opts, "train.max_steps=9", nproc=1)
         assert "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2" in one.stderr
         assert reshard.read(os.path.join(out, "checkpoints", "step00000009", "optim.safetensors"))[1] == 9
-        assert all(0 < v < 3 for v in losses(out).values())
+        # against the reference going on to step 9 on 2 ranks: the same weights and lr,
+        # other samples of the epoch, so within 10% (as in the ZeRO-1 elastic test above)
+        train(ref, demo_shards, *opts, "train.max_steps=9")
+        ref_loss, got = losses(ref), losses(out)
+        assert all(got[s] == pytest.approx(ref_loss[s], rel=0.1) for s in (8, 9)), (got, ref_loss)
 
 
 def test_nonfinite_losses_skip_together_then_stop_without_a_bad_checkpoint(demo_shards, tmp_path):
