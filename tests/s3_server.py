@@ -6,7 +6,7 @@
         proxy.fault = lambda method, path, n: "503" if n == 1 else None
 
 Faults (what ``fault(method, path, n)`` returns for the n-th request of ``method path``):
-``"500"``, ``"503"`` (an S3 SlowDown error), ``"reset"`` (half the body, then a TCP
+``"500"``, ``"503"`` (an S3 SlowDown error), ``"429"`` (too many requests), ``"reset"`` (half the body, then a TCP
 reset), ``"short"`` (half the body, then a clean close: fewer bytes than
 Content-Length), ``"stall"`` (the headers, then nothing for ``stall_s`` seconds), or
 None (forward as is). ``proxy.counts`` counts requests by (method, path).
@@ -118,10 +118,12 @@ class FaultProxy:
                 kind = proxy.fault(self.command, path, n)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if kind in ("500", "503"):
+                if kind in ("500", "503", "429"):
                     with proxy.lock:
                         proxy.injected[kind] += 1
-                    code, text = ("SlowDown", b"Please reduce your request rate.") if kind == "503" else ("InternalError", b"We encountered an internal error.")
+                    code, text = {"503": ("SlowDown", b"Please reduce your request rate."),
+                                  "429": ("TooManyRequests", b"Too many requests."),
+                                  "500": ("InternalError", b"We encountered an internal error.")}[kind]
                     payload = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code.encode() + b"</Code><Message>" + text + b"</Message></Error>"
                     self.send_response(int(kind))
                     self.send_header("Content-Type", "application/xml")

@@ -181,6 +181,37 @@ def test_a_shard_that_always_fails_is_skipped_after_its_retries_and_ranks_stay_e
     assert 0 < len(lost) <= 7  # at most that shard's samples, made up for from the next ones
 
 
+@pytest.mark.parametrize("via", ["s3", "http"])
+def test_429_is_retried_and_a_missing_object_is_not(s3, shards, via):
+    """README (object storage): HTTP 429 is retried from the byte it stopped at; a
+    missing object is an error at once, after one request (retrying cannot help)."""
+    server, proxy = s3
+    local, remote = shards
+    if via == "http":
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                                                          "Resource": "arn:aws:s3:::data/*"}]}
+        server.client().put_bucket_policy(Bucket="data", Policy=json.dumps(policy))
+        remote = remote.replace("s3://", proxy.url + "/")
+    name = "train-000001.tar"
+    path = f"/data/img/train/{name}"
+    counts = lambda p: sum(n for (m, q), n in proxy.counts.items() if m == "GET" and q == p)  # noqa: E731
+    before = counts(path)  # the proxy counts for the whole module: the next GET is before + 1
+    proxy.fault = lambda method, p, n: "429" if method == "GET" and p == path and n == before + 1 else None
+    try:
+        with store.Store(FAST).open(f"{remote}/{name}", 0, None) as f:
+            got = f.read()
+        assert got == open(os.path.join(local, name), "rb").read()
+        assert counts(path) - before == 2  # the 429, then the retry
+        missing = "/data/img/train/no-such-shard.tar"
+        before = counts(missing)
+        with pytest.raises(store.StoreError):
+            with store.Store(FAST).open(f"{remote}/no-such-shard.tar", 0, None) as f:
+                f.read()
+        assert counts(missing) - before == 1  # one request, no retries
+    finally:
+        proxy.fault = lambda *a: None
+
+
 def test_the_cache_serves_the_second_epoch_stays_under_its_limit_and_refetches_a_corrupt_file(s3, shards, tmp_path):
     server, proxy = s3
     local, remote = shards
