@@ -99,3 +99,26 @@ def test_input_errors_come_before_any_setup_and_leave_nothing(bad, demo_shards, 
     assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr
     assert "DeepSpeed" not in proc.stderr and "deepspeed" not in proc.stdout
     assert not out.exists()
+
+
+def test_the_demo_ends_with_its_model_reloaded_in_a_fresh_process(tmp_path):
+    """bash .ci/demo's own end (README: the two commands), shortened to 10 steps: the
+    images written, sharded, trained, registered, then loaded from the registry in a
+    fresh process (JPEG bytes in, pickle disallowed, no DeepSpeed) with its predictions
+    printed, and the next steps' commands."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--root", str(tmp_path / "mnist"),
+                           "--shards", str(tmp_path / "shards"), "train.max_steps=10", f"train.out={tmp_path / 'run'}",
+                           "mlflow.system_metrics=false"],
+                          cwd=root, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "loaded models:/tnt-tiny-mnist@best in a fresh process: JPEG bytes in, classes out" in out
+    assert "(pickle disallowed; deepspeed imported: False)" in out
+    predicted = [line for line in out.splitlines() if line.strip().startswith(("predicted", "true"))]
+    assert len(predicted) == 2 and predicted[0].count(",") == 11, out[-2000:]
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'run' / 'mlflow.db'}" in out
+    assert "models serve -m models:/tnt-tiny-mnist@best" in out
