@@ -110,7 +110,7 @@ def test_the_demo_ends_with_its_model_reloaded_in_a_fresh_process(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--root", str(tmp_path / "mnist"),
-                           "--shards", str(tmp_path / "shards"), "train.max_steps=10", f"train.out={tmp_path / 'run'}",
+                           "--shards", str(tmp_path / "shards" / "mnist"), "train.max_steps=10", f"train.out={tmp_path / 'run'}",
                            "mlflow.system_metrics=false"],
                           cwd=root, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
                           timeout=600)
