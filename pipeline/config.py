@@ -236,7 +236,7 @@ LIMITS: dict[str, Limit] = {
     "optim.min_lr": Limit(0, 10), "optim.warmup_lr": Limit(0, 10), "optim.warmup_epochs": Limit(0, 10**6),
     "optim.weight_decay": Limit(0, 10), "optim.eps": Limit(0, 1, lo_open=True), "optim.betas": Limit(0, 1, hi_open=True),
     "optim.clip_grad": NON_NEGATIVE,
-    "train.micro_batch": Limit(1, 2**20), "train.grad_accum": Limit(1, 2**16), "train.zero_stage": Limit(0, 3),
+    "train.micro_batch": Limit(1, 2**20), "train.grad_accum": Limit(1, 2**16),  # train.zero_stage: TrainCfg
     "train.ema_decay": Limit(0, 1, hi_open=True), "train.seed": Limit(0, 2**31 - 1), "train.max_steps": Limit(0, 2**53),
     "train.log_every": COUNT, "train.eval_every": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE,
     "train.ckpt_every_min": NON_NEGATIVE, "train.keep_last": Limit(1, 10**4), "train.max_nonfinite": COUNT,
