@@ -41,27 +41,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 MAX_PIXELS = int(os.environ.get("TNTP_SERVE_MAX_PIXELS", 40_000_000))
 
 
-def _bad_input(message: str):
-    """An HTTP 400 whose body says ``message`` and nothing else. MLflow's scoring server
+class BadInput(MlflowException):
+    """An HTTP 400 whose body says its message and nothing else. MLflow's scoring server
     rewrites an ``MlflowException``'s message to ``Failed to predict data '<the whole
     DataFrame>'. Error: ...`` (mlflow/pyfunc/scoring_server); this one keeps its line."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    class BadInput(MlflowException):
-        @property
-        def message(self) -> str:
-            return self._line
+    @property
+    def message(self) -> str:
+        return self._line
 
-        @message.setter
-        def message(self, value: str) -> None:  # MLflow's __init__, then its rewrite
-            self._line = getattr(self, "_line", value)
+    @message.setter
+    def message(self, value: str) -> None:  # MLflow's __init__ sets it, then its rewrite would
+        self._line = getattr(self, "_line", value)
 
+
+def _bad_input(message: str) -> BadInput:
     return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 

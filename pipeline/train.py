@@ -320,9 +320,9 @@ class Trainer:
         self.schedule = schedule_of(cfg, self.steps_per_epoch, self.global_batch)
 
     def _check_init_from(self) -> None:
-        """``model.init_from`` found, read and checked against ``model.variant`` (shapes
-        on the meta device) before the process group, DeepSpeed or ``train.out``: a wrong
-        source or variant is one line, with nothing built or written."""
+        """``model.init_from`` found, read and checked against ``model.variant``
+        (:func:`pipeline.pretrained.check`) before the process group, DeepSpeed or
+        ``train.out``: a wrong source or variant is one line, with nothing built or written."""
         cfg, self.parent, self.init_weights = self.cfg, {}, None
         uri = cfg.model.init_from
         if not uri:
@@ -417,7 +417,7 @@ class Trainer:
             raise InputError(str(e)) from None
         fell_back = cfg.model.inner_kernel == "auto" and self.device.type == "cuda" and path != "triton"
         (log.warning if fell_back else log.info)("inner attention: %s (%s)", path, why)
-        if cfg.model.init_from:
+        if self.init_weights:  # set by _check_init_from
             weights, pretrained_cfg = self.init_weights
             pretrained.load_into(model, cfg.model.variant, weights, pretrained_cfg)
             log.info("weights from %s (%s)", cfg.model.init_from, weights)
