@@ -17,6 +17,7 @@ import sys
 import pytest
 from conftest import make_imagenet_tree
 from s3_server import FaultProxy, S3Server
+from waiting import SLOWDOWN
 
 from pipeline import shard, store
 from pipeline.data import Augment, EvalStream, TrainStream
@@ -24,13 +25,15 @@ from pipeline.imagenet import InputError
 from pipeline.manifest import load_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = store.Policy(attempts=4, backoff=0.02, read_timeout=1.0, connect_timeout=1.0)
+# Short timeouts, so that the proxy's stalls are found in seconds; scaled on a slow machine
+# (TEST_SLOWDOWN), where a real 1 s delay would be retried and the GET counts would be off.
+FAST = store.Policy(attempts=4, backoff=0.02, read_timeout=1.0 * SLOWDOWN, connect_timeout=1.0 * SLOWDOWN)
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The server, the proxy in front of it, and the environment pointing at the proxy."""
-    with S3Server() as server, FaultProxy(server.port, stall_s=2.5) as proxy:
+    with S3Server() as server, FaultProxy(server.port, stall_s=2.5 * SLOWDOWN) as proxy:
         saved = dict(os.environ)
         os.environ.update(server.env(proxy.url))
         store._clients.clear()
@@ -239,6 +242,82 @@ def test_the_cache_serves_the_second_epoch_stays_under_its_limit_and_refetches_a
         f.write(b"\xff" * 16)
     assert epoch(manifest, epoch_=0) == first
     assert proxy.gets() == before + 1
+
+
+def _cache_get(cache_dir, url, size, sha, barrier, results):
+    """One process of a node asking the cache for a shard (a fresh boto3 client: a forked
+    child must not share its parent's connections)."""
+    store._clients.clear()
+    barrier.wait()
+    results.put(store.ShardCache(cache_dir).get(url, size, sha, FAST))
+
+
+def test_the_cache_downloads_a_shard_once_per_node_and_evicts_the_least_recently_used(s3, shards, tmp_path):
+    """README (cache): the ranks and workers of a node wait for one download; eviction
+    removes the least recently used shard, not the oldest download."""
+    import multiprocessing as mp
+
+    server, proxy = s3
+    local, remote = shards
+    manifest = load_manifest(remote, store=store.Store(FAST))
+    url, size, sha = manifest.urls[0], manifest.shard_bytes[0], manifest.sha256[0]
+    path = url.split("//", 1)[1].replace("data/", "/data/", 1)  # the proxy's request path
+    gets = lambda p: sum(n for (m, q), n in proxy.counts.items() if m == "GET" and q == p)  # noqa: E731
+    before = gets(path)
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_cache_get, args=(str(tmp_path / "node"), url, size, sha, barrier, results))
+             for _ in range(4)]  # four processes of one node, released at once
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60 * SLOWDOWN) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert len(set(got)) == 1 and store.sha256_file(got[0]) == sha
+    assert gets(path) - before == 1, gets(path) - before
+    # LRU: room for two of three shards; a, b fetched, a used again, c fetched: b goes
+    a, b, c = range(3)
+    sizes = manifest.shard_bytes
+    cache = store.ShardCache(str(tmp_path / "lru"), limit=max(sizes[a] + sizes[c], sizes[a] + sizes[b]) + 1)
+    fetch = lambda i: cache.get(manifest.urls[i], sizes[i], manifest.sha256[i], FAST)  # noqa: E731
+    pa, pb = fetch(a), fetch(b)
+    assert fetch(a) == pa  # used: now the most recent
+    pc = fetch(c)
+    assert os.path.exists(pa) and os.path.exists(pc) and not os.path.exists(pb)
+    assert sum(os.path.getsize(p) for p in (pa, pc)) <= cache.limit
+
+
+def test_a_shard_above_64_mib_is_uploaded_in_parts_and_arrives_whole(s3, tmp_path):
+    """README (building into a bucket): multipart above 64 MiB."""
+    server, proxy = s3
+    big = tmp_path / "big.tar"
+    data = os.urandom(1 << 20) * 65 + b"end"  # 65 MiB + 3 bytes: two parts
+    big.write_bytes(data)
+    store.put_file(str(big), "s3://data/big/big.tar", FAST)
+    path = "/data/big/big.tar"
+    assert proxy.counts[("PUT", path)] == 2  # the two parts (a single PUT would be 1, with no POSTs)
+    assert proxy.counts[("POST", path)] == 2  # create, then complete
+    body = server.client().get_object(Bucket="data", Key="big/big.tar")["Body"].read()
+    assert len(body) == len(data) and body == data
+
+
+def test_shards_for_a_bucket_are_built_under_tntpipe_stage_and_removed_after_upload(s3, tree, tmp_path, monkeypatch):
+    """README (building into a bucket): each shard is built under ``$TNTPIPE_STAGE``,
+    then removed locally."""
+    stage = tmp_path / "stage"
+    monkeypatch.setenv("TNTPIPE_STAGE", str(stage))
+    assert build(str(tree / "src"), "s3://data/staged", "--splits", "val") == 0
+    used = list(stage.iterdir())
+    assert len(used) == 1 and used[0].is_dir()  # the split's stage
+    assert not [f for f in used[0].rglob("*") if f.is_file()]  # every shard and record removed once uploaded
+    # a stage that cannot be written: refused in one line that names it, nothing uploaded
+    monkeypatch.setenv("TNTPIPE_STAGE", str(stage / "file"))
+    (stage / "file").write_text("not a directory")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert build(str(tree / "src"), "s3://data/staged2") == 2
+    assert str(stage / "file") in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    assert "Contents" not in s3[0].client().list_objects_v2(Bucket="data", Prefix="staged2/")
 
 
 def test_each_byte_is_read_once_per_epoch_and_a_resume_reads_only_the_rest(shards):
