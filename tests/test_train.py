@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REFERENCE_STEPS
+from conftest import FAST_PRECISION
 from safetensors.torch import load_file
 from waiting import wait_for
 
@@ -28,7 +28,7 @@ def command(out, shards, *overrides, nproc=2):
         sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", str(nproc), "--",
         "--config", CONFIG, f"train.out={out}", f"data.train={shards['train']}", f"data.val={shards['val']}",
         "data.workers=1", "mlflow.register_as=", "mlflow.system_metrics=false", "train.log_every=1",
-        "optim.warmup_epochs=0.1", *overrides,
+        "optim.warmup_epochs=0.1", f"train.precision={FAST_PRECISION}", *overrides,
     ]
 
 
@@ -181,15 +181,17 @@ def test_gradient_accumulation_equals_larger_batch(demo_shards, tmp_path):
     assert norms[0][1] > 0 and norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
-def test_kill_and_resume_matches_uninterrupted_run(demo_shards, reference_run, tmp_path):
+def test_kill_and_resume_matches_uninterrupted_run(demo_shards, tmp_path):
     """A real kill -9 of every rank mid-run, after an evaluation, then the same command:
     the resumed run's losses, final weights and EMA equal those of a run that was never
     interrupted; it goes on in the same MLflow run (checked in the store) and keeps the
     best top-1 of the evaluation before the kill."""
     from mlflow import MlflowClient
 
-    steps = (*REFERENCE_STEPS, "train.ckpt_every=4", "train.keep_last=2")
-    ref = reference_run  # the same steps, checkpointed at another cadence
+    steps = ("train.precision=bf16", "train.max_steps=40", "train.ckpt_every=4", "train.keep_last=2",
+             "train.eval_every=1", "data.eval_batch=500")
+    ref = str(tmp_path / "ref")
+    train(ref, demo_shards, *steps)
 
     out = str(tmp_path / "killed")
     proc = start_until_checkpoint(out, demo_shards, steps, "step00000032", stdout=subprocess.DEVNULL,
@@ -236,7 +238,7 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     with the override they go on at global batch 192, lr scaled."""
     from pipeline import reshard
 
-    opts = ("train.ckpt_every=2", "data.val=")
+    opts = ("train.precision=bf16", "train.ckpt_every=2", "data.val=")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     train(ref, demo_shards, *opts, "train.max_steps=8")
     train(out, demo_shards, *opts, "train.max_steps=4")
