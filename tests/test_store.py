@@ -401,8 +401,8 @@ def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shar
 
     # bf16, where the 2-rank losses are bit-identical run to run. (In fp32 this comparison
     # once differed in the 7th digit from step 2 on, in a module run, and matched when run
-    # alone: an open question, not a difference in the samples, which test_data.py and the
-    # key comparisons above check exactly.)
+    # alone: an open question; the samples a store delivers are compared key by key with
+    # local disk's by the epoch tests above.)
     steps = ("train.max_steps=4", "train.ckpt_every=0", "train.precision=bf16")
     train(str(tmp_path / "local"), demo_shards, *steps)
     proxy.fault = fault
