@@ -208,3 +208,33 @@ def test_fsync_tree_skips_a_file_renamed_away_by_another_rank(tmp_path, monkeypa
     listing = [(str(tmp_path), [], ["kept", ".tmpRenamedAway"])]
     monkeypatch.setattr(checkpoint.os, "walk", lambda path: iter(listing))
     checkpoint.fsync_tree(str(tmp_path))  # no FileNotFoundError
+
+
+class _ByName:
+    """What Python 3.11.2 writes for an Enum member (``getattr(cls, name)``; 3.11.7
+    writes it by value): made here so that the test runs on any Python."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_a_zero_stage_enum_pickled_by_name_loads_and_other_getattrs_are_refused(tmp_path):
+    """ZeRO-1/2 fp32 optimizer state holds a ZeroStageEnum; on Python 3.11.2 it is pickled
+    by name, and weights_only loading refused it: a fresh clone on that Python could not
+    resume an fp32 run (found by the suite). Only that class is let through."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.checkpoint import weights_only_loads
+
+    path = str(tmp_path / "state.pt")
+    torch.save({"stage": _ByName(ZeroStageEnum, "optimizer_states"), "t": torch.ones(2)}, path)
+    with weights_only_loads():
+        got = torch.load(path)
+    assert got["stage"] is ZeroStageEnum.optimizer_states and torch.equal(got["t"], torch.ones(2))
+    torch.save({"f": _ByName(LossScaler, "update_scale")}, path)
+    with weights_only_loads(), pytest.raises(Exception, match="not allowed"):
+        torch.load(path)
