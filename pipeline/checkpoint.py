@@ -68,9 +68,9 @@ def weights_only_loads():
 
     def enum_member(cls, name):
         """Some Pythons pickle an Enum member as ``getattr(cls, name)`` (3.11.2 does;
-        3.11.7 pickles it by value): the ZeRO-1/2 fp32 optimizer state holds a
-        ZeroStageEnum, so without this a checkpoint written there cannot be resumed.
-        Only that class."""
+        3.11.7 pickles it by value): the state of DeepSpeed's ZeRO optimizer (fp32 at
+        ZeRO-1, any precision at ZeRO-2/3) holds a ZeroStageEnum, so without this a
+        checkpoint written there cannot be resumed. Only that class."""
         if cls is ZeroStageEnum:
             return getattr(cls, name)
         raise pickle.UnpicklingError(f"checkpoint asks for getattr({cls!r}, {name!r}): not allowed")

@@ -169,6 +169,10 @@ class FaultProxy:
     def gets(self, suffix: str = ".tar") -> int:
         return sum(n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(suffix))
 
+    def gets_of(self, path: str) -> int:
+        """GETs of exactly ``path`` so far (the counts are the module's: compare differences)."""
+        return self.counts[("GET", path)]
+
     def __enter__(self) -> "FaultProxy":
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -222,9 +222,10 @@ class _ByName:
 
 
 def test_a_zero_stage_enum_pickled_by_name_loads_and_other_getattrs_are_refused(tmp_path):
-    """ZeRO-1/2 fp32 optimizer state holds a ZeroStageEnum; on Python 3.11.2 it is pickled
-    by name, and weights_only loading refused it: a fresh clone on that Python could not
-    resume an fp32 run (found by the suite). Only that class is let through."""
+    """DeepSpeed's ZeRO optimizer state (fp32 at ZeRO-1, any precision at ZeRO-2/3) holds
+    a ZeroStageEnum; on Python 3.11.2 it is pickled by name, and weights_only loading
+    refused it: a fresh clone on that Python could resume none of those runs (found by
+    the suite). Only that class is let through."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 

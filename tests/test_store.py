@@ -197,7 +197,7 @@ def test_429_is_retried_and_a_missing_object_is_not(s3, shards, via):
         remote = remote.replace("s3://", proxy.url + "/")
     name = "train-000001.tar"
     path = f"/data/img/train/{name}"
-    counts = lambda p: sum(n for (m, q), n in proxy.counts.items() if m == "GET" and q == p)  # noqa: E731
+    counts = proxy.gets_of
     before = counts(path)  # the proxy counts for the whole module: the next GET is before + 1
     proxy.fault = lambda method, p, n: "429" if method == "GET" and p == path and n == before + 1 else None
     try:
@@ -262,7 +262,7 @@ def test_the_cache_downloads_a_shard_once_per_node_and_evicts_the_least_recently
     manifest = load_manifest(remote, store=store.Store(FAST))
     url, size, sha = manifest.urls[0], manifest.shard_bytes[0], manifest.sha256[0]
     path = url.split("//", 1)[1].replace("data/", "/data/", 1)  # the proxy's request path
-    gets = lambda p: sum(n for (m, q), n in proxy.counts.items() if m == "GET" and q == p)  # noqa: E731
+    gets = proxy.gets_of
     before = gets(path)
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(4), ctx.Queue()
@@ -317,7 +317,8 @@ def test_shards_for_a_bucket_are_built_under_tntpipe_stage_and_removed_after_upl
     with contextlib.redirect_stderr(err):
         assert build(str(tree / "src"), "s3://data/staged2") == 2
     assert str(stage / "file") in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
-    assert "Contents" not in s3[0].client().list_objects_v2(Bucket="data", Prefix="staged2/")
+    server, _ = s3
+    assert "Contents" not in server.client().list_objects_v2(Bucket="data", Prefix="staged2/")
 
 
 def test_each_byte_is_read_once_per_epoch_and_a_resume_reads_only_the_rest(shards):

@@ -237,6 +237,7 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     of 128: refused in one line naming the numbers of ranks that can and the override;
     with the override they go on at global batch 192, lr scaled."""
     from pipeline import reshard
+    from pipeline.checkpoint import tag_of
 
     opts = ("train.precision=bf16", "train.ckpt_every=2", "data.val=")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
@@ -265,7 +266,7 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     # (At step 8 the loss is still near ln 10, so this alone cannot tell a continued model
     # from a reset one; the weights below can.)
     assert all(got[s] == pytest.approx(ref_loss[s], rel=0.1) for s in (7, 8)), (got, ref_loss)
-    ckpt = lambda run, step: reshard.read(os.path.join(run, "checkpoints", f"step0000000{step}", "optim.safetensors"))
+    ckpt = lambda run, step: reshard.read(os.path.join(run, "checkpoints", tag_of(step), "optim.safetensors"))  # noqa: E731
     (o8, adam_step), (r8, _), (r6, _) = ckpt(out, 8), ckpt(ref, 8), ckpt(ref, 6)
     assert adam_step == 8
     # the fp32 weights after 2 steps on 3 ranks are no farther from the uninterrupted run's
