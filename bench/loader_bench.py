@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from pipeline import shard  # noqa: E402
 from pipeline.compat import fix_timm_posterize  # noqa: E402
-from pipeline.data import TNT_MEAN, TNT_STD, Augment, Loader, TrainStream, TrainTransform, load_manifest  # noqa: E402
+from pipeline.data import Loader, TrainStream, load_manifest  # noqa: E402
+from pipeline.transforms import TNT_MEAN, TNT_STD, Augment, TrainTransform  # noqa: E402
 from shard_bench import make_synthetic, warm  # noqa: E402
 
 PIL_GEOMETRY = Augment(cv2_geometry=False)  # timm's operators exactly
@@ -131,7 +132,7 @@ def finish_cost(batch: int = 64, batches: int = 20) -> tuple[float, float]:
     The difference is the CPU that data.finish=device moves to the GPU."""
     import numpy as np
 
-    from pipeline.data import BatchFinish
+    from pipeline.transforms import BatchFinish
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]

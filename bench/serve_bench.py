@@ -42,7 +42,7 @@ from reshard_bench import cpu_name  # noqa: E402
 def register_tiny(tmp: str) -> tuple[str, str]:
     """A tiny TNT registered the trainer's way in a local store: (model URI, tracking URI)."""
     from pipeline import export, tnt
-    from pipeline.data import Augment
+    from pipeline.transforms import Augment
     from pipeline.tracking import Tracker
 
     uri = f"sqlite:///{tmp}/mlflow.db"

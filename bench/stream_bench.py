@@ -40,7 +40,8 @@ from s3_server import S3Server  # noqa: E402
 from shard_bench import make_synthetic, timed, warm  # noqa: E402
 
 from pipeline import shard, store  # noqa: E402
-from pipeline.data import Augment, Loader, TrainStream  # noqa: E402
+from pipeline.data import Loader, TrainStream  # noqa: E402
+from pipeline.transforms import Augment  # noqa: E402
 from pipeline.manifest import _Reporter, _Sequence, load_manifest  # noqa: E402
 
 

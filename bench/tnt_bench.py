@@ -33,6 +33,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import tnt  # noqa: E402
+from pipeline.kernels import cpu  # noqa: E402
 
 
 def make_step(model, x, y, precision: str):
@@ -98,7 +99,7 @@ def step_flops(model, precision: str) -> float:
 
     x, y = torch.randn(1, 3, 224, 224, dtype=next(model.parameters()).dtype), torch.zeros(1, dtype=torch.long)
     # reference kernels: the flop counter knows aten's matmuls, not oneDNN's linear
-    with tnt.reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with cpu.reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
@@ -113,8 +114,8 @@ def gemm_rate(dtype: torch.dtype, repeat: int = 20) -> dict[str, float]:
     the best of all is a ceiling for a step."""
     a, w, g = (torch.randn(*s, dtype=dtype) for s in ((1576, 384), (1536, 384), (1576, 1536)))
     forms = {"matmul": (lambda: a @ w.t(), lambda: g @ w, lambda: g.t() @ a)}
-    if tnt._onednn_linear is not None:
-        forms["onednn"] = (lambda: tnt._dnn(a, w), lambda: tnt._dnn(g, w.t()), lambda: tnt._dnn(g.t(), a.t()))
+    if cpu.onednn_linear is not None:
+        forms["onednn"] = (lambda: cpu.dnn(a, w), lambda: cpu.dnn(g, w.t()), lambda: cpu.dnn(g.t(), a.t()))
     rates = {}
     for name, fns in forms.items():
         best = 0.0

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     from pipeline import config
-    from pipeline.imagenet import InputError
+    from pipeline.errors import InputError
 
     try:
         config.load_argv(args)  # as every rank will: a bad key or value is said once, before any rank starts

@@ -82,7 +82,7 @@ def master_address(first_node: str, launch_ip: str | None, num_nodes: int) -> st
     if launch_ip:
         return launch_ip
     if num_nodes > 1:
-        from pipeline.imagenet import InputError
+        from pipeline.errors import InputError
 
         raise InputError(f"the first node's name {first_node!r} does not resolve and Slurm gave no "
                          f"SLURM_LAUNCH_NODE_IPADDR: {num_nodes} nodes cannot rendezvous; set MASTER_ADDR")
@@ -522,7 +522,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check_slurm(env: dict | None = None) -> None:
     """A Slurm controller answers: else one line, before submitit writes anything."""
-    from pipeline.imagenet import InputError
+    from pipeline.errors import InputError
 
     if shutil.which("sbatch") is None:
         raise InputError("no Slurm here (sbatch not found): run on a cluster's login node, or use launch/local.py")
@@ -537,7 +537,7 @@ def check_slurm(env: dict | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    from pipeline.imagenet import InputError
+    from pipeline.errors import InputError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[argv.index("--") + 1 :] if "--" in argv else []

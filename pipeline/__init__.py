@@ -15,6 +15,9 @@ Modules:
     tracking -- MLflow tracking and registry that never stops training.
 """
 
-# Importing any module of the package makes `import timm` work on a CPU-only torch
-# (see pipeline/compat.py); a no-op on a normal GPU install.
-from pipeline import compat as _compat  # noqa: E402,F401
+# Importing any module of the package makes a later `import timm` work on a CPU-only torch
+# (pipeline/torchvision_fix.py): a meta-path hook, stdlib only, that costs nothing until
+# torchvision is imported; a no-op on a normal GPU install.
+from pipeline.torchvision_fix import install_hook as _install_hook
+
+_install_hook()

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.imagenet import InputError
+from pipeline.atomic import fsync_dir, write_atomic
+from pipeline.errors import InputError, first_line
 
 log = logging.getLogger("tntpipe.checkpoint")
 
@@ -82,25 +83,6 @@ def weights_only_loads():
             yield
     finally:
         torch.load = original
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (new files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: str) -> None:
@@ -308,7 +290,7 @@ class CheckpointManager:
 
     def _write_failed(self, tag: str, path: str, exc: BaseException) -> CheckpointWriteError:
         free = free_bytes(self.folder)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200) or type(exc).__name__
         nospace = isinstance(exc, OSError) and exc.errno == 28 or free < max(self.last_bytes, 1) or \
             "iostream error" in str(exc) or "No space" in str(exc)
         why = f"no space left on the device ({free / 1e6:.1f} MB free)" if nospace else first

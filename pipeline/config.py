@@ -16,13 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.data import Augment
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError, first_line
+from pipeline.transforms import Augment
+from pipeline.variants import VARIANTS
 
 
 @dataclasses.dataclass
 class ModelCfg:
-    variant: str = "tntp_s_patch16_224"  # pipeline.tnt.VARIANTS
+    variant: str = "tntp_s_patch16_224"  # pipeline/variants.py
     drop_path: float = 0.1  # stochastic depth rate (paper: 0.1)
     checkpointing: bool = False  # activation checkpointing per block
     # weights to start from (fine-tuning): models:/<name>@<alias> or models:/<name>/<version>
@@ -258,7 +259,7 @@ CHOICES = {"aug.interpolation": ("bicubic", "bilinear", "nearest"), "aug.re_mode
 
 def check_limits(cfg: "Config") -> None:
     """InputError naming the first key outside :data:`LIMITS`, :data:`NOT_EMPTY` or
-    :data:`CHOICES`, or a variant :mod:`pipeline.tnt` does not have."""
+    :data:`CHOICES`, or a variant :mod:`pipeline.variants` does not have."""
     flat = cfg.flat()
     for key, limit in LIMITS.items():
         value = flat[key]
@@ -279,10 +280,8 @@ def check_limits(cfg: "Config") -> None:
         except (KeyError, IndexError, ValueError) as exc:
             raise InputError(f"{key}={flat[key]!r}: not a name template ({type(exc).__name__}: {exc}; "
                              "placeholders: {name}, {data}, {model})") from None
-    from pipeline import tnt
-
-    if cfg.model.variant not in tnt.VARIANTS:
-        raise InputError(f"model.variant {cfg.model.variant!r} is not one of {', '.join(tnt.VARIANTS)}")
+    if cfg.model.variant not in VARIANTS:
+        raise InputError(f"model.variant {cfg.model.variant!r} is not one of {', '.join(VARIANTS)}")
 
 
 def _build(cls, values: dict, where: str):
@@ -355,7 +354,7 @@ def _parse_yaml(text, where: str):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise InputError(f"{where}:{at}: not valid YAML ({problem})") from None
 
 

@@ -22,6 +22,8 @@ import argparse
 import os
 import sys
 
+from pipeline.atomic import replacing
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 DEFAULT_ROOT = os.path.join("demo", "mnist")
 VAL_PER_CLASS = 100
@@ -48,9 +50,8 @@ def _write_tree(root: str, labels, image, val_per_class: int, stem: str, width: 
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{stem}_{i:0{width}d}.JPEG")
             if not os.path.isfile(path):
-                tmp = path + ".tmp"
-                image(i).save(tmp, "JPEG", quality=quality)
-                os.replace(tmp, path)
+                with replacing(path, durable=False) as tmp:
+                    image(i).save(tmp, "JPEG", quality=quality)
     with open(done, "w") as f:
         f.write(note + "\n")
     return root

@@ -18,7 +18,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError
 
 
 def _free_port() -> int:

@@ -17,6 +17,8 @@ import signal
 import socket
 import time
 
+from pipeline.errors import first_line
+
 FILE = "failures.jsonl"
 
 
@@ -95,7 +97,7 @@ def record(out: str, kind: str, error: str, rank: int | None, step: int | None =
         "rank": rank,
         "host": host or socket.gethostname(),
         "kind": kind,
-        "error": error.strip().splitlines()[0][:500] if error.strip() else kind,
+        "error": first_line(error, 500) or kind,
         "step": step if step is not None else last_logged_step(out),
         "resume_from": resume_point(out),
     }

@@ -25,12 +25,10 @@ import os
 import re
 from dataclasses import dataclass
 
+from pipeline.errors import InputError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
-
-
-class InputError(Exception):
-    """A problem with the user's input that ends the run with a one-line message."""
 
 
 @dataclass(frozen=True)

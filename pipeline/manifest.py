@@ -28,14 +28,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline import store as storage
-from pipeline.imagenet import InputError
+from pipeline.errors import DataError, InputError, summary
 from pipeline.store import Store
 
 log = logging.getLogger("tntpipe.data")
-
-
-class DataError(RuntimeError):
-    """The stream cannot go on (for example: no shard of the split can be read)."""
 
 
 # ---------------------------------------------------------------- manifest
@@ -145,7 +141,7 @@ class _Reporter:
 
     def shard(self, url: str, exc: BaseException) -> None:
         self.bad_shards += 1
-        self._log(f"skipped the rest of shard {url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        self._log(f"skipped the rest of shard {url}: {summary(exc, 200)}")
 
     def take(self) -> tuple[int, int]:
         """Counts since the last call (they travel with each batch)."""

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError, first_line, summary
 from pipeline.store import sha256_file
 
 log = logging.getLogger("tntpipe.pretrained")
@@ -93,7 +93,7 @@ def resolve(uri: str, tracking_uri: str) -> tuple[str, dict | None, dict]:
             # another's download, and nodes need not share a filesystem for it.
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
         except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors...
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             raise InputError(f"model.init_from={uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "
                              f"set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds it") from None
     else:
@@ -116,7 +116,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         return load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors alike
         raise InputError(f"model.init_from: {path} is not a weights file timm can read "
-                         f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+                         f"({summary(exc, 200)})") from None
 
 
 def _check_architecture(variant: str, pretrained_cfg: dict | None) -> None:

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError
 
 FILE = ".lock"
 

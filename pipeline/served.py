@@ -20,7 +20,7 @@ per row; in process also a uint8 array batch, ``(N, H, W, 3)`` or ``(N, H, W)``,
 declared column). Param ``top_k`` (default 5). Output: one row per image with
 ``class_ids``, ``class_names`` and ``probabilities``, the top k, best first.
 
-Preprocessing is exactly the trainer's evaluation (``pipeline.data.EvalTransform`` and
+Preprocessing is exactly the trainer's evaluation (``pipeline.transforms.EvalTransform`` and
 ``BatchFinish``): resize to size / crop_pct, centre crop, normalise. Bad input (not an
 image, an empty value, more than ``TNTP_SERVE_MAX_PIXELS`` pixels, default 40M) raises
 ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 from ``mlflow models serve``,
@@ -77,7 +77,7 @@ class TNTClassifier(PythonModel):
         from safetensors.torch import load_file
 
         from pipeline import tnt
-        from pipeline.data import Augment, BatchFinish, EvalTransform
+        from pipeline.transforms import Augment, BatchFinish, EvalTransform
 
         with open(pretrained_cfg) as f:
             self.pretrained_cfg = cfg = json.load(f)

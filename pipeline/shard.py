@@ -52,7 +52,9 @@ if __package__ in (None, ""):  # run as a script: `python pipeline/shard.py`
         del sys.path[1]  # don't let pipeline/*.py shadow top-level modules
 
 from pipeline import store
-from pipeline.imagenet import Entry, InputError, has_class_folders, list_split, synset_mapping_names, synset_names
+from pipeline.atomic import replacing, write_atomic
+from pipeline.errors import InputError
+from pipeline.imagenet import Entry, has_class_folders, list_split, synset_mapping_names, synset_names
 
 FORMAT = "tntpipe-shards/1"
 DEFAULT_SPLITS = ("train", "val", "validation", "test")
@@ -190,22 +192,12 @@ def _record_path(shard_path: str) -> str:
     return f"{head}/.records/{name}.json"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build_shard(job: ShardJob) -> dict:
     """Write one shard atomically and its record; return the record."""
     import webdataset as wds
 
-    tmp = f"{job.path}.tmp-{os.getpid()}"
     written, converted, skipped, labels = 0, [], [], Counter()
-    with open(tmp, "wb") as f:
+    with replacing(job.path) as tmp, open(tmp, "wb") as f:
         out = _HashingWriter(f)
         # Fixed owner and mtime: the same inputs give byte-identical tars.
         with wds.TarWriter(out, user="", group="", mtime=0, encoder=False) as tar:
@@ -234,10 +226,8 @@ def build_shard(job: ShardJob) -> dict:
                     written += 1
                     labels[s.label] += 1
                 _tick()
-        f.flush()
-        os.fsync(f.fileno())
-    offsets = sample_offsets(tmp)
-    os.replace(tmp, job.path)
+        f.close()
+        offsets = sample_offsets(tmp)
     record = {
         "name": os.path.basename(job.path),
         "samples": written,
@@ -254,7 +244,7 @@ def build_shard(job: ShardJob) -> dict:
         store.put_bytes(text.encode(), _record_path(job.remote))
         os.remove(job.path)
         return record
-    _write_atomic(_record_path(job.path), text)
+    write_atomic(_record_path(job.path), text)
     return record
 
 
@@ -393,7 +383,7 @@ def _write_text(path: str, text: str) -> None:
     if store.scheme(path):
         store.put_bytes(text.encode(), path)
     else:
-        _write_atomic(path, text)
+        write_atomic(path, text)
 
 
 def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:

@@ -52,7 +52,8 @@ import contextlib
 from contextlib import contextmanager
 from typing import Callable
 
-from pipeline.imagenet import InputError
+from pipeline.atomic import replacing, write_atomic
+from pipeline.errors import InputError
 
 log = logging.getLogger("tntpipe.store")
 
@@ -74,6 +75,10 @@ class ReadFailed(OSError):
 
 class _Transient(Exception):
     """A failure worth retrying."""
+
+
+class _Mismatch(Exception):
+    """A download whose bytes differ from the manifest's sha256."""
 
 
 def scheme(url: str) -> str:
@@ -510,16 +515,15 @@ class ShardCache:
             for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a download killed with its process
                 os.remove(stale)
             for attempt in range(policy.attempts):
-                tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
                 try:
-                    if download(url, tmp, size, policy) == sha256:
-                        os.replace(tmp, path)
-                        _stamp_ok(path, sha256)
-                        break
+                    with replacing(path, durable=False) as tmp:
+                        if download(url, tmp, size, policy) != sha256:
+                            raise _Mismatch
+                except _Mismatch:
                     log.warning("%s: downloaded bytes do not match the manifest's sha256; fetching again", url)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                    continue
+                _stamp_ok(path, sha256)
+                break
             else:
                 raise ReadFailed(f"{url}: sha256 differs from the manifest after {policy.attempts} downloads")
         self._evict(keep=path)
@@ -587,10 +591,7 @@ def _stamp(path: str) -> list:
 
 
 def _stamp_ok(path: str, sha256: str) -> None:
-    tmp = f"{path}.ok.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w") as f:
-        json.dump([*_stamp(path), sha256], f)
-    os.replace(tmp, path + ".ok")
+    write_atomic(path + ".ok", json.dumps([*_stamp(path), sha256]), durable=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipeline.errors import summary
+
 log = logging.getLogger("tntpipe.tracking")
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -71,7 +73,7 @@ class Tracker:
 
             return fn(mlflow)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            self.failed = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self.failed = f"{what}: {summary(exc)}"
             log.warning(
                 "MLflow tracking at %s failed (%s); training goes on without tracking "
                 "(metrics stay in the log, checkpoints and exports in the output directory)",

@@ -47,11 +47,13 @@ from pipeline import config as config_mod
 from pipeline import distributed, failures, mfu, pretrained, tnt
 from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
+from pipeline.atomic import write_atomic
 from pipeline.checkpoint import (CheckpointManager, CheckpointWriteError, check_layout, check_schedule,
-                                 elastic_grad_accum, peek_latest, write_atomic)
-from pipeline.data import DeviceFinish, EvalStream, Loader, TrainStream
+                                 elastic_grad_accum, peek_latest)
+from pipeline.data import EvalStream, Loader, TrainStream
+from pipeline.transforms import DeviceFinish
 from pipeline.evaluate import Validator
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError, TrainingError, summary
 from pipeline.manifest import load_manifest
 from pipeline.metrics import MetricsProcessor, sinks_for
 from pipeline.registry import Registrar
@@ -96,10 +98,6 @@ class Requeued(Exception):
 
 class RequeuesSpent(Requeued):
     """Checkpointed on SIGUSR2, but submitit did not requeue (--max-requeues spent)."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example: repeated non-finite losses)."""
 
 
 class Finished(Exception):
@@ -453,7 +451,7 @@ class Trainer:
         if self.compiled:
             # DeepSpeed compiles the module in place: engine.module, the EMA's source and
             # the export keep their parameter names. Our CPU kernels stay out of the graph
-            # (tnt._kernel_on is false while dynamo traces): on CPU, compiled is slower
+            # (kernels.cpu.kernel_on is false while dynamo traces): on CPU, compiled is slower
             # than our eager model (bench/README.md), hence off there by default.
             self.engine.compile()
 
@@ -795,8 +793,7 @@ def main(argv=None) -> int:
         alone = True
         if cfg is not None:
             _record(cfg, trainer, exc, everywhere=False)
-            print(f"error: rank {os.environ.get('RANK', 0)}: {failures.classify(exc)}: {type(exc).__name__}: "
-                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''} "
+            print(f"error: rank {os.environ.get('RANK', 0)}: {failures.classify(exc)}: {summary(exc)} "
                   f"(recorded in {os.path.join(cfg.out_dir, failures.FILE)})", file=sys.stderr)
         raise
     finally:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import (CheckpointManager, check_layout, check_schedule, elastic_grad_accum, rng_state,
                                  set_rng_state)
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

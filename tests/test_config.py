@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipeline import config
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError
 from pipeline.train import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

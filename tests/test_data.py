@@ -15,8 +15,10 @@ import pytest
 import torch
 import webdataset
 
-from pipeline.data import Augment, DataError, EvalStream, Loader, TrainStream, load_manifest
-from pipeline.imagenet import InputError
+from pipeline.data import EvalStream, Loader, TrainStream, load_manifest
+from pipeline.transforms import Augment
+from pipeline.errors import DataError
+from pipeline.errors import InputError
 
 LIGHT = Augment.light(img_size=32)
 
@@ -262,7 +264,7 @@ def test_full_recipe_shapes_at_224(photo_shards):
 
 def test_draft_decode_matches_full_decode_closely(photo_shards):
     """Reduced-scale JPEG decoding changes pixels only slightly."""
-    from pipeline.data import EvalTransform
+    from pipeline.transforms import EvalTransform
 
     m = load_manifest(photo_shards)
     sample = next(iter(webdataset.WebDataset(m.urls[0], shardshuffle=False)))
@@ -291,7 +293,7 @@ def test_timm_posterize_fix():
 def test_mixing_equals_timm(seed):
     from timm.data import Mixup
 
-    from pipeline.data import BatchFinish
+    from pipeline.transforms import BatchFinish
 
     aug = Augment(img_size=16, mixup_prob=0.8)
     finish = BatchFinish(aug, num_classes=5, train=True)
@@ -338,7 +340,7 @@ def test_cv2_geometry_matches_pil():
     from sklearn.datasets import load_sample_image
     from timm.data import auto_augment as aa
 
-    from pipeline.data import _CvAffine
+    from pipeline.transforms import _CvAffine
 
     img = Image.fromarray(np.ascontiguousarray(load_sample_image("china.jpg")[100:324, 200:424]))
     kw = {"fillcolor": (128, 128, 128), "resample": Image.BICUBIC}
@@ -354,7 +356,7 @@ def test_cv2_geometry_matches_pil():
 
 def test_cv2_geometry_keeps_timm_random_draws(photo_shards):
     """With and without OpenCV the same ops and magnitudes are drawn: the images stay close."""
-    from pipeline.data import TrainTransform, _CvAffine, _seeded
+    from pipeline.transforms import TrainTransform, _CvAffine, seeded
 
     m = load_manifest(photo_shards)
     samples = list(webdataset.WebDataset(m.urls[0], shardshuffle=False))[:8]
@@ -364,9 +366,9 @@ def test_cv2_geometry_keeps_timm_random_draws(photo_shards):
     assert sum(isinstance(op.aug_fn, _CvAffine) for op in ops) == 5  # rotate, shear x/y, translate x/y
     diffs = []
     for i, s in enumerate(samples * 4):
-        with _seeded(i, restore=True):
+        with seeded(i, restore=True):
             a = fast(s["jpg"]).astype(float)
-        with _seeded(i, restore=True):
+        with seeded(i, restore=True):
             b = slow(s["jpg"]).astype(float)
         diffs.append(np.abs(a - b).mean())
     assert max(diffs) < 4 and 0 < sum(diffs), diffs  # some geometric op was drawn, and it stayed close
@@ -412,7 +414,7 @@ def test_device_finish_matches_the_worker_path_and_is_deterministic(photo_shards
     erasing, the result equals the worker path's (Mixup/CutMix drawn from the same
     per-batch seed); with erasing it is a pure function of (seed, epoch, rank, batch)
     and leaves the training RNG alone."""
-    from pipeline.data import DeviceFinish
+    from pipeline.transforms import DeviceFinish
 
     m = load_manifest(photo_shards)
     no_erase = Augment(img_size=32, re_prob=0.0, mixup_prob=0.8)

@@ -84,7 +84,7 @@ def test_device_finish_on_cuda_is_deterministic_and_leaves_the_training_rng_alon
     does not move; without erasing, equal to the CPU computation."""
     import dataclasses
 
-    from pipeline.data import Augment, DeviceFinish
+    from pipeline.transforms import Augment, DeviceFinish
 
     aug = Augment(img_size=32, re_prob=1.0)
     batch = {"image": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "label": torch.arange(8) % 5,

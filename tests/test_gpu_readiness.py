@@ -17,7 +17,7 @@ import torch
 
 from launch.local import free_port
 from pipeline import config, mfu, tnt
-from pipeline.imagenet import InputError
+from pipeline.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -384,7 +384,7 @@ def test_best_alias_follows_the_best_top1_across_versions(server, tmp_path):
 
     from pipeline import export, tnt
     from pipeline.tracking import Tracker
-    from pipeline.data import Augment
+    from pipeline.transforms import Augment
 
     aug = Augment(img_size=32)
     state = tnt.create("tntp_tiny_patch8_32", num_classes=10).state_dict()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline import export, pretrained, tnt
-from pipeline.data import Augment
-from pipeline.imagenet import InputError
+from pipeline.transforms import Augment
+from pipeline.errors import InputError
 
 TINY = "tntp_tiny_patch8_32"
 

@@ -20,8 +20,9 @@ from s3_server import FaultProxy, S3Server
 from waiting import SLOWDOWN
 
 from pipeline import shard, store
-from pipeline.data import Augment, EvalStream, TrainStream
-from pipeline.imagenet import InputError
+from pipeline.data import EvalStream, TrainStream
+from pipeline.transforms import Augment
+from pipeline.errors import InputError
 from pipeline.manifest import load_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

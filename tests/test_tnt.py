@@ -10,6 +10,7 @@ import timm
 import torch
 
 from pipeline import tnt
+from pipeline.kernels import cpu
 
 # Paper (arXiv 2103.00112, Table 1): params (M) and FLOPs (G, multiply-adds) at 224.
 PAPER = {
@@ -114,7 +115,7 @@ def test_se_variant_has_no_timm_layout_and_changes_the_output():
 def test_se_variant_exports_and_loads_back(tmp_path):
     # timm's layout refuses SE (above); the export must not: an SE run registers its model
     from pipeline import export
-    from pipeline.data import Augment
+    from pipeline.transforms import Augment
 
     torch.manual_seed(0)
     variant, classes, aug = "tntp_s_se_patch16_224", ("a", "b"), Augment(img_size=32)
@@ -291,7 +292,7 @@ def test_class_token_shortcut_equals_the_full_last_block(se):
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
 
 
-@pytest.mark.skipif(tnt._onednn_linear is None, reason="torch built without oneDNN")
+@pytest.mark.skipif(cpu.onednn_linear is None, reason="torch built without oneDNN")
 @pytest.mark.parametrize("shape,bias", [((2, 197, 384), True), ((3, 16, 24), True), ((5, 96), False)])
 def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
     from torch.profiler import profile
@@ -299,7 +300,7 @@ def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
     torch.manual_seed(0)
     width = shape[-1]
     for out_features in (width * 4, 24):  # wide (oneDNN weight gradient) and narrow (MKL's)
-        layer = tnt.Linear(width, out_features, bias=bias)
+        layer = cpu.Linear(width, out_features, bias=bias)
         x = torch.randn(*shape, requires_grad=True)
         g = torch.randn(*shape[:-1], out_features)
         with profile() as prof:
@@ -309,7 +310,7 @@ def test_onednn_linear_equals_f_linear_with_gradients(shape, bias):
         got = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
         x.grad = None
         layer.zero_grad()
-        with tnt.reference_kernels():
+        with cpu.reference_kernels():
             y_ref = layer(x)
             y_ref.backward(g)
         ref = (y_ref.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
@@ -337,7 +338,7 @@ def test_model_gradients_equal_with_reference_kernels():
 
     out, fast, ops = run()
     assert {"tntp::inner_attention_fwd", "tntp::inner_attention_bwd", "tntp::layer_norm_fwd", "tntp::layer_norm_bwd"} <= ops
-    with tnt.reference_kernels():
+    with cpu.reference_kernels():
         out_ref, ref, ops = run()
     assert not any(name.startswith("tntp::") for name in ops)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
@@ -363,7 +364,7 @@ def test_kernels_under_bf16_autocast_are_as_accurate_as_torchs_ops():
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         return out.detach().float(), grads, {e.name for e in prof.events()}
 
-    with tnt.reference_kernels():
+    with cpu.reference_kernels():
         out32, grad32, _ = run(False)
         out_ref, grad_ref, _ = run(True)
     out, grad, ops = run(True)
@@ -386,7 +387,7 @@ def test_layer_norm_kernel_matches_float32_maths(width, dtype):
     ref = torch.nn.LayerNorm(width)
     torch.nn.init.normal_(ref.weight)
     torch.nn.init.normal_(ref.bias)
-    ours = tnt.LayerNorm(width).to(dtype)
+    ours = cpu.LayerNorm(width).to(dtype)
     ours.load_state_dict(ref.state_dict())
     x = (torch.randn(64, 16, width) * 3 + 1).to(dtype)
     g = torch.randn(64, 16, width).to(dtype)
@@ -413,7 +414,7 @@ def test_layer_norm_feeding_linear_layers_writes_the_autocast_dtype(dtype):
     ref = torch.nn.LayerNorm(24)
     torch.nn.init.normal_(ref.weight)
     torch.nn.init.normal_(ref.bias)
-    feeding, plain = tnt.feeding_linear(tnt.LayerNorm(24)), tnt.LayerNorm(24)
+    feeding, plain = tnt.feeding_linear(cpu.LayerNorm(24)), cpu.LayerNorm(24)
     for m in (feeding, plain):
         m.load_state_dict(ref.state_dict())
     x = torch.randn(256, 24) * 3 + 1
@@ -444,12 +445,12 @@ def _reference_attention(qk, v, heads):
 # TNT-S, TNT-B and TNT-Ti (compile-time sizes, the first two also compile-time head widths), odd sizes
 @pytest.mark.parametrize("P,T,C,heads", [(64, 16, 24, 4), (9, 16, 40, 4), (6, 16, 12, 4), (5, 7, 12, 3)])
 def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
-    assert tnt.cpu_kernels() is not None, "the CPU kernel did not build (g++ and torch's headers are needed)"
+    assert cpu.cpu_kernels() is not None, "the CPU kernel did not build (g++ and torch's headers are needed)"
     torch.manual_seed(0)
     qk = (torch.randn(P, T, 2 * C) * 2).to(dtype).requires_grad_()
     v = torch.randn(P, T, C).to(dtype).requires_grad_()
     g = torch.randn(P, T, C).to(dtype)
-    out = tnt._InnerAttention.apply(qk, v, heads, (C // heads) ** -0.5)
+    out = cpu.InnerAttention.apply(qk, v, heads, (C // heads) ** -0.5)
     out.backward(g)
     got = (out.detach(), qk.grad, v.grad)
     qk32, v32 = qk.detach().float().requires_grad_(), v.detach().float().requires_grad_()
@@ -466,13 +467,13 @@ def test_fused_inner_attention_matches_torch(dtype, P, T, C, heads):
 def test_scaled_softmax_matches_torch(dtype, shape):
     from torch.profiler import profile
 
-    assert tnt.cpu_kernels() is not None
+    assert cpu.cpu_kernels() is not None
     torch.manual_seed(0)
     scale = 64 ** -0.5
     x = (torch.randn(shape) * 20).to(dtype).requires_grad_()
     g = torch.randn(shape).to(dtype)
     with profile() as prof:
-        y = tnt._ScaledSoftmax.apply(x, scale)
+        y = cpu.ScaledSoftmax.apply(x, scale)
         y.backward(g)
     assert {"tntp::scaled_softmax_fwd", "tntp::scaled_softmax_bwd"} <= {e.name for e in prof.events()}
     x32 = x.detach().float().requires_grad_()
@@ -549,9 +550,9 @@ def test_float64_model_keeps_torchs_ops():
     with torch.no_grad(), profile() as prof:
         out = model(x)
     assert not any(e.name.startswith("tntp::") for e in prof.events())
-    with torch.no_grad(), tnt.reference_kernels():
+    with torch.no_grad(), cpu.reference_kernels():
         assert torch.equal(out, model(x))
-    assert tnt.cpu_kernels() is not None
+    assert cpu.cpu_kernels() is not None
     with pytest.raises(RuntimeError, match="inner_attention"):
         torch.ops.tntp.inner_attention_fwd(torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0)
     with pytest.raises(RuntimeError, match="scaled_softmax"):
@@ -570,16 +571,16 @@ def test_kernels_are_not_rebuilt_for_a_copy_of_the_code_elsewhere(tmp_path):
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    assert tnt.cpu_kernels() is not None  # built (or found) for this checkout
-    name = tnt.kernel_build_name()
+    assert cpu.cpu_kernels() is not None  # built (or found) for this checkout
+    name = cpu.kernel_build_name()
     so = os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")
     built = os.stat(so).st_mtime_ns
     here = os.path.dirname(os.path.dirname(os.path.abspath(tnt.__file__)))
     for copy in ("downloaded_a", "downloaded_b"):
         root = tmp_path / copy
         shutil.copytree(os.path.join(here, "pipeline"), root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-        code = "import pipeline.tnt as t, sys; assert t.__file__.startswith(sys.argv[1]), t.__file__; " \
-               "assert t.cpu_kernels() is not None"
+        code = "import pipeline.kernels.cpu as c, sys; assert c.__file__.startswith(sys.argv[1]), c.__file__; " \
+               "assert c.cpu_kernels() is not None"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True,
                               text=True, timeout=300)
@@ -592,16 +593,16 @@ def test_kernels_are_not_rebuilt_for_a_copy_of_the_code_elsewhere(tmp_path):
 def test_each_cpu_kernel_switch_turns_that_kernel_off_and_only_it(switch, kernel):
     """README: TNTP_ONEDNN_FP32=0, TNTP_FUSED_INNER=0, TNTP_FUSED_NORM=0 and
     TNTP_FUSED_SOFTMAX=0 each turn one kernel off; the model's output does not change
-    beyond float rounding (the reference path, tnt.reference_kernels())."""
+    beyond float rounding (the reference path, cpu.reference_kernels())."""
     import json
     import subprocess
     import sys
 
-    code = ("import json, torch; from pipeline import tnt; torch.manual_seed(0); "
+    code = ("import json, torch; from pipeline import tnt; from pipeline.kernels import cpu; torch.manual_seed(0); "
             "m = tnt.create('tntp_tiny_patch8_32', num_classes=10).eval(); x = torch.randn(2, 3, 32, 32); "
             "y = m(x); ref = None\n"
-            "with tnt.reference_kernels(): ref = m(x)\n"
-            "print(json.dumps({'on': tnt._KERNELS, 'err': (y - ref).abs().max().item()}))")
+            "with cpu.reference_kernels(): ref = m(x)\n"
+            "print(json.dumps({'on': cpu.KERNELS, 'err': (y - ref).abs().max().item()}))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     got = json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **{switch: "0"}),
                                     capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()[-1])
