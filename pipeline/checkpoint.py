@@ -32,6 +32,7 @@ of the last save is kept in memory, and the tag to resume is rank 0's, broadcast
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -352,11 +353,11 @@ class CheckpointManager:
     def reshardable(self, tag: str) -> bool:
         return os.path.isfile(os.path.join(self.folder, tag, RESHARDABLE))
 
-    def load_resharded(self, tag: str, engine, seed: int, ema=None) -> dict:
+    def load_resharded(self, tag: str, engine, seed: int, ema=None) -> RunState:
         """Restore ``tag``, written on another number of ranks: the weights, fp32 masters
         and Adam state from ``optim.safetensors``, the EMA; each rank's RNG states are
         drawn afresh from ``(seed, step, rank)`` (the old ranks' do not map onto the new
-        ones). Returns the client dict (from ``meta.json``). Synchronizes ranks."""
+        ones). Returns the run's state (from ``meta.json``). Synchronizes ranks."""
         from pipeline import distributed, reshard
 
         path = os.path.join(self.folder, tag)
@@ -371,11 +372,11 @@ class CheckpointManager:
         random.seed(derived)
         np.random.seed(derived % (1 << 32))
         self.last_step = int(meta["step"])
-        return {k: meta[k] for k in ("loader", "step", "best_top1", "mlflow_run_id", "registry") if k in meta}
+        return RunState.of(meta)
 
-    def load(self, tag: str, engine, ema=None) -> dict:
+    def load(self, tag: str, engine, ema=None) -> RunState:
         """Restore the engine, this rank's RNG states and the EMA from ``tag``; returns
-        the client dict. Synchronizes ranks (DeepSpeed's load)."""
+        the run's state. Synchronizes ranks (DeepSpeed's load)."""
         path = os.path.join(self.folder, tag)
         with weights_only_loads():
             _, client = engine.load_checkpoint(self.folder, tag=tag)
@@ -385,10 +386,45 @@ class CheckpointManager:
 
             ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
         self.last_step = int(client["step"])
-        return client
+        return RunState.of(client)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint holds besides the engine, the RNG states and the EMA: the
+    trainer's client state, saved by DeepSpeed and in ``meta.json``. Its fields are the
+    one list of those keys, which :meth:`CheckpointManager.save` writes and both loads
+    read (a reshard once lost a key that its own copy of the list lacked)."""
+
+    loader: dict | None = None  # Loader.state_dict()
+    step: int = 0
+    best_top1: float = -1.0
+    mlflow_run_id: str | None = None
+    registry: dict | None = None  # Registrar.state_dict(); absent in checkpoints from before 2026-11
+
+    def client(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, client: dict) -> "RunState":
+        """From a saved client dict (or a ``meta.json``, which holds it)."""
+        state = cls(**{f.name: client[f.name] for f in dataclasses.fields(cls) if f.name in client})
+        state.step, state.best_top1 = int(state.step), float(state.best_top1)
+        return state
 
 
 RESHARDABLE = "optim.safetensors"
+
+
+def estimate_bytes(num_params: int, precision: str, zero_stage: int, ema: bool) -> int:
+    """A checkpoint's size before the first is written (the free-space check): the 16- or
+    32-bit weights, AdamW's two fp32 moments, the fp32 masters (ZeRO >= 1 in 16 bits),
+    the EMA, and ``optim.safetensors`` (ZeRO >= 1: masters and moments by name)."""
+    per_param = {"bf16": 2, "fp16": 2, "fp32": 4}[precision] + 8
+    per_param += 4 if zero_stage >= 1 and precision != "fp32" else 0
+    per_param += 4 if ema else 0
+    per_param += 12 if zero_stage >= 1 else 0
+    return num_params * per_param
 
 
 def check_layout(meta: dict, path: str, world: int, zero_stage: int, out: str, reshardable: bool = False) -> None:

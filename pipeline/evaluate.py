@@ -11,11 +11,16 @@ import torch.distributed as dist
 
 
 class Validator:
-    def __init__(self, loader, device: torch.device, dtype: torch.dtype, finish=None):
+    def __init__(self, loader, device: torch.device, dtype: torch.dtype, finish=None, every: int = 1):
         self.loader = loader
+        self.every = every  # train.eval_every: epochs between evaluations (0: only at the end)
         self.finish = finish  # a DeviceFinish for uint8 batches (data.finish=device)
         self.device = device
         self.dtype = dtype  # the engine's input dtype (the EMA is fp32 and takes fp32)
+
+    def due(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (counted from 1) is an evaluation's."""
+        return bool(self.every) and epoch % self.every == 0
 
     @torch.no_grad()
     def validate(self, models: dict[str, tuple[torch.nn.Module, bool]]) -> dict[str, dict[str, float]]:

@@ -38,8 +38,10 @@ class JsonlSink:
 
 
 class MetricsProcessor:
-    def __init__(self, sinks: list, world: int, device: torch.device, flops_per_image: float, peak_tflops: float | None):
+    def __init__(self, sinks: list, world: int, device: torch.device, flops_per_image: float, peak_tflops: float | None,
+                 log_every: int = 1, total_steps: int = 0):
         self.sinks = sinks
+        self.log_every, self.total_steps = log_every, total_steps
         self.world = world
         self.device = device
         self.flops_per_image = flops_per_image
@@ -56,6 +58,14 @@ class MetricsProcessor:
         self.excluded = 0.0  # seconds of evaluation and checkpoints, not counted in img/s
         self.grad_norm = None  # of the window's last optimizer step (before clipping), as DeepSpeed gives it
         self.start = time.perf_counter()
+
+    def should_log(self, step: int) -> bool:
+        """Every ``train.log_every`` optimizer steps, and at the last."""
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def optimizer_step(self, grad_norm: float | None) -> None:
+        """An optimizer step ended: its gradient norm (before clipping, as DeepSpeed gives it)."""
+        self.grad_norm = grad_norm
 
     def micro_batch(self, loss: torch.Tensor, images: int, wait: float) -> None:
         self.loss += loss.detach().double()

@@ -94,6 +94,10 @@ class Registrar:
         self.attempts, self.requeues = int(state["attempts"]), int(state["requeues"])
         self.world_sizes = list(state["world_sizes"])
 
+    def requeued(self) -> None:
+        """The run is checkpointed and requeued on the time-limit signal."""
+        self.requeues += 1
+
     def start_attempt(self, world: int) -> None:
         self.attempts += 1
         self.world_sizes.append(world)

@@ -55,3 +55,19 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+
+
+def hold(out: str, rank: int, device, wait_s: float) -> RunLock:
+    """One job at a time in ``out``: rank 0 takes the lock and holds it until its process
+    ends; every rank learns whether it got it (one all-reduce: synchronizes ranks)."""
+    from pipeline import distributed
+
+    lock, in_use = RunLock(out), None
+    if rank == 0:
+        try:
+            lock.acquire(wait_s)
+        except RunInUse as exc:
+            in_use = exc
+    if distributed.agree_any([in_use is not None], device)[0]:
+        raise in_use or RunInUse("train.out is in use by another job (rank 0 says which)")
+    return lock

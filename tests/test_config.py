@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import config
 from pipeline.errors import InputError
-from pipeline.train import lr_at
+from pipeline.build import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -83,7 +83,7 @@ def test_metrics_window_excludes_paused_time():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_gradients_accumulate_and_reduce_in_fp32(stage):
-    from pipeline.train import deepspeed_config
+    from pipeline.build import deepspeed_config
 
     t = config.TrainCfg(zero_stage=stage, precision="bf16", ema=stage < 3)
     ds = deepspeed_config(t, 0.0, 128)
@@ -214,7 +214,7 @@ COMPILE_PROBE = textwrap.dedent(
         return log(step, *args, **kwargs)
     trainer.metrics.log = counting_log
     trainer.run()
-    print(json.dumps({"compiled": trainer.compiled, "seen": seen}))
+    print(json.dumps({"compiled": trainer.parts.compiled, "seen": seen}))
     """
 )
 
@@ -244,7 +244,7 @@ def test_compiled_training_does_not_recompile_every_step(demo_shards, tmp_path):
 def test_ema_without_timms_dtype_argument_is_float32_and_matches(monkeypatch):
     """timm 1.0.29 (a GPU machine's image) has no ModelEmaV3(dtype=): the EMA then
     makes its copy float32 and updates it itself, to the same values as timm's own."""
-    from pipeline.train import EMA
+    from pipeline.build import EMA
 
     torch.manual_seed(0)
     model = tnt.create("tntp_tiny_patch8_32", num_classes=10).to(torch.bfloat16)

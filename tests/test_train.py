@@ -142,14 +142,11 @@ def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     assert os.path.isfile(os.path.join(out, "export", "model_ema.safetensors")) == (stage != 3)
     # the size the trainer expects of a checkpoint before the first is written (its
     # free-space check) against the real one: within a quarter, either way
-    from types import SimpleNamespace
-
     from pipeline import config as config_mod
-    from pipeline.train import Trainer
+    from pipeline.checkpoint import estimate_bytes
 
     cfg = config_mod.load(CONFIG, [f"train.zero_stage={stage}", f"train.precision={precision}", ema])
-    expected = Trainer._checkpoint_bytes(SimpleNamespace(cfg=cfg, ema=object() if stage != 3 else None,
-                                                         num_params=tnt.count_params(ours)))
+    expected = estimate_bytes(tnt.count_params(ours), cfg.train.precision, cfg.train.zero_stage, cfg.train.ema)
     folder = os.path.join(out, "checkpoints", "step00000016")
     real = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
     assert 0.75 * real <= expected <= 1.25 * real, (expected, real)
