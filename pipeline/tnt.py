@@ -26,13 +26,13 @@ Differences from timm's implementation (same maths, tolerance 1e-5 in float32):
   instead of slicing + ``torch.cat`` of the class token;
 * with class-token pooling, ``forward`` computes only the class token in the last
   block (timm computes all tokens and keeps one);
-* float32 linear layers on CPU run through oneDNN instead of MKL (:class:`Linear`);
-* on CPU, our C++ kernels (``pipeline/csrc``, built on first use by
-  :func:`cpu_kernels`; torch's ops if they cannot be built): the inner attention in
-  one fused pass (:class:`InnerAttention`), LayerNorm in float32 maths for every
-  dtype, writing the autocast dtype when only linear layers read it
-  (:class:`LayerNorm`), and the outer attention's softmax with the scale folded in,
-  in half precision (:class:`ScaledSoftmax`);
+* on CPU, our kernels (:mod:`pipeline.kernels.cpu`; torch's ops where they cannot be
+  built or are switched off): float32 linear layers through oneDNN instead of MKL, the
+  inner attention in one fused C++ pass, LayerNorm in float32 maths for every dtype
+  (writing the autocast dtype when only linear layers read it), and the outer
+  attention's softmax with the scale folded in, in half precision; on CUDA, the Triton
+  inner attention (:mod:`pipeline.kernels.inner_attention_triton`) once it passes its
+  self-check (:func:`select_inner_kernel`);
 * the inner stream is kept contiguous (timm's is a transposed view throughout);
 * optional activation checkpointing per block (``set_grad_checkpointing``).
 

@@ -78,7 +78,7 @@ def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path
     open(os.path.join(m.folder, "step00000012", "mp_rank_00_model_states.pt"), "w").write("{partial")
     fresh = manager(tmp_path)
     assert fresh.latest() == "step00000008"
-    assert fresh.load("step00000008", engine)["step"] == 8 and fresh.last_step == 8
+    assert fresh.load("step00000008", engine).step == 8 and fresh.last_step == 8
     # latest itself naming an incomplete checkpoint (written by hand, or a lost COMPLETE): the newest complete one
     open(os.path.join(m.folder, "latest"), "w").write("step00000012")
     assert manager(tmp_path).latest() == "step00000008"

@@ -207,3 +207,21 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_written(tmp_path, launcher):
         assert proc.returncode == 2 and lines == [f"error: train.micro_batch must be in [1, 1048576], not {value}"], \
             (proc.returncode, proc.stderr[-2000:])
         assert not out.exists() and os.listdir(tmp_path) == [] and "#SBATCH" not in proc.stdout
+
+
+def test_the_slurm_launchers_help_and_dry_run_import_neither_torch_nor_pil():
+    """A login node without a GPU stack: `launch/slurm.py --help` and `--dry-run` load the
+    configuration (and its augmentation settings) without torch or PIL."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = ("import runpy, sys; sys.argv = ['launch/slurm.py'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_path('launch/slurm.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('loaded:', sorted({'torch', 'PIL', 'timm'} & set(sys.modules)))")
+    for args in (["--help"], ["--nodes", "2", "--dry-run", "--", "--config", "configs/tiny_cpu.yaml"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.splitlines()[-1] == "loaded: []", (args, proc.stdout[-500:])
+        assert "--nodes" in proc.stdout or "sbatch" in proc.stdout or "#SBATCH" in proc.stdout

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_train import losses, metrics, train
 from waiting import wait_for
 
-from launch.slurm import read_attempts
+from launch.recovery import read_attempts
 from pipeline import failures
 
 pytestmark = pytest.mark.slow  # a real Slurm cluster and jobs: bash .ci/run -m "not slow" leaves it out
@@ -144,7 +144,7 @@ def test_rendezvous_port_is_below_the_ephemeral_range_and_changes_on_requeue():
 
 
 def test_what_is_resubmitted_after_a_job_ends_badly():
-    from launch.slurm import decide
+    from launch.recovery import decide
 
     assert decide("FAILED", [None, 1], 0, 3)[0]  # a rank killed, its peer lost it
     assert decide("NODE_FAIL", [None, None], 2, 3)[0]
