@@ -37,12 +37,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from shard_bench import make_synthetic, warm  # noqa: E402
 
 from pipeline import shard  # noqa: E402
 from pipeline.compat import fix_timm_posterize  # noqa: E402
 from pipeline.data import Loader, TrainStream, load_manifest  # noqa: E402
 from pipeline.transforms import TNT_MEAN, TNT_STD, Augment, TrainTransform  # noqa: E402
-from shard_bench import make_synthetic, warm  # noqa: E402
 
 PIL_GEOMETRY = Augment(cv2_geometry=False)  # timm's operators exactly
 
@@ -161,40 +161,62 @@ def bench(name: str, root: str, args, tmp: str, pil_row: bool) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main([root, "--out", out, "--quiet"]) == 0
     floor, ours_floor = shared_floor(root), shared_floor(root, augment=Augment())
-    print(f"\n{name}: {files} JPEGs, mean {size / files / 1e3:.0f} KB, batch {args.batch}; image work (decode, "
-          f"crop+resize, RandAugment): timm's operators {floor * 1e3:.2f} ms/img, ours {ours_floor * 1e3:.2f} ms/img")
+    print(
+        f"\n{name}: {files} JPEGs, mean {size / files / 1e3:.0f} KB, batch {args.batch}; image work (decode, "
+        f"crop+resize, RandAugment): timm's operators {floor * 1e3:.2f} ms/img, ours {ours_floor * 1e3:.2f} ms/img"
+    )
     for workers in args.workers:
-        runs = {"timm ImageFolder": timm_folder(os.path.join(root, "train"), args.batch, workers),
-                "ours": ours(os.path.join(out, "train"), args.batch, workers)}
+        runs = {
+            "timm ImageFolder": timm_folder(os.path.join(root, "train"), args.batch, workers),
+            "ours": ours(os.path.join(out, "train"), args.batch, workers),
+        }
         if pil_row:
             runs["ours, PIL geometry"] = ours(os.path.join(out, "train"), args.batch, workers, PIL_GEOMETRY)
         runs["ours, uint8 (GPU finish)"] = ours(os.path.join(out, "train"), args.batch, workers, finish="device")
         for epochs in runs.values():
             rate(next(epochs))  # warm-up epoch (page cache, imports)
         (t, tc), *rest = [rate(next(epochs)) for epochs in runs.values()]
-        print(f"  {workers} worker(s): timm ImageFolder {t:6.1f} img/s {tc:6.1f} img/CPU-s"
-              f"   (ceiling per CPU-s with timm's operators: {1 / floor / tc:.2f}x)")
+        print(
+            f"  {workers} worker(s): timm ImageFolder {t:6.1f} img/s {tc:6.1f} img/CPU-s"
+            f"   (ceiling per CPU-s with timm's operators: {1 / floor / tc:.2f}x)"
+        )
         for label, (o, oc) in zip(list(runs)[1:], rest):
-            print(f"    {label:24s} {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, "
-                  f"{oc / tc:.2f}x per CPU-s", flush=True)
+            print(
+                f"    {label:24s} {o:6.1f} img/s {oc:6.1f} img/CPU-s   ours/timm {o / t:.2f}x wall, "
+                f"{oc / tc:.2f}x per CPU-s",
+                flush=True,
+            )
         (_, worker_c), (_, uint8_c) = rest[0], rest[-1]
-        print(f"    loader CPU per image: {1e3 / worker_c:.2f} ms with the finish in the workers, {1e3 / uint8_c:.2f} ms "
-              f"with uint8 batches ({uint8_c / worker_c:.2f}x img/CPU-s)", flush=True)
+        print(
+            f"    loader CPU per image: {1e3 / worker_c:.2f} ms with the finish in the workers, {1e3 / uint8_c:.2f} ms "
+            f"with uint8 batches ({uint8_c / worker_c:.2f}x img/CPU-s)",
+            flush=True,
+        )
 
 
 def main_finish() -> None:
     on_float, on_uint8 = finish_cost()
-    print(f"finish work per 224x224 image, 1 thread: float32 in the workers {on_float * 1e3:.3f} ms "
-          f"(normalise, erasing 0.25, Mixup/CutMix), uint8 {on_uint8 * 1e3:.3f} ms (copy): "
-          f"{(on_float - on_uint8) * 1e3:.3f} ms of CPU saved per image ({on_float / on_uint8:.1f}x less)")
+    print(
+        f"finish work per 224x224 image, 1 thread: float32 in the workers {on_float * 1e3:.3f} ms "
+        f"(normalise, erasing 0.25, Mixup/CutMix), uint8 {on_uint8 * 1e3:.3f} ms (copy): "
+        f"{(on_float - on_uint8) * 1e3:.3f} ms of CPU saved per image ({on_float / on_uint8:.1f}x less)"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=3000, help="number of JPEGs per data set")
     p.add_argument("--batch", type=int, default=64, help="batch size")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to time (0: all in the main process)")
-    p.add_argument("--finish-only", action="store_true", help="only the finish work per image (float32 vs uint8 batches)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="DataLoader worker counts to time (0: all in the main process)",
+    )
+    p.add_argument(
+        "--finish-only", action="store_true", help="only the finish work per image (float32 vs uint8 batches)"
+    )
     args = p.parse_args()
     if args.finish_only:
         torch.set_num_threads(1)
@@ -206,7 +228,9 @@ def main() -> None:
     main_finish()
     with tempfile.TemporaryDirectory() as tmp:
         bench("ImageNet-sized (~500x375)", make_synthetic(os.path.join(tmp, "syn"), args.images), args, tmp, True)
-        bench("large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp, False)
+        bench(
+            "large (~1000x750)", make_synthetic(os.path.join(tmp, "big"), args.images // 2, scale=2.0), args, tmp, False
+        )
 
 
 if __name__ == "__main__":

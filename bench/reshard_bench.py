@@ -71,9 +71,17 @@ def engine_for(variant: str, stage: int):
 
     torch.manual_seed(0)
     model = tnt.create(variant, num_classes=1000)
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
-           "zero_optimization": {"stage": stage}, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,
-           "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}, "steps_per_print": 1 << 30}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": True},
+        "zero_allow_untested_optimizer": True,
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "steps_per_print": 1 << 30,
+    }
     opt = torch.optim.AdamW(tnt.param_groups(model, 0.05), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
@@ -94,7 +102,10 @@ def main() -> None:
 
     init_distributed(600)
     work = tempfile.mkdtemp(prefix="reshard_bench_", dir=args.dir)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.variant}, 1 rank, bf16; in {work}")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.variant}, 1 "
+        f"rank, bf16; in {work}"
+    )
     for stage in args.stages:
         engine = engine_for(args.variant, stage)
         x = torch.randn(2, 3, 224, 224, dtype=torch.bfloat16)
@@ -114,11 +125,15 @@ def main() -> None:
         t_load = timed(lambda: reshard.load(fresh, *reshard.read(ours)))
         t_ds_load = timed(lambda: engine.load_checkpoint(ds_dir, tag="t"))
         ours_s = t_gather + t_write
-        print(f"ZeRO-{stage}: DeepSpeed save {t_ds:6.2f} s {mb_ds:7.1f} MB | by name: gather {t_gather:5.2f} s + write "
-              f"{t_write:5.2f} s = {ours_s:5.2f} s {mb_ours:7.1f} MB | save time x{(t_ds + ours_s) / t_ds:.2f}, "
-              f"size x{(mb_ds + mb_ours) / mb_ds:.2f} | disk ceiling for {mb_ours:.0f} MB: {ceiling:.2f} s")
-        print(f"        load by name {t_load:5.2f} s vs DeepSpeed's load {t_ds_load:5.2f} s (x{t_load / t_ds_load:.2f})")
-        del engine, fresh, box
+        print(
+            f"ZeRO-{stage}: DeepSpeed save {t_ds:6.2f} s {mb_ds:7.1f} MB | by name: gather {t_gather:5.2f} s + write "
+            f"{t_write:5.2f} s = {ours_s:5.2f} s {mb_ours:7.1f} MB | save time x{(t_ds + ours_s) / t_ds:.2f}, "
+            f"size x{(mb_ds + mb_ours) / mb_ds:.2f} | disk ceiling for {mb_ours:.0f} MB: {ceiling:.2f} s"
+        )
+        print(
+            f"        load by name {t_load:5.2f} s vs DeepSpeed's load {t_ds_load:5.2f} s (x{t_load / t_ds_load:.2f})"
+        )
+        engine = fresh = box = None  # freed before the next stage's engine
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -42,13 +42,15 @@ from reshard_bench import cpu_name  # noqa: E402
 def register_tiny(tmp: str) -> tuple[str, str]:
     """A tiny TNT registered the trainer's way in a local store: (model URI, tracking URI)."""
     from pipeline import export, tnt
-    from pipeline.transforms import Augment
     from pipeline.tracking import Tracker
+    from pipeline.transforms import Augment
 
     uri = f"sqlite:///{tmp}/mlflow.db"
     aug = Augment(img_size=32, crop_pct=1.0)
     state = tnt.create("tntp_tiny_patch8_32", num_classes=10).state_dict()
-    files = export.export(os.path.join(tmp, "export"), "tntp_tiny_patch8_32", tuple("0123456789"), aug, state, None, 0, 0)
+    files = export.export(
+        os.path.join(tmp, "export"), "tntp_tiny_patch8_32", tuple("0123456789"), aug, state, None, 0, 0
+    )
     config = os.path.join(tmp, "config.yaml")
     with open(config, "w") as f:
         f.write("name: serve-bench\n")
@@ -91,11 +93,13 @@ def main() -> None:
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
     server = ModelServer(sys.executable, model_uri, tracking_uri, os.path.join(tmp, "serve")).start(timeout=180)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; model {model_uri}; "
-          f"{args.requests} sequential requests per batch size; real JPEGs (MNIST digits, 28x28)")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; model {model_uri}; "
+        f"{args.requests} sequential requests per batch size; real JPEGs (MNIST digits, 28x28)"
+    )
     try:
         for batch in [int(b) for b in args.batches.split(",")]:
-            groups = [images[(i * batch) % len(images):][:batch] or images[:batch] for i in range(args.requests)]
+            groups = [images[(i * batch) % len(images) :][:batch] or images[:batch] for i in range(args.requests)]
             model.predict(pd.DataFrame({"image": groups[0]}))  # warm-up
             local = []
             t0 = time.perf_counter()
@@ -104,8 +108,15 @@ def main() -> None:
                 model.predict(pd.DataFrame({"image": g}), params={"top_k": 5})
                 local.append((time.perf_counter() - t) * 1e3)
             local_s = time.perf_counter() - t0
-            bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in g]},
-                                  "params": {"top_k": 5}}).encode() for g in groups]
+            bodies = [
+                json.dumps(
+                    {
+                        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in g]},
+                        "params": {"top_k": 5},
+                    }
+                ).encode()
+                for g in groups
+            ]
             assert server.post(bodies[0])[0] == 200  # warm-up
             served = []
             t0 = time.perf_counter()
@@ -117,10 +128,13 @@ def main() -> None:
                     raise SystemExit(f"HTTP {status}: {answer[:300]!r}")
             served_s = time.perf_counter() - t0
             (l50, l95), (s50, s95) = percentiles(local), percentiles(served)
-            print(f"batch {batch:>3}: in process p50 {l50:7.1f} ms p95 {l95:7.1f} ms {args.requests / local_s:7.1f} req/s "
-                  f"({args.requests * batch / local_s:7.0f} img/s) | served p50 {s50:7.1f} ms p95 {s95:7.1f} ms "
-                  f"{args.requests / served_s:7.1f} req/s ({args.requests * batch / served_s:7.0f} img/s) | "
-                  f"overhead x{s50 / l50:.2f} (p50 served / in process)")
+            print(
+                f"batch {batch:>3}: in process p50 {l50:7.1f} ms p95 {l95:7.1f} ms {args.requests / local_s:7.1f} "
+                "req/s "
+                f"({args.requests * batch / local_s:7.0f} img/s) | served p50 {s50:7.1f} ms p95 {s95:7.1f} ms "
+                f"{args.requests / served_s:7.1f} req/s ({args.requests * batch / served_s:7.0f} img/s) | "
+                f"overhead x{s50 / l50:.2f} (p50 served / in process)"
+            )
     finally:
         server.kill()
 

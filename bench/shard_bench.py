@@ -97,7 +97,12 @@ def main() -> None:
     print(f"cpus: {os.cpu_count()}, shard builder workers: {args.workers}")
     with tempfile.TemporaryDirectory() as tmp:
         bench("demo (MNIST digits, 28x28)", demo.write_demo_tree(os.path.join(tmp, "mnist")), args.workers, tmp)
-        bench("synthetic ImageNet-sized (~500x375, q90)", make_synthetic(os.path.join(tmp, "syn"), args.synthetic), args.workers, tmp)
+        bench(
+            "synthetic ImageNet-sized (~500x375, q90)",
+            make_synthetic(os.path.join(tmp, "syn"), args.synthetic),
+            args.workers,
+            tmp,
+        )
 
 
 if __name__ == "__main__":

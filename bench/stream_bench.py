@@ -41,8 +41,8 @@ from shard_bench import make_synthetic, timed, warm  # noqa: E402
 
 from pipeline import shard, store  # noqa: E402
 from pipeline.data import Loader, TrainStream  # noqa: E402
-from pipeline.transforms import Augment  # noqa: E402
 from pipeline.manifest import _Reporter, _Sequence, load_manifest  # noqa: E402
+from pipeline.transforms import Augment  # noqa: E402
 
 
 def build(src: str, out: str) -> None:
@@ -91,8 +91,10 @@ def main() -> None:
             server.bucket("bench")
             t_local = timed(lambda: build(src, os.path.join(work, "local")))
             t_s3 = timed(lambda: build(src, "s3://bench/data"))
-            print(f"builder: {files} files, {size / 1e6:.1f} MB | to disk {t_local:.1f} s | to the store {t_s3:.1f} s "
-                  f"({t_local / t_s3:.2f}x of disk speed)")
+            print(
+                f"builder: {files} files, {size / 1e6:.1f} MB | to disk {t_local:.1f} s | to the store {t_s3:.1f} s "
+                f"({t_local / t_s3:.2f}x of disk speed)"
+            )
             local = load_manifest(os.path.join(work, "local", "train"))
             remote = load_manifest("s3://bench/data/train")
             total = sum(local.shard_bytes)
@@ -106,16 +108,23 @@ def main() -> None:
             warm(os.path.join(work, "local"))
             r_local = total / timed(lambda: read_all(local)) / 1e6
             r_s3 = total / timed(lambda: read_all(remote)) / 1e6
-            print(f"raw read, {total / 1e6:.1f} MB: local {r_local:,.0f} MB/s | server {r_s3:,.0f} MB/s ({r_s3 / r_local:.3f}x)")
+            print(
+                f"raw read, {total / 1e6:.1f} MB: local {r_local:,.0f} MB/s | server {r_s3:,.0f} MB/s "
+                f"({r_s3 / r_local:.3f}x)"
+            )
 
             loader_rate(local, args.workers, args.batch, 0)  # warm-up: page cache, imports, JIT
             cache = store.ShardCache(os.path.join(work, "cache"))
             cached = load_manifest("s3://bench/data/train", store=store.Store(cache=cache))
             rows: dict[str, list[float]] = {}
-            for rep in range(args.repeats):  # interleaved, best of: the same epoch for every row
+            for _ in range(args.repeats):  # interleaved, best of: the same epoch for every row
                 shutil.rmtree(cache.root, ignore_errors=True)
-                for name, m in (("local disk (baseline)", local), ("store, streamed (no cache)", remote),
-                                ("store, cold cache (1st epoch)", cached), ("store, warm cache", cached)):
+                for name, m in (
+                    ("local disk (baseline)", local),
+                    ("store, streamed (no cache)", remote),
+                    ("store, cold cache (1st epoch)", cached),
+                    ("store, warm cache", cached),
+                ):
                     rows.setdefault(name, []).append(loader_rate(m, args.workers, args.batch, 1))
             base = max(rows["local disk (baseline)"])
             print(f"loader, full recipe at 224 px, batch {args.batch}, best of {args.repeats}:")
@@ -123,9 +132,12 @@ def main() -> None:
                 print(f"  {name:<32} {max(r):8.1f} img/s  {max(r) / base:5.2f}x")
             # The store's own cost, without the decoding that dominates (and adds noise to) the rows above
             raw: dict[str, list[float]] = {}
-            for rep in range(args.repeats):
-                for name, m in (("local disk (baseline)", local), ("store, streamed (no cache)", remote),
-                                ("store, warm cache", cached)):
+            for _ in range(args.repeats):
+                for name, m in (
+                    ("local disk (baseline)", local),
+                    ("store, streamed (no cache)", remote),
+                    ("store, warm cache", cached),
+                ):
                     raw.setdefault(name, []).append(timed(lambda m=m: bytes_per_epoch(m, 1, 1, 8)))
             n = local.num_samples // 8 * 8
             print(f"samples read, not decoded (one slot, in-process), best of {args.repeats}:")
@@ -133,14 +145,19 @@ def main() -> None:
                 print(f"  {name:<32} {n / min(t):8.0f} samples/s  {min(raw['local disk (baseline)']) / min(t):5.2f}x")
             for world, workers in ((1, 2), (16, 4)):
                 b = bytes_per_epoch(remote, world, workers, 8)
-                print(f"bytes read per epoch, {world * workers} slots: {b / 1e6:.1f} MB of {total / 1e6:.1f} MB = {b / total:.3f}x")
+                print(
+                    f"bytes read per epoch, {world * workers} slots: {b / 1e6:.1f} MB of {total / 1e6:.1f} MB = "
+                    f"{b / total:.3f}x"
+                )
             full, rest = bytes_per_epoch(local, 1, 2, 8), bytes_per_epoch(local, 1, 2, 8, half=True)
             gap, _Sequence.gap_bytes = _Sequence.gap_bytes, 0  # exact ranges: just the samples still to use
             needed = bytes_per_epoch(local, 1, 2, 8, half=True)
             _Sequence.gap_bytes = gap
-            print(f"resume half-way through the epoch, 2 slots: reads {rest / 1e6:.1f} MB; the samples not yet used "
-                  f"(the shuffle buffers' and the rest) are {needed / 1e6:.1f} MB ({rest / needed:.3f}x); a whole epoch "
-                  f"{full / 1e6:.1f} MB")
+            print(
+                f"resume half-way through the epoch, 2 slots: reads {rest / 1e6:.1f} MB; the samples not yet used "
+                f"(the shuffle buffers' and the rest) are {needed / 1e6:.1f} MB ({rest / needed:.3f}x); a whole epoch "
+                f"{full / 1e6:.1f} MB"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -19,7 +19,6 @@ speed-up over timm that any implementation of the same FLOPs could show.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
@@ -28,10 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pipeline.compat  # noqa: E402,F401
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+import pipeline.compat  # noqa: E402,F401
 from pipeline import tnt  # noqa: E402
 from pipeline.kernels import cpu  # noqa: E402
 
@@ -143,27 +142,40 @@ def main() -> None:
     tnt.load_timm_state_dict(ours, ref.state_dict())
     x = torch.randn(args.batch, 3, 224, 224)
     y = torch.randint(0, 1000, (args.batch,))
-    print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, fwd+bwd")
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, batch "
+        f"{args.batch}, fwd+bwd"
+    )
     eager = {}
     for precision in ("fp32", "bf16", "bf16-module"):
-        pair = (ref, ours) if precision != "bf16-module" else (copy.deepcopy(ref).bfloat16(), copy.deepcopy(ours).bfloat16())
+        pair = (
+            (ref, ours)
+            if precision != "bf16-module"
+            else (copy.deepcopy(ref).bfloat16(), copy.deepcopy(ours).bfloat16())
+        )
         steps = [make_step(m, x, y, precision) for m in pair]
         t_ref, t_ours = time_alternating(steps, args.steps, args.warmup)
         m_ref, m_ours = (peak_growth_mb(step) for step in steps)
         eager[precision] = t_ref
-        print(f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
-              f"(peak memory of a step: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)", flush=True)
+        print(
+            f"{precision}: timm {t_ref:.3f} s/step   ours {t_ours:.3f} s/step   speed-up {t_ref / t_ours:.2f}x   "
+            f"(peak memory of a step: timm {m_ref:.0f} MB, ours {m_ours:.0f} MB)",
+            flush=True,
+        )
         # Roofline: even if every FLOP ran at the best GEMM rate and nothing else cost
         # time, a step could not be faster than this.
         rates = gemm_rate(torch.float32 if precision == "fp32" else torch.bfloat16)
         rate = max(rates.values())
         f_ref, f_ours = (step_flops(m, precision) * args.batch for m in pair)
         floor = f_ours / rate
-        print(f"      GEMM ceiling {rate / 1e9:.0f} GFLOP/s ({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.items())}); "
-              f"step FLOPs timm {f_ref / 1e9:.0f} G, ours {f_ours / 1e9:.0f} G; "
-              f"achieved timm {f_ref / t_ref / 1e9:.0f}, ours {f_ours / t_ours / 1e9:.0f} GFLOP/s; "
-              f"ours can be at most {t_ref / floor:.2f}x timm (a step of pure GEMMs at the ceiling: {floor:.3f} s)",
-              flush=True)
+        print(
+            f"      GEMM ceiling {rate / 1e9:.0f} GFLOP/s "
+            f"({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.items())}); "
+            f"step FLOPs timm {f_ref / 1e9:.0f} G, ours {f_ours / 1e9:.0f} G; "
+            f"achieved timm {f_ref / t_ref / 1e9:.0f}, ours {f_ours / t_ours / 1e9:.0f} GFLOP/s; "
+            f"ours can be at most {t_ref / floor:.2f}x timm (a step of pure GEMMs at the ceiling: {floor:.3f} s)",
+            flush=True,
+        )
     # Compiled runs last: inductor's compile workers keep the CPU busy for a while and
     # would slow down any eager measurement taken after them.
     for precision in ("fp32", "bf16") if args.compile else ():
@@ -173,8 +185,12 @@ def main() -> None:
         step()
         compile_s = time.perf_counter() - t0
         (t_c,) = time_alternating([step], args.steps, args.warmup)
-        print(f"{precision}: ours compiled {t_c:.3f} s/step   speed-up vs timm eager {eager[precision] / t_c:.2f}x   "
-              f"(first step incl. compile {compile_s:.0f} s)", flush=True)
+        print(
+            f"{precision}: ours compiled {t_c:.3f} s/step   speed-up vs timm eager {eager[precision] / t_c:.2f}x   "
+            f"(first step incl. compile {compile_s:.0f} s)",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """TNT training throughput, MFU and peak memory: ours (eager, compiled, with the Triton
 inner attention) vs timm's TNT and timm's DeiT-S, same run, same weights.
 
-    .venv/bin/python bench/tnt_gpu_bench.py                           # on a GPU: TNT-S, batch 128 and 256, bf16 autocast
+    .venv/bin/python bench/tnt_gpu_bench.py           # on a GPU: TNT-S, batch 128 and 256, bf16 autocast
     .venv/bin/python bench/tnt_gpu_bench.py --variant b --batch 128 256 512 --rows ours-triton-compiled
     .venv/bin/python bench/tnt_gpu_bench.py --no-compile --batch 64
     .venv/bin/python bench/tnt_gpu_bench.py --device cpu --batch 2 --steps 1 --warmup 1 --no-compile   # smoke run
@@ -42,17 +42,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pipeline.compat  # noqa: E402,F401
 import timm  # noqa: E402
 import torch  # noqa: E402
-
-from pipeline import mfu, tnt  # noqa: E402
 from tnt_bench import step_flops, time_alternating  # noqa: E402
 
-ROWS = ("timm-eager", "timm-compiled", "ours-eager", "ours-compiled", "ours-triton-eager", "ours-triton-compiled",
-        "deit-compiled")
-MODELS = {"s": ("tnt_s_patch16_224", "tntp_s_patch16_224", "deit_small_patch16_224"),
-          "b": ("tnt_b_patch16_224", "tntp_b_patch16_224", "deit_base_patch16_224")}
+import pipeline.compat  # noqa: E402,F401
+from pipeline import mfu, tnt  # noqa: E402
+
+ROWS = (
+    "timm-eager",
+    "timm-compiled",
+    "ours-eager",
+    "ours-compiled",
+    "ours-triton-eager",
+    "ours-triton-compiled",
+    "deit-compiled",
+)
+MODELS = {
+    "s": ("tnt_s_patch16_224", "tntp_s_patch16_224", "deit_small_patch16_224"),
+    "b": ("tnt_b_patch16_224", "tntp_b_patch16_224", "deit_base_patch16_224"),
+}
 
 
 def peak_tflops(device: torch.device, precision: str, given: float | None) -> float | None:
@@ -111,19 +120,37 @@ def build_rows(names: list[str], args, device: torch.device) -> tuple[dict, dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when present) or cpu")
-    p.add_argument("--variant", choices=tuple(MODELS), default="s", help="TNT-S (default) or TNT-B, and DeiT-S or DeiT-B")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="images per step, one measurement per value (default: 128 256 on GPU, 8 on CPU)")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when present) or cpu"
+    )
+    p.add_argument(
+        "--variant", choices=tuple(MODELS), default="s", help="TNT-S (default) or TNT-B, and DeiT-S or DeiT-B"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="images per step, one measurement per value (default: 128 256 on GPU, 8 on CPU)",
+    )
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default: all of {', '.join(ROWS)})")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast (default) or fp32/TF32")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row first (and compilation)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling takes minutes)")
-    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense FLOP/s for --precision, in TFLOP/s "
-                   "(default: pipeline/mfu.py's table by exact device name; elsewhere MFU is not printed)")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak dense FLOP/s for --precision, in TFLOP/s "
+        "(default: pipeline/mfu.py's table by exact device name; elsewhere MFU is not printed)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     names = [r for r in args.rows.split(",") if r]
@@ -139,10 +166,13 @@ def main() -> None:
     models, flops = build_rows(names, args, device)
     peak = peak_tflops(device, args.precision, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, timm {timm.__version__}, TNT-{args.variant.upper()}, {args.precision}, "
-          f"fwd+bwd+AdamW; model FLOPs per image: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items())
-          + f"; peak {f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}; compile mode {args.compile_mode}",
-          flush=True)
+    print(
+        f"{name}, torch {torch.__version__}, timm {timm.__version__}, TNT-{args.variant.upper()}, {args.precision}, "
+        f"fwd+bwd+AdamW; model FLOPs per image: "
+        + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items())
+        + f"; peak {f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}; compile mode {args.compile_mode}",
+        flush=True,
+    )
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for batch in batches:
         x = torch.randn(batch, 3, 224, 224, device=device)
@@ -168,8 +198,11 @@ def main() -> None:
             vs = f"   x{base / s:.2f} timm eager" if base else ""
             vs += f"   x{seconds['timm-compiled'] / s:.2f} timm compiled" if "timm-compiled" in seconds else ""
             vs += f"   x{seconds['deit-compiled'] / s:.2f} DeiT compiled" if "deit-compiled" in seconds else ""
-            print(f"batch {batch:4d}  {k:22s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{util}   "
-                  f"peak {memory[k]:.1f} GiB{vs}", flush=True)
+            print(
+                f"batch {batch:4d}  {k:22s} {s * 1e3:8.1f} ms/step   {batch / s:8.1f} img/s{util}   "
+                f"peak {memory[k]:.1f} GiB{vs}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

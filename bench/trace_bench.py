@@ -21,12 +21,12 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pipeline.compat  # noqa: E402,F401
 import timm  # noqa: E402
 import torch  # noqa: E402
 from reshard_bench import cpu_name  # noqa: E402
 from tnt_bench import time_alternating  # noqa: E402
 
+import pipeline.compat  # noqa: E402,F401
 from pipeline import tnt  # noqa: E402
 
 
@@ -45,7 +45,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="images per forward")
     p.add_argument("--steps", type=int, default=5, help="timed forwards per form (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per form first (TorchScript optimises on them)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed forwards per form first (TorchScript optimises on them)"
+    )
     p.add_argument("--variant", default="tntp_s_patch16_224", help="our variant; timm's TNT-S is the other model")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
@@ -71,8 +73,10 @@ def main() -> None:
         return run
 
     times = time_alternating([forward(m, xm) for m, xm in forms.values()], args.steps, args.warmup)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
-          f"torch {torch.__version__}, timm {timm.__version__}; batch {args.batch}, float32 forward, eval")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__}, timm {timm.__version__}; batch {args.batch}, float32 forward, eval"
+    )
     by_form = dict(zip(forms, times))
     for (name, form), t in by_form.items():
         print(f"{name:5s} {form:12s} {t * 1e3:8.1f} ms   x{t / by_form[(name, 'eager')]:.2f} of {name} eager")

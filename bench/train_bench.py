@@ -37,7 +37,13 @@ def worker(args) -> None:
     model = tnt.create(args.variant, num_classes=10)
     size = model.pixel_embed.img_size[0]
     g = torch.Generator().manual_seed(rank)
-    data = [(torch.randn(args.batch, 3, size, size, generator=g), torch.nn.functional.one_hot(torch.randint(0, 10, (args.batch,), generator=g), 10).float()) for _ in range(4)]
+    data = [
+        (
+            torch.randn(args.batch, 3, size, size, generator=g),
+            torch.nn.functional.one_hot(torch.randint(0, 10, (args.batch,), generator=g), 10).float(),
+        )
+        for _ in range(4)
+    ]
     optimizer = torch.optim.AdamW(tnt.param_groups(model, 0.05), lr=1e-4)
     if args.mode == "ddp":
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -51,10 +57,19 @@ def worker(args) -> None:
     else:
         import deepspeed
 
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-            "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-            "train_batch_size": args.batch * world, "zero_optimization": {"stage": args.stage},
-            "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30})
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config={
+                "train_micro_batch_size_per_gpu": args.batch,
+                "gradient_accumulation_steps": 1,
+                "train_batch_size": args.batch * world,
+                "zero_optimization": {"stage": args.stage},
+                "bf16": {"enabled": True},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 1 << 30,
+            },
+        )
 
         def step(x, y):
             loss = soft_cross_entropy(engine(x.bfloat16()).float(), y)
@@ -98,16 +113,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode, stage in [("ddp", 0), ("ds", 0), ("ds", 1), ("ds", 2)]:
             result = os.path.join(tmp, f"{mode}{stage}.json")
-            common = ["--variant", args.variant, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            common = [
+                "--variant",
+                args.variant,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             env = dict(os.environ, PYTHONWARNINGS="ignore")
-            status = launch(args.nproc, [*common, "--mode", mode, "--stage", str(stage), "--result", result], entry=(__file__,), env=env)
+            status = launch(
+                args.nproc,
+                [*common, "--mode", mode, "--stage", str(stage), "--result", result],
+                entry=(__file__,),
+                env=env,
+            )
             assert status == 0, f"{mode} {stage} failed"
             with open(result) as f:
                 rows.append((("DDP (torch)" if mode == "ddp" else f"DeepSpeed ZeRO-{stage}"), json.load(f)))
     base = rows[0][1]["img_s"]
     for name, r in rows:
-        print(f"  {name:<18} {r['img_s']:8.1f} img/s  {r['img_s'] / base:5.2f}x   peak RSS per rank: "
-              + ", ".join(f"{m:,.0f} MiB" for m in r["rss"]))
+        print(
+            f"  {name:<18} {r['img_s']:8.1f} img/s  {r['img_s'] / base:5.2f}x   peak RSS per rank: "
+            + ", ".join(f"{m:,.0f} MiB" for m in r["rss"])
+        )
 
 
 if __name__ == "__main__":

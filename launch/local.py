@@ -40,20 +40,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipeline.train"), env: dict | None = None) -> int:
+def launch(
+    nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipeline.train"), env: dict | None = None
+) -> int:
     """Run ``python <entry> args`` as ``nproc`` ranks; the first non-zero exit wins."""
     port = free_port()
     base = dict(os.environ if env is None else env)
     base["PYTHONPATH"] = ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
     procs, group = [], 0
     for rank in range(nproc):
-        e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        e = dict(
+            base,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         if nproc > 1 and "OMP_NUM_THREADS" not in base:
             e["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         # rank 0 leads the ranks' own process group; the others join it
-        procs.append(subprocess.Popen([sys.executable, *entry, *args], env=e, cwd=os.getcwd(), process_group=group,
-                                      preexec_fn=functools.partial(lifetime.die_with, os.getpid())))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *entry, *args],
+                env=e,
+                cwd=os.getcwd(),
+                process_group=group,
+                preexec_fn=functools.partial(lifetime.die_with, os.getpid()),
+            )
+        )
         group = group or procs[0].pid
 
     def signal_all(signum: int) -> None:
@@ -82,7 +98,10 @@ def launch(nproc: int, args: list[str], entry: tuple[str, ...] = ("-m", "pipelin
                 status = failed[0].returncode
                 rank = procs.index(failed[0])
                 if not _all_exit_together(procs, status):
-                    print(f"launch/local.py: rank {rank} {_fault(status, rank, args)}; stopping the others", file=sys.stderr)
+                    print(
+                        f"launch/local.py: rank {rank} {_fault(status, rank, args)}; stopping the others",
+                        file=sys.stderr,
+                    )
                     stop()
                 break
             time.sleep(0.2)
@@ -132,8 +151,12 @@ def _fault(status: int, rank: int, args: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python launch/local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=1, help="processes (ranks) to start on this machine; one per GPU on GPU machines")
+    p = argparse.ArgumentParser(
+        prog="python launch/local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes (ranks) to start on this machine; one per GPU on GPU machines"
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the trainer, after --")
     a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args

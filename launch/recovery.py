@@ -59,13 +59,20 @@ class Submission:
     def companion(self, job_id: str) -> "Submission":
         """The companion's own job: one small task, started only if ``job_id`` ends badly."""
         return dataclasses.replace(
-            self, nodes=(1, 1), gpus_per_node=0, cpus_per_task=1, time=15, mem=0, job_name=f"{self.job_name}-recover",
+            self,
+            nodes=(1, 1),
+            gpus_per_node=0,
+            cpus_per_task=1,
+            time=15,
+            mem=0,
+            job_name=f"{self.job_name}-recover",
             sbatch=(*self.sbatch, f"dependency=afternotok:{job_id}", "kill_on_invalid_dep=yes"),
         )
 
 
-def decide(state: str | None, statuses: list[int | None], resubmissions: int, max_failures: int,
-           space_ok: bool = True) -> tuple[bool, str]:
+def decide(
+    state: str | None, statuses: list[int | None], resubmissions: int, max_failures: int, space_ok: bool = True
+) -> tuple[bool, str]:
     """(resubmit?, why) for a training job that did not end well.
 
     ``state``: Slurm's JobState (None if Slurm no longer knows the job); ``statuses``:
@@ -87,7 +94,9 @@ def decide(state: str | None, statuses: list[int | None], resubmissions: int, ma
         return False, f"gave up: {resubmissions} resubmission(s) after faults, --max-failures {max_failures}"
     if 4 in statuses and not space_ok:
         return False, "a checkpoint could not be written and train.out still lacks the space: not resubmitted"
-    return True, "a fault (" + ", ".join("killed or crashed" if s is None else f"exit status {s}" for s in statuses) + ")"
+    return True, "a fault (" + ", ".join(
+        "killed or crashed" if s is None else f"exit status {s}" for s in statuses
+    ) + ")"
 
 
 def job_state(job_id: str) -> tuple[str | None, str]:
@@ -142,8 +151,16 @@ class RecoverJob:
     ``resubmit``: ``launch.slurm.submit_chain``, passed in (this module does not import
     the launcher that imports it)."""
 
-    def __init__(self, settings: Submission, trainer_args: list[str], workdir: str, job_id: str,
-                 results: list[str], resubmissions: int, resubmit):
+    def __init__(
+        self,
+        settings: Submission,
+        trainer_args: list[str],
+        workdir: str,
+        job_id: str,
+        results: list[str],
+        resubmissions: int,
+        resubmit,
+    ):
         self.settings, self.trainer_args, self.workdir = settings, list(trainer_args), workdir
         self.job_id, self.results, self.resubmissions = job_id, list(results), resubmissions
         self.resubmit = resubmit
@@ -159,10 +176,20 @@ class RecoverJob:
         space_ok = 4 not in statuses or space_after_full_disk(out)
         again, why = decide(state, statuses, self.resubmissions, s.max_failures, space_ok)
         if state is not None and state != "CANCELLED":
-            said = {r["rank"]: r["kind"] for r in failures.read(out)
-                    if r.get("job") == str(self.job_id) and r.get("rank") is not None}
-            failures.record(out, f"job {state}", job_summary(self.job_id, state, nodes, statuses, said), None,
-                            job=str(self.job_id), resubmission=self.resubmissions, host=nodes or None)
+            said = {
+                r["rank"]: r["kind"]
+                for r in failures.read(out)
+                if r.get("job") == str(self.job_id) and r.get("rank") is not None
+            }
+            failures.record(
+                out,
+                f"job {state}",
+                job_summary(self.job_id, state, nodes, statuses, said),
+                None,
+                job=str(self.job_id),
+                resubmission=self.resubmissions,
+                host=nodes or None,
+            )
         entry = {"after": str(self.job_id), "state": state, "statuses": statuses, "resubmit": again, "why": why}
         if not again:
             append_attempt(out, entry)
@@ -172,9 +199,12 @@ class RecoverJob:
         for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
             del os.environ[key]  # this job's own settings must not leak into the next one's srun
         job, _ = self.resubmit(s, self.trainer_args, self.workdir, self.resubmissions + 1, out, entry)
-        print(f"job {self.job_id} ended {state}: {why}; resubmitted as job {job.job_id} "
-              f"({self.resubmissions + 1} of --max-failures {s.max_failures}), resuming from "
-              f"{failures.resume_point(out) or 'the start'}", flush=True)
+        print(
+            f"job {self.job_id} ended {state}: {why}; resubmitted as job {job.job_id} "
+            f"({self.resubmissions + 1} of --max-failures {s.max_failures}), resuming from "
+            f"{failures.resume_point(out) or 'the start'}",
+            flush=True,
+        )
         return job.job_id
 
 
@@ -182,7 +212,11 @@ def job_summary(job_id: str, state: str, nodes: str, statuses: list[int | None],
     """One line on how a job ended: per rank (submitit's task = global rank) and host,
     what it recorded itself (``said``: rank -> kind from failures.jsonl), its exit
     status, or that it left nothing (killed from outside, or its node went down)."""
-    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split() if nodes else []
+    hosts = (
+        subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()
+        if nodes
+        else []
+    )
     per_node = max(1, -(-len(statuses) // max(1, len(hosts))))  # Slurm's default block distribution
 
     def who(r: int) -> str:
@@ -191,6 +225,12 @@ def job_summary(job_id: str, state: str, nodes: str, statuses: list[int | None],
     silent = [who(r) for r, s in enumerate(statuses) if s is None and r not in said]
     told = [f"{who(r)}: {said[r]}" for r in sorted(said)]
     exits = [f"{who(r)}: exit status {s}" for r, s in enumerate(statuses) if s not in (None, 0) and r not in said]
-    return (f"Slurm job {job_id} ended {state} on {nodes or '?'}"
-            + (f"; killed without a word (from outside, the OOM killer, or its node went down): {', '.join(silent)}" if silent else "")
-            + "".join(f"; {x}" for x in told + exits))
+    return (
+        f"Slurm job {job_id} ended {state} on {nodes or '?'}"
+        + (
+            f"; killed without a word (from outside, the OOM killer, or its node went down): {', '.join(silent)}"
+            if silent
+            else ""
+        )
+        + "".join(f"; {x}" for x in told + exits)
+    )

@@ -85,8 +85,10 @@ def master_address(first_node: str, launch_ip: str | None, num_nodes: int) -> st
     if num_nodes > 1:
         from pipeline.errors import InputError
 
-        raise InputError(f"the first node's name {first_node!r} does not resolve and Slurm gave no "
-                         f"SLURM_LAUNCH_NODE_IPADDR: {num_nodes} nodes cannot rendezvous; set MASTER_ADDR")
+        raise InputError(
+            f"the first node's name {first_node!r} does not resolve and Slurm gave no "
+            f"SLURM_LAUNCH_NODE_IPADDR: {num_nodes} nodes cannot rendezvous; set MASTER_ADDR"
+        )
     return "127.0.0.1"
 
 
@@ -105,12 +107,15 @@ class TrainJob:
             sys.path.insert(0, ROOT)
         if "MASTER_PORT" not in os.environ:
             job = submitit.JobEnvironment()
-            os.environ["MASTER_PORT"] = str(rendezvous_port(job.job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0"))))
+            os.environ["MASTER_PORT"] = str(
+                rendezvous_port(job.job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            )
         # overwrite: RANK, WORLD_SIZE... inherited from the submitting shell (sbatch
         # exports its environment) would be another job's
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ["MASTER_ADDR"] = master_address(env.master_addr, os.environ.get("SLURM_LAUNCH_NODE_IPADDR"),
-                                                   int(os.environ.get("SLURM_JOB_NUM_NODES", "1")))
+        os.environ["MASTER_ADDR"] = master_address(
+            env.master_addr, os.environ.get("SLURM_LAUNCH_NODE_IPADDR"), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+        )
         os.environ["TNTPIPE_RESUBMISSION"] = str(self.resubmission)  # into the failure record
         os.chdir(self.workdir)
         from pipeline import train
@@ -127,8 +132,9 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.args, self.workdir, self.resubmission))
 
 
-def submit_chain(settings, trainer_args: list[str], workdir: str, resubmissions: int, out: str,
-                 cause: dict | None = None):
+def submit_chain(
+    settings, trainer_args: list[str], workdir: str, resubmissions: int, out: str, cause: dict | None = None
+):
     """Submit one training attempt and (with --max-failures) its companion; (job, companion).
     ``settings``: a :class:`launch.recovery.Submission`. Also called by the companion job
     itself, where this function and launch/recovery.py arrive pickled by value."""
@@ -146,9 +152,18 @@ def submit_chain(settings, trainer_args: list[str], workdir: str, resubmissions:
     if settings.max_failures > 0:
         results = [str(job.task(i).paths.result_pickle) for i in range(job.num_tasks)]
         recover = executor(settings.companion(job.job_id), srun_args=[]).submit(
-            recovery.RecoverJob(settings, trainer_args, workdir, job.job_id, results, resubmissions, submit_chain))
-    recovery.append_attempt(out, {**(cause or {}), "job": job.job_id, "recover_job": recover.job_id if recover else None,
-                                  "tasks": job.num_tasks, "resubmission": resubmissions})
+            recovery.RecoverJob(settings, trainer_args, workdir, job.job_id, results, resubmissions, submit_chain)
+        )
+    recovery.append_attempt(
+        out,
+        {
+            **(cause or {}),
+            "job": job.job_id,
+            "recover_job": recover.job_id if recover else None,
+            "tasks": job.num_tasks,
+            "resubmission": resubmissions,
+        },
+    )
     return job, recover
 
 
@@ -237,18 +252,33 @@ def submit_train(args, trainer_args: list[str]) -> int:
         print(script)
         print(f"# each task runs: python -m pipeline.train {shlex.join(trainer_args)}")
         if args.nodes[0] < args.nodes[1]:
-            print(f"# --nodes {nodes_text(args.nodes)}: each attempt asks for the nodes up when it is submitted, "
-                  f"{args.nodes[0]} to {args.nodes[1]} (shown: {args.nodes[1]})")
+            print(
+                f"# --nodes {nodes_text(args.nodes)}: each attempt asks for the nodes up when it is submitted, "
+                f"{args.nodes[0]} to {args.nodes[1]} (shown: {args.nodes[1]})"
+            )
         if args.max_failures:
-            print(f"# after a fault, a companion job (--dependency=afternotok) resubmits it, up to {args.max_failures} times")
+            print(
+                "# after a fault, a companion job (--dependency=afternotok) resubmits it, up to "
+                f"{args.max_failures} times"
+            )
         return 0
     job, recover = submit_chain(Submission.of(args), trainer_args, os.getcwd(), 0, out)
     nodes = job.num_tasks // max(1, args.gpus_per_node)
-    print(f"submitted job {job.job_id}: {nodes} node(s) x {max(1, args.gpus_per_node)} task(s)"
-          + (f"; recovery job {recover.job_id} resubmits it after a fault (--max-failures {args.max_failures})" if recover else ""))
+    print(
+        f"submitted job {job.job_id}: {nodes} node(s) x {max(1, args.gpus_per_node)} task(s)"
+        + (
+            f"; recovery job {recover.job_id} resubmits it after a fault (--max-failures {args.max_failures})"
+            if recover
+            else ""
+        )
+    )
     print(f"  logs: {job.paths.stdout} / {job.paths.stderr}")
     print(f"  attempts: {os.path.join(out, ATTEMPTS)}; faults: {os.path.join(out, 'failures.jsonl')}")
-    print(f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id in train.log and checkpoints)", flush=True)
+    print(
+        f"  MLflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'the run directory SQLite store'} (run id "
+        "in train.log and checkpoints)",
+        flush=True,
+    )
     if not args.wait:
         return 0
     ok, message = follow(job, recover, out, args)
@@ -266,24 +296,38 @@ def follow(job, recover, out: str, args) -> tuple[bool, str]:
         ok, message = wait(job, max(1.0, deadline - time.time()))
         if ok or recover is None or message.startswith("still running"):
             return ok, message
-        print(f"job {job.job_id}: {message}; its recovery job {recover.job_id} decides what next", file=sys.stderr, flush=True)
+        print(
+            f"job {job.job_id}: {message}; its recovery job {recover.job_id} decides what next",
+            file=sys.stderr,
+            flush=True,
+        )
         while time.time() < deadline and in_queue(recover.job_id):
             time.sleep(1)
         after = [a for a in read_attempts(out) if a.get("after") == str(job.job_id)]
         if not after:
-            return False, f"{message}; recovery job {recover.job_id} left no decision (see its log {recover.paths.stdout})"
+            return (
+                False,
+                f"{message}; recovery job {recover.job_id} left no decision (see its log {recover.paths.stdout})",
+            )
         if not after[-1]["resubmit"]:
             return False, f"{message}; {after[-1]['why']}"
         nxt = after[-1]
-        print(f"job {job.job_id} failed ({nxt['why']}): resubmitted as job {nxt['job']} "
-              f"(resubmission {nxt['resubmission']} of --max-failures {args.max_failures})", file=sys.stderr, flush=True)
+        print(
+            f"job {job.job_id} failed ({nxt['why']}): resubmitted as job {nxt['job']} "
+            f"(resubmission {nxt['resubmission']} of --max-failures {args.max_failures})",
+            file=sys.stderr,
+            flush=True,
+        )
         job = submitit.SlurmJob(args.folder, nxt["job"], tasks=tuple(range(nxt["tasks"])))
         recover = submitit.SlurmJob(args.folder, nxt["recover_job"]) if nxt["recover_job"] else None
 
 
 def in_queue(job_id: str, env: dict | None = None) -> bool:
-    return bool(subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                               env=env).stdout.strip())
+    return bool(
+        subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, env=env
+        ).stdout.strip()
+    )
 
 
 def submit_shard(args, shard_args: list[str]) -> int:
@@ -294,7 +338,10 @@ def submit_shard(args, shard_args: list[str]) -> int:
         print(ex._executor._make_submission_file_text("<python -m submitit.core._submit ...>", "<uid>"))
         return 0
     jobs = ex.submit_array(tasks)
-    print(f"submitted shard array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); the last task to finish writes the manifests")
+    print(
+        f"submitted shard array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); the last task to "
+        "finish writes the manifests"
+    )
     if not args.wait:
         return 0
     failed = [(j, m) for j in jobs for ok, m in [wait(j, args.wait_timeout)] if not ok]
@@ -349,36 +396,82 @@ def nodes_text(nodes: tuple[int, int]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__, formatter_class=_Help)
-    p.add_argument("mode", nargs="?", choices=("train", "shard"), default="train", help="train (default) or shard (a job array)")
-    p.add_argument("--nodes", type=node_range, default="1", metavar="N|MIN-MAX",
-                   help="nodes for training; MIN-MAX: each attempt (the first, and each resubmission after a fault) "
-                        "asks for as many as are up (responding, not drained), at least MIN: the trainer then "
-                        "resumes on that many ranks with the global batch kept")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: one CPU task per node)")
-    p.add_argument("--cpus-per-task", type=int, default=10,
-                   help="CPU cores per task: at least data.workers + 2 (the main process and the pin-memory thread)")
+    p.add_argument(
+        "mode", nargs="?", choices=("train", "shard"), default="train", help="train (default) or shard (a job array)"
+    )
+    p.add_argument(
+        "--nodes",
+        type=node_range,
+        default="1",
+        metavar="N|MIN-MAX",
+        help="nodes for training; MIN-MAX: each attempt (the first, and each resubmission after a fault) "
+        "asks for as many as are up (responding, not drained), at least MIN: the trainer then "
+        "resumes on that many ranks with the global batch kept",
+    )
+    p.add_argument(
+        "--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: one CPU task per node)"
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=10,
+        help="CPU cores per task: at least data.workers + 2 (the main process and the pin-memory thread)",
+    )
     p.add_argument("--partition", default="", help="Slurm partition")
     p.add_argument("--account", default="", help="Slurm account")
     p.add_argument("--qos", default="", help="Slurm QOS")
-    p.add_argument("--time", type=int, default=24 * 60, help="time limit per job in minutes; the job requeues itself at the limit")
+    p.add_argument(
+        "--time", type=int, default=24 * 60, help="time limit per job in minutes; the job requeues itself at the limit"
+    )
     p.add_argument("--mem", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
     p.add_argument("--constraint", default="", help="Slurm --constraint (node features)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. --sbatch exclusive=")
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit at which to checkpoint and requeue")
-    p.add_argument("--max-requeues", type=int, default=20, help="requeues at the time limit before giving up (submitit requeues preemptions without bound; "
-                        "with --time under 10 minutes it counts every USR2 as a time-out)")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="resubmit a training job that failed from a fault (a rank or node lost, a crash; not an input error, "
-                        "a cancel or the time limit) up to this many times, each resuming from the last checkpoint (0: never)")
-    p.add_argument("--failure-backoff", type=float, default=10.0,
-                   help="seconds before the n-th resubmission: n times this (at most 60)")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --sbatch exclusive=",
+    )
+    p.add_argument(
+        "--signal-delay", type=int, default=120, help="seconds before the time limit at which to checkpoint and requeue"
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=20,
+        help="requeues at the time limit before giving up (submitit requeues preemptions without bound; "
+        "with --time under 10 minutes it counts every USR2 as a time-out)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="resubmit a training job that failed from a fault (a rank or node lost, a crash; not an input error, "
+        "a cancel or the time limit) up to this many times, each resuming from the last checkpoint (0: never)",
+    )
+    p.add_argument(
+        "--failure-backoff",
+        type=float,
+        default=10.0,
+        help="seconds before the n-th resubmission: n times this (at most 60)",
+    )
     p.add_argument("--array", type=int, default=8, help="shard mode: tasks in the job array")
     p.add_argument("--job-name", default="tntpipe", help="Slurm job name")
-    p.add_argument("--folder", default=os.path.join("runs", "slurm", "%j"), help="submitit folder (logs, pickles), relative to the current directory; on a shared filesystem")
+    p.add_argument(
+        "--folder",
+        default=os.path.join("runs", "slurm", "%j"),
+        help="submitit folder (logs, pickles), relative to the current directory; on a shared filesystem",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
-    p.add_argument("--wait", action="store_true", help="follow the job to its end (and, after a fault, each resubmitted attempt); exit 1 unless the run finished")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job to its end (and, after a fault, each resubmitted attempt); exit 1 unless the run finished",
+    )
     p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="give up waiting after this many seconds")
-    p.epilog = "Everything after -- goes to the trainer (python -m pipeline.train) or, in shard mode, to pipeline/shard.py."
+    p.epilog = (
+        "Everything after -- goes to the trainer (python -m pipeline.train) or, in shard mode, to pipeline/shard.py."
+    )
     return p
 
 
@@ -394,8 +487,10 @@ def check_slurm(env: dict | None = None) -> None:
         raise InputError(f"Slurm's controller did not answer ({exc}); check SLURM_CONF and slurmctld") from None
     if probe.returncode != 0 or "UP" not in probe.stdout:
         said = [line.strip() for line in (probe.stderr + probe.stdout).splitlines() if line.strip().strip("*")]
-        raise InputError(f"Slurm's controller is not reachable ({said[0] if said else 'scontrol ping failed'}); "
-                         "check SLURM_CONF and slurmctld")
+        raise InputError(
+            f"Slurm's controller is not reachable ({said[0] if said else 'scontrol ping failed'}); "
+            "check SLURM_CONF and slurmctld"
+        )
 
 
 def main(argv=None) -> int:

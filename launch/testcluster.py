@@ -8,7 +8,8 @@ Debian's Slurm 22.05 (``slurmctld slurmd slurm-client munge``, installed with ap
 missing: needs root) started from nothing: a private munged (own key and socket),
 slurmctld, and two slurmd on 127.0.0.1 with distinct ports (``slurmd -N node1`` /
 ``node2``; Debian's build allows several slurmd per host). No systemd, no cgroups
-(``proctrack/pgid``, ``task/none``: linuxproc let one job's end kill a sibling array task on the other "node"), no accounting (so ``sacct`` does not work:
+(``proctrack/pgid``, ``task/none``: linuxproc let one job's end kill a sibling array
+task on the other "node"), no accounting (so ``sacct`` does not work:
 every wait on a job must be bounded). Short credential expiry and scheduler
 intervals make a requeued job start again in seconds instead of ~140 s.
 ``stop`` kills only the processes whose pid files this script wrote.
@@ -62,23 +63,28 @@ def install(netns: bool = False) -> None:
         return
     if not shutil.which("apt-get") or os.geteuid() != 0:
         missing = [b for b in needed if not shutil.which(b)]
-        raise Unavailable(f"Slurm is not installed ({', '.join(missing)} not found) and installing it needs apt-get "
-                          f"as root")
+        raise Unavailable(
+            f"Slurm is not installed ({', '.join(missing)} not found) and installing it needs apt-get as root"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", *PACKAGES, *(("iproute2", "util-linux") if netns else ())]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise Unavailable(f"apt-get could not install {' '.join(PACKAGES)}: "
-                              f"{(done.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+            raise Unavailable(
+                f"apt-get could not install {' '.join(PACKAGES)}: "
+                f"{(done.stderr.strip().splitlines() or ['?'])[-1][:300]}"
+            )
 
 
 def config(state: str, cpus: int, memory_mb: int, net: dict | None = None) -> str:
     ctld, *node_ports = _free_ports(1 + len(NODES))
     if net:  # one host per node: the default ports, each on its own address
-        nodes = "\n".join(f"NodeName={n} NodeHostname={n} NodeAddr={net['nodes'][n]} CPUs={cpus} RealMemory={memory_mb}"
-                          for n in NODES)
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={n} NodeAddr={net['nodes'][n]} CPUs={cpus} RealMemory={memory_mb}"
+            for n in NODES
+        )
         ctl_host, ctl_ip = socket.gethostname(), net["ctl"]  # slurmctld checks that it runs on SlurmctldHost
     else:
         nodes = "\n".join(
@@ -141,9 +147,17 @@ def start(state: str, timeout: float = 30, netns: bool = False) -> dict:
         f.write(config(state, os.cpu_count() or 2, 8000, net))
     env = dict(os.environ, SLURM_CONF=conf)
     subprocess.run(
-        ["munged", f"--socket={state}/munge.socket", f"--key-file={key}", f"--pid-file={state}/munged.pid",
-         f"--log-file={state}/munged.log", f"--seed-file={state}/munged.seed", "--force"],
-        check=True, env=env,
+        [
+            "munged",
+            f"--socket={state}/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={state}/munged.pid",
+            f"--log-file={state}/munged.log",
+            f"--seed-file={state}/munged.seed",
+            "--force",
+        ],
+        check=True,
+        env=env,
     )
     subprocess.run(["slurmctld", "-f", conf], check=True, env=env)
     for node in NODES:
@@ -160,9 +174,13 @@ def start(state: str, timeout: float = 30, netns: bool = False) -> dict:
 def _names(state: str) -> dict:
     tag = hashlib.sha1(state.encode()).hexdigest()[:5]
     subnet = f"10.213.{int(tag[:2], 16)}"
-    return {"bridge": f"tp{tag}br", "ctl": f"{subnet}.1",
-            "nodes": {n: f"{subnet}.{11 + i}" for i, n in enumerate(NODES)},
-            "ns": {n: f"tp{tag}{n}" for n in NODES}, "veth": {n: f"tp{tag}v{i + 1}" for i, n in enumerate(NODES)}}
+    return {
+        "bridge": f"tp{tag}br",
+        "ctl": f"{subnet}.1",
+        "nodes": {n: f"{subnet}.{11 + i}" for i, n in enumerate(NODES)},
+        "ns": {n: f"tp{tag}{n}" for n in NODES},
+        "veth": {n: f"tp{tag}v{i + 1}" for i, n in enumerate(NODES)},
+    }
 
 
 def _make_network(state: str) -> dict:
@@ -177,7 +195,11 @@ def _make_network(state: str) -> dict:
     ip("link", "set", net["bridge"], "up")
     hosts = os.path.join(state, "hosts")
     with open(hosts, "w") as f:
-        f.write("127.0.0.1 localhost\n" + f"{net['ctl']} {socket.gethostname()}\n" + "".join(f"{a} {n}\n" for n, a in net["nodes"].items()))
+        f.write(
+            "127.0.0.1 localhost\n"
+            + f"{net['ctl']} {socket.gethostname()}\n"
+            + "".join(f"{a} {n}\n" for n, a in net["nodes"].items())
+        )
     for node in NODES:
         ns, veth = net["ns"][node], net["veth"][node]
         ip("netns", "add", ns)
@@ -195,8 +217,17 @@ def _on_node(net: dict | None, node: str) -> list[str]:
     hosts file (nothing on the loopback cluster)."""
     if not net:
         return []
-    return ["nsenter", f"--net=/run/netns/{net['ns'][node]}", "unshare", "--uts", "--mount", "sh", "-c",
-            f'hostname {node} && mount --bind {net["hosts"]} /etc/hosts && exec "$@"', node]
+    return [
+        "nsenter",
+        f"--net=/run/netns/{net['ns'][node]}",
+        "unshare",
+        "--uts",
+        "--mount",
+        "sh",
+        "-c",
+        f'hostname {node} && mount --bind {net["hosts"]} /etc/hosts && exec "$@"',
+        node,
+    ]
 
 
 def link(state: str, node: str, up: bool) -> None:

@@ -24,7 +24,8 @@ from pipeline import distributed, mfu, pretrained, resume, tnt
 from pipeline.data import EvalStream, Loader, TrainStream
 from pipeline.errors import InputError
 from pipeline.manifest import Manifest, load_manifest
-from pipeline.tracking import default_uri
+from pipeline.tracking import Tracker, default_artifact_root, default_uri
+from pipeline.transforms import DeviceFinish
 
 log = logging.getLogger("tntpipe.train")
 
@@ -41,9 +42,15 @@ def schedule_of(cfg: config_mod.Config, steps_per_epoch: int, global_batch: int)
     """What fixes the lr curve and the data order: a resume must not change it silently."""
     o = cfg.optim
     return {
-        "optim.epochs": o.epochs, "optim.lr": o.lr, "optim.lr_batch": o.lr_batch, "optim.min_lr": o.min_lr,
-        "optim.warmup_lr": o.warmup_lr, "optim.warmup_epochs": o.warmup_epochs, "global_batch": global_batch,
-        "steps_per_epoch": steps_per_epoch, "train.seed": cfg.train.seed,
+        "optim.epochs": o.epochs,
+        "optim.lr": o.lr,
+        "optim.lr_batch": o.lr_batch,
+        "optim.min_lr": o.min_lr,
+        "optim.warmup_lr": o.warmup_lr,
+        "optim.warmup_epochs": o.warmup_epochs,
+        "global_batch": global_batch,
+        "steps_per_epoch": steps_per_epoch,
+        "train.seed": cfg.train.seed,
     }
 
 
@@ -157,21 +164,40 @@ def build_data(cfg: config_mod.Config) -> Data:
         if not get_accelerator().is_fp16_supported():
             # DeepSpeed's CPU accelerator has fp16 only where oneDNN has fp16 kernels
             # (AVX512-FP16/AMX-FP16); say so before any work, not from inside DeepSpeed
-            raise InputError(f"train.precision=fp16 is not supported by DeepSpeed on this device "
-                             f"({get_accelerator().device_name()}); use train.precision=bf16")
+            raise InputError(
+                f"train.precision=fp16 is not supported by DeepSpeed on this device "
+                f"({get_accelerator().device_name()}); use train.precision=bf16"
+            )
     on_device = cfg.data.finish == "device" or (cfg.data.finish == "auto" and torch.cuda.is_available())
     finish = "device" if on_device else "worker"
     loader = Loader(
-        TrainStream(train_manifest, t.micro_batch, rank=rank, world_size=world, seed=t.seed, augment=cfg.aug,
-                    repeats=cfg.data.repeats, shuffle_buffer=cfg.data.shuffle_buffer, finish=finish),
-        workers=cfg.data.workers, timeout_s=cfg.data.timeout_s,
+        TrainStream(
+            train_manifest,
+            t.micro_batch,
+            rank=rank,
+            world_size=world,
+            seed=t.seed,
+            augment=cfg.aug,
+            repeats=cfg.data.repeats,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            finish=finish,
+        ),
+        workers=cfg.data.workers,
+        timeout_s=cfg.data.timeout_s,
     )
     val_loader = None
     if val_manifest:
         val_loader = Loader(
-            EvalStream(val_manifest, cfg.data.eval_batch or t.micro_batch, rank=rank, world_size=world,
-                       augment=cfg.aug, finish=finish),
-            workers=cfg.data.workers, timeout_s=cfg.data.timeout_s,
+            EvalStream(
+                val_manifest,
+                cfg.data.eval_batch or t.micro_batch,
+                rank=rank,
+                world_size=world,
+                augment=cfg.aug,
+                finish=finish,
+            ),
+            workers=cfg.data.workers,
+            timeout_s=cfg.data.timeout_s,
         )
     layout_change = resume.adapt_grad_accum(cfg, world)
     global_batch = t.micro_batch * t.grad_accum * world
@@ -181,8 +207,18 @@ def build_data(cfg: config_mod.Config) -> Data:
     total_steps = cfg.optim.epochs * steps_per_epoch
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
-    return Data(train_manifest, val_manifest, loader, val_loader, on_device, layout_change, global_batch,
-                steps_per_epoch, total_steps, schedule_of(cfg, steps_per_epoch, global_batch))
+    return Data(
+        train_manifest,
+        val_manifest,
+        loader,
+        val_loader,
+        on_device,
+        layout_change,
+        global_batch,
+        steps_per_epoch,
+        total_steps,
+        schedule_of(cfg, steps_per_epoch, global_batch),
+    )
 
 
 def check_init_from(cfg: config_mod.Config, num_classes: int) -> tuple[tuple | None, dict]:
@@ -194,11 +230,13 @@ def check_init_from(cfg: config_mod.Config, num_classes: int) -> tuple[tuple | N
     if not uri:
         return None, {}
     tracking_uri = cfg.mlflow.tracking_uri or default_uri(cfg.out_dir)
-    db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
+    db = tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else None
     if uri.startswith(("models:/", "runs:/")) and db and not os.path.isfile(db):
         # MLflow would create an empty store there (and train.out with it)
-        raise InputError(f"model.init_from={uri}: no MLflow store at {tracking_uri}; set mlflow.tracking_uri "
-                         f"(or MLFLOW_TRACKING_URI) to the store that holds it, e.g. sqlite:///runs/tiny-cpu/mlflow.db")
+        raise InputError(
+            f"model.init_from={uri}: no MLflow store at {tracking_uri}; set mlflow.tracking_uri "
+            f"(or MLFLOW_TRACKING_URI) to the store that holds it, e.g. sqlite:///runs/tiny-cpu/mlflow.db"
+        )
     weights, pretrained_cfg, parent = pretrained.resolve(uri, tracking_uri)
     pretrained.check(cfg.model.variant, weights, pretrained_cfg, num_classes, cfg.aug.img_size)
     return (weights, pretrained_cfg), parent
@@ -221,8 +259,9 @@ class Engine:
     flops_per_image: float  # one training step's, for MFU
 
 
-def build_engine(cfg: config_mod.Config, data: Data, device: torch.device, rank: int,
-                 init_weights: tuple | None) -> Engine:
+def build_engine(
+    cfg: config_mod.Config, data: Data, device: torch.device, rank: int, init_weights: tuple | None
+) -> Engine:
     import deepspeed
 
     t, o = cfg.train, cfg.optim
@@ -236,8 +275,12 @@ def build_engine(cfg: config_mod.Config, data: Data, device: torch.device, rank:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = tnt.create(cfg.model.variant, num_classes=data.train_manifest.num_classes,
-                       drop_path_rate=cfg.model.drop_path, img_size=cfg.aug.img_size)
+    model = tnt.create(
+        cfg.model.variant,
+        num_classes=data.train_manifest.num_classes,
+        drop_path_rate=cfg.model.drop_path,
+        img_size=cfg.aug.img_size,
+    )
     model.grad_checkpointing = cfg.model.checkpointing
     try:
         path, why = tnt.select_inner_kernel(cfg.model.inner_kernel, device, model)
@@ -264,7 +307,9 @@ def build_engine(cfg: config_mod.Config, data: Data, device: torch.device, rank:
     # rank 0, see_memory_usage(force=True)): kept out of the console, in train.log
     with contextlib.redirect_stdout(io.StringIO()) as said:
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
             config=deepspeed_config(t, o.clip_grad, data.global_batch),
         )
     if said.getvalue().strip():
@@ -281,6 +326,37 @@ def build_engine(cfg: config_mod.Config, data: Data, device: torch.device, rank:
         # than our eager model (bench/README.md), hence off there by default.
         engine.compile()
     return Engine(engine, scheduler, ema, dtype, compiled, base_lr, num_params, flops_per_image)
+
+
+def tracker(cfg: config_mod.Config, rank: int) -> Tracker:
+    """The run's MLflow tracker: active on rank 0, a no-op elsewhere."""
+    uri, root = cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root
+    return Tracker(
+        uri or default_uri(cfg.out_dir),
+        cfg.named(cfg.mlflow.experiment),
+        enabled=rank == 0,
+        artifact_root=root or default_artifact_root(uri, cfg.out_dir),
+    )
+
+
+def device_finishes(cfg: config_mod.Config, data: Data, rank: int, device: torch.device) -> tuple:
+    """(training, evaluation) :class:`DeviceFinish` with ``data.finish=device``; (None, None)
+    when the workers finish the batches."""
+    if not data.finish_on_device:
+        return None, None
+    n, t = data.train_manifest.num_classes, cfg.train
+    return (DeviceFinish(cfg.aug, n, True, t.seed, rank, device), DeviceFinish(cfg.aug, n, False, t.seed, rank, device))
+
+
+def describe(cfg: config_mod.Config, data: Data, parts: Engine, world: int, device: torch.device) -> str:
+    """The run in one line, for the log."""
+    t = cfg.train
+    return (
+        f"TNT {cfg.model.variant}: {parts.num_params / 1e6:.2f}M params | {world} ranks x micro-batch {t.micro_batch} "
+        f"x accum {t.grad_accum} = {data.global_batch} | lr {parts.base_lr:.2e} | {data.steps_per_epoch} steps/epoch, "
+        f"{data.total_steps} steps | ZeRO {t.zero_stage} {t.precision} ({type(parts.engine.optimizer).__name__}) | "
+        f"{device}{' | compiled' if parts.compiled else ''}"
+    )
 
 
 def peak_tflops(cfg: config_mod.Config, device: torch.device) -> float | None:

@@ -124,9 +124,11 @@ def file_crc(path: str) -> int:
 
 
 def checksums(path: str) -> dict[str, list[int]]:
-    return {name: [os.path.getsize(os.path.join(path, name)), file_crc(os.path.join(path, name))]
-            for name in sorted(os.listdir(path)) if name not in ("checksums.json", "meta.json", "COMPLETE")
-            and os.path.isfile(os.path.join(path, name))}
+    return {
+        name: [os.path.getsize(os.path.join(path, name)), file_crc(os.path.join(path, name))]
+        for name in sorted(os.listdir(path))
+        if name not in ("checksums.json", "meta.json", "COMPLETE") and os.path.isfile(os.path.join(path, name))
+    }
 
 
 def damage(path: str) -> str | None:
@@ -203,8 +205,9 @@ class CheckpointManager:
     ``every_steps`` / ``every_min`` are the saving policy (:meth:`due`); ``keep_last``
     complete checkpoints are kept."""
 
-    def __init__(self, folder: str, rank: int, world: int, every_steps: int = 0, every_min: float = 0.0,
-                 keep_last: int = 3):
+    def __init__(
+        self, folder: str, rank: int, world: int, every_steps: int = 0, every_min: float = 0.0, keep_last: int = 3
+    ):
         self.folder = folder
         self.rank, self.world = rank, world
         self.every_steps, self.every_min = every_steps, every_min
@@ -276,31 +279,44 @@ class CheckpointManager:
         from pipeline import distributed
 
         free = free_bytes(self.folder) if self.rank == 0 else 0
-        (short,) = distributed.agree_any([self.rank == 0 and not has_room(free, needed)],
-                                         distributed.device())
+        (short,) = distributed.agree_any([self.rank == 0 and not has_room(free, needed)], distributed.device())
         if short:
             raise CheckpointWriteError(
                 f"checkpoint {tag} cannot be written to {self.folder}: no space left on the device "
                 f"({free / 1e6:.1f} MB free, ~{needed / 1e6:.1f} MB needed); "
-                f"{self._intact()}; free space and run the same command to resume", everywhere=True,
+                f"{self._intact()}; free space and run the same command to resume",
+                everywhere=True,
             )
 
     def _intact(self) -> str:
-        return f"the previous checkpoint {tag_of(self.last_step)} is intact" if self.last_step is not None \
+        return (
+            f"the previous checkpoint {tag_of(self.last_step)} is intact"
+            if self.last_step is not None
             else "no checkpoint was written yet"
+        )
 
     def _write_failed(self, tag: str, path: str, exc: BaseException) -> CheckpointWriteError:
         free = free_bytes(self.folder)
         first = first_line(exc, 200) or type(exc).__name__
-        nospace = isinstance(exc, OSError) and exc.errno == 28 or free < max(self.last_bytes, 1) or \
-            "iostream error" in str(exc) or "No space" in str(exc)
+        nospace = (
+            isinstance(exc, OSError)
+            and exc.errno == 28
+            or free < max(self.last_bytes, 1)
+            or "iostream error" in str(exc)
+            or "No space" in str(exc)
+        )
         why = f"no space left on the device ({free / 1e6:.1f} MB free)" if nospace else first
         shutil.rmtree(path, ignore_errors=True)  # the partial directory would keep the disk full
-        return CheckpointWriteError(f"checkpoint {tag} could not be written to {self.folder} ({why}); "
-                                    f"its partial directory was removed; {self._intact()}", everywhere=False)
+        return CheckpointWriteError(
+            f"checkpoint {tag} could not be written to {self.folder} ({why}); "
+            f"its partial directory was removed; {self._intact()}",
+            everywhere=False,
+        )
 
     def _prune(self, latest: str) -> None:
-        tags = sorted(d for d in os.listdir(self.folder) if d.startswith("step") and os.path.isdir(os.path.join(self.folder, d)))
+        tags = sorted(
+            d for d in os.listdir(self.folder) if d.startswith("step") and os.path.isdir(os.path.join(self.folder, d))
+        )
         complete = [d for d in tags if os.path.isfile(os.path.join(self.folder, d, "COMPLETE"))]
         keep = set(complete[-self.keep_last :]) | {latest}
         for d in tags:
@@ -328,19 +344,28 @@ class CheckpointManager:
         if os.path.isfile(path):
             with open(path) as f:
                 tag = f.read().strip()
-        complete = sorted(d for d in os.listdir(self.folder) if d.startswith("step") and self._complete(d)) \
-            if os.path.isdir(self.folder) else []
+        complete = (
+            sorted(d for d in os.listdir(self.folder) if d.startswith("step") and self._complete(d))
+            if os.path.isdir(self.folder)
+            else []
+        )
         candidates = ([tag] if tag in complete else []) + [d for d in reversed(complete) if d != tag]
-        for i, candidate in enumerate(candidates):
+        for candidate in candidates:
             wrong = damage(os.path.join(self.folder, candidate))
             if wrong:
                 aside = os.path.join(self.folder, f"damaged-{candidate}-{time.strftime('%Y%m%dT%H%M%S')}")
                 os.replace(os.path.join(self.folder, candidate), aside)
-                log.warning("checkpoint %s is damaged (%s): moved to %s, trying the one before", candidate, wrong, aside)
+                log.warning(
+                    "checkpoint %s is damaged (%s): moved to %s, trying the one before", candidate, wrong, aside
+                )
                 continue
             if candidate != tag:
-                log.warning("%s names %s, which is not a complete intact checkpoint: resuming from %s, "
-                            "the newest that is", path, tag or "nothing", candidate)
+                log.warning(
+                    "%s names %s, which is not a complete intact checkpoint: resuming from %s, the newest that is",
+                    path,
+                    tag or "nothing",
+                    candidate,
+                )
                 write_atomic(path, candidate)
             self.last_bytes = written_bytes(os.path.join(self.folder, candidate)) or self.last_bytes
             return candidate
@@ -432,8 +457,11 @@ def check_layout(meta: dict, path: str, world: int, zero_stage: int, out: str, r
     Another number of ranks is fine when the checkpoint has its optimizer state by name
     (``reshardable``); another ZeRO stage is not."""
     if meta["zero_stage"] != zero_stage or (meta["world_size"] != world and not reshardable):
-        why = "" if meta["zero_stage"] != zero_stage else \
-            " (a checkpoint without optimizer state by name: ZeRO-0, or written before it was kept)"
+        why = (
+            ""
+            if meta["zero_stage"] != zero_stage
+            else " (a checkpoint without optimizer state by name: ZeRO-0, or written before it was kept)"
+        )
         raise InputError(
             f"{path} was written by {meta['world_size']} ranks with ZeRO stage {meta['zero_stage']}{why}, "
             f"this run has {world} ranks and stage {zero_stage}: resume with the same layout, "
@@ -455,8 +483,7 @@ def peek_latest(folder: str) -> dict | None:
         return None
 
 
-def elastic_grad_accum(meta: dict, world: int, micro_batch: int, grad_accum: int, allow_change: bool,
-                       path: str) -> int:
+def elastic_grad_accum(meta: dict, world: int, micro_batch: int, grad_accum: int, allow_change: bool, path: str) -> int:
     """``train.grad_accum`` for resuming on ``world`` ranks what ``meta`` was written
     with on another number: the one that keeps the global batch (and so the lr, the
     steps per epoch and the schedule). When none does: refused in one line naming the

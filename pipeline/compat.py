@@ -85,7 +85,11 @@ def clear_stale_build_lock(name: str, max_age_s: float = 300.0, poll_s: float = 
                 pass
             return
         if said_at is None or time.monotonic() - said_at >= say_every_s:
-            print(f"waiting for the build lock {lock} ({age:.0f} s old: a build in progress, or left by a killed "
-                  f"process, removed at {max_age_s:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"waiting for the build lock {lock} ({age:.0f} s old: a build in progress, or left by a killed "
+                f"process, removed at {max_age_s:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             said_at = time.monotonic()
         time.sleep(poll_s)

@@ -49,7 +49,8 @@ class DataCfg:
     shuffle_buffer: int = 1000  # samples held per worker for shuffling (memory: x mean JPEG size)
     repeats: int = 1  # repeated augmentation (the official recipe uses 3)
     eval_batch: int = 0  # 0: the training micro-batch
-    finish: str = "auto"  # normalise/erase/Mixup: worker (float batches), device (uint8 batches, done on the GPU), auto: device on CUDA
+    # normalise/erase/Mixup: worker (float batches), device (uint8 batches, done on the GPU), auto: device on CUDA
+    finish: str = "auto"
     timeout_s: float = 600.0  # a rank whose DataLoader workers deliver no batch for this long fails (0: wait forever)
     # Shards in an object store (data.train=s3://bucket/prefix/train, or http(s)://):
     retries: int = 6  # attempts per request; each resumes from the byte reached; then the shard counts as bad
@@ -62,8 +63,12 @@ class DataCfg:
         """The :class:`pipeline.store.Store` these settings describe."""
         from pipeline.store import Policy, ShardCache, Store
 
-        policy = Policy(attempts=self.retries, backoff=self.backoff_s, read_timeout=self.read_timeout_s,
-                        connect_timeout=min(10.0, self.read_timeout_s))
+        policy = Policy(
+            attempts=self.retries,
+            backoff=self.backoff_s,
+            read_timeout=self.read_timeout_s,
+            connect_timeout=min(10.0, self.read_timeout_s),
+        )
         return Store(policy, ShardCache(self.cache_dir, self.cache_limit) if self.cache_dir else None)
 
     def __post_init__(self):
@@ -109,11 +114,19 @@ class TrainCfg:
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     device_peak_tflops: float = 0.0  # for MFU; 0: looked up from the exact device name (pipeline/mfu.py)
     dist_timeout_s: float = 600.0  # seconds a collective waits for a missing rank before failing
-    lock_wait_s: float = 120.0  # wait this long for another job's lock on train.out (a dead NFS client's lease) before refusing
-    heartbeat_timeout_s: float = 30.0  # a rank silent this long (stopped, hung, node or network down) ends the run (0: off)
+    lock_wait_s: float = (
+        120.0  # wait this long for another job's lock on train.out (a dead NFS client's lease) before refusing
+    )
+    heartbeat_timeout_s: float = (
+        30.0  # a rank silent this long (stopped, hung, node or network down) ends the run (0: off)
+    )
     allow_schedule_change: bool = False  # resume although the lr schedule (epochs, lr, batch...) changed
-    allow_batch_change: bool = False  # resume on a number of ranks that cannot keep the global batch (lr scales with it)
-    compile: bool | None = None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA under ZeRO-1/2, else off
+    allow_batch_change: bool = (
+        False  # resume on a number of ranks that cannot keep the global batch (lr scales with it)
+    )
+    compile: bool | None = (
+        None  # torch.compile the model (DeepSpeed's engine.compile); null: on CUDA under ZeRO-1/2, else off
+    )
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -121,7 +134,9 @@ class TrainCfg:
         if self.zero_stage not in (0, 1, 2, 3):
             raise InputError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage!r}")
         if self.zero_stage == 3 and self.ema:
-            raise InputError("train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false")
+            raise InputError(
+                "train.ema needs the full weights on every rank: use train.zero_stage<=2 or train.ema=false"
+            )
         if self.compile not in (None, True, False):
             raise InputError(f"train.compile must be true, false or null (on CUDA only), not {self.compile!r}")
 
@@ -210,8 +225,11 @@ class Limit:
     hi_open: bool = False
 
     def holds(self, x: float) -> bool:
-        return (math.isfinite(x) and (self.lo is None or x > self.lo or (not self.lo_open and x == self.lo))
-                and (self.hi is None or x < self.hi or (not self.hi_open and x == self.hi)))
+        return (
+            math.isfinite(x)
+            and (self.lo is None or x > self.lo or (not self.lo_open and x == self.lo))
+            and (self.hi is None or x < self.hi or (not self.hi_open and x == self.hi))
+        )
 
     def __str__(self) -> str:
         def num(x: float) -> str:
@@ -230,24 +248,54 @@ COUNT = Limit(1)  # 1, 2, 3...
 # non-finite-loss test blows the weights up with it.
 LIMITS: dict[str, Limit] = {
     "model.drop_path": Limit(0, 1, hi_open=True),
-    "data.workers": Limit(0, 1024), "data.shuffle_buffer": Limit(0, 10**8), "data.repeats": Limit(1, 64),
-    "data.eval_batch": Limit(0, 2**20), "data.timeout_s": NON_NEGATIVE, "data.retries": Limit(1, 1000),
-    "data.backoff_s": Limit(0, 3600), "data.read_timeout_s": POSITIVE, "data.cache_limit": NON_NEGATIVE,
-    "optim.epochs": Limit(1, 10**6), "optim.lr": Limit(0, 1e30, lo_open=True), "optim.lr_batch": Limit(1, 2**24),
-    "optim.min_lr": Limit(0, 10), "optim.warmup_lr": Limit(0, 10), "optim.warmup_epochs": Limit(0, 10**6),
-    "optim.weight_decay": Limit(0, 10), "optim.eps": Limit(0, 1, lo_open=True), "optim.betas": Limit(0, 1, hi_open=True),
+    "data.workers": Limit(0, 1024),
+    "data.shuffle_buffer": Limit(0, 10**8),
+    "data.repeats": Limit(1, 64),
+    "data.eval_batch": Limit(0, 2**20),
+    "data.timeout_s": NON_NEGATIVE,
+    "data.retries": Limit(1, 1000),
+    "data.backoff_s": Limit(0, 3600),
+    "data.read_timeout_s": POSITIVE,
+    "data.cache_limit": NON_NEGATIVE,
+    "optim.epochs": Limit(1, 10**6),
+    "optim.lr": Limit(0, 1e30, lo_open=True),
+    "optim.lr_batch": Limit(1, 2**24),
+    "optim.min_lr": Limit(0, 10),
+    "optim.warmup_lr": Limit(0, 10),
+    "optim.warmup_epochs": Limit(0, 10**6),
+    "optim.weight_decay": Limit(0, 10),
+    "optim.eps": Limit(0, 1, lo_open=True),
+    "optim.betas": Limit(0, 1, hi_open=True),
     "optim.clip_grad": NON_NEGATIVE,
-    "train.micro_batch": Limit(1, 2**20), "train.grad_accum": Limit(1, 2**16),  # train.zero_stage: TrainCfg
-    "train.ema_decay": Limit(0, 1, hi_open=True), "train.seed": Limit(0, 2**31 - 1), "train.max_steps": Limit(0, 2**53),
-    "train.log_every": COUNT, "train.eval_every": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE,
-    "train.ckpt_every_min": NON_NEGATIVE, "train.keep_last": Limit(1, 10**4), "train.max_nonfinite": COUNT,
-    "train.device_peak_tflops": NON_NEGATIVE, "train.dist_timeout_s": POSITIVE, "train.lock_wait_s": NON_NEGATIVE,
+    "train.micro_batch": Limit(1, 2**20),
+    "train.grad_accum": Limit(1, 2**16),  # train.zero_stage: TrainCfg
+    "train.ema_decay": Limit(0, 1, hi_open=True),
+    "train.seed": Limit(0, 2**31 - 1),
+    "train.max_steps": Limit(0, 2**53),
+    "train.log_every": COUNT,
+    "train.eval_every": NON_NEGATIVE,
+    "train.ckpt_every": NON_NEGATIVE,
+    "train.ckpt_every_min": NON_NEGATIVE,
+    "train.keep_last": Limit(1, 10**4),
+    "train.max_nonfinite": COUNT,
+    "train.device_peak_tflops": NON_NEGATIVE,
+    "train.dist_timeout_s": POSITIVE,
+    "train.lock_wait_s": NON_NEGATIVE,
     "train.heartbeat_timeout_s": NON_NEGATIVE,
-    "aug.img_size": Limit(8, 4096), "aug.scale": Limit(0, 1, lo_open=True), "aug.ratio": Limit(0, 100, lo_open=True),
-    "aug.hflip": PROBABILITY, "aug.color_jitter": NON_NEGATIVE, "aug.mean": Limit(-1e3, 1e3),
-    "aug.std": Limit(0, 1e3, lo_open=True), "aug.re_prob": PROBABILITY, "aug.re_count": Limit(1, 100),
-    "aug.mixup": NON_NEGATIVE, "aug.cutmix": NON_NEGATIVE, "aug.mixup_prob": PROBABILITY,
-    "aug.mixup_switch_prob": PROBABILITY, "aug.label_smoothing": Limit(0, 1, hi_open=True),
+    "aug.img_size": Limit(8, 4096),
+    "aug.scale": Limit(0, 1, lo_open=True),
+    "aug.ratio": Limit(0, 100, lo_open=True),
+    "aug.hflip": PROBABILITY,
+    "aug.color_jitter": NON_NEGATIVE,
+    "aug.mean": Limit(-1e3, 1e3),
+    "aug.std": Limit(0, 1e3, lo_open=True),
+    "aug.re_prob": PROBABILITY,
+    "aug.re_count": Limit(1, 100),
+    "aug.mixup": NON_NEGATIVE,
+    "aug.cutmix": NON_NEGATIVE,
+    "aug.mixup_prob": PROBABILITY,
+    "aug.mixup_switch_prob": PROBABILITY,
+    "aug.label_smoothing": Limit(0, 1, hi_open=True),
     "aug.crop_pct": Limit(0, 1, lo_open=True),
 }
 # keys whose value is a name template ({name}, {data}, {model}: Config.named)
@@ -278,8 +326,10 @@ def check_limits(cfg: "Config") -> None:
         try:
             flat[key].format(name="n", data="d", model="m")
         except (KeyError, IndexError, ValueError) as exc:
-            raise InputError(f"{key}={flat[key]!r}: not a name template ({type(exc).__name__}: {exc}; "
-                             "placeholders: {name}, {data}, {model})") from None
+            raise InputError(
+                f"{key}={flat[key]!r}: not a name template ({type(exc).__name__}: {exc}; "
+                "placeholders: {name}, {data}, {model})"
+            ) from None
     if cfg.model.variant not in VARIANTS:
         raise InputError(f"model.variant {cfg.model.variant!r} is not one of {', '.join(VARIANTS)}")
 
@@ -301,8 +351,11 @@ def _build(cls, values: dict, where: str):
                 raise InputError(f"config key {where}{key} is a section, not a value")
             kwargs[key] = _build(type(default), value, f"{where}{key}.")
         elif isinstance(default, tuple):
-            if not (isinstance(value, list) and len(value) == len(default)
-                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+            if not (
+                isinstance(value, list)
+                and len(value) == len(default)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+            ):
                 raise InputError(f"config key {where}{key} wants {len(default)} numbers ([a, b...]), got {value!r}")
             kwargs[key] = tuple(float(x) for x in value)
         elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, bool):
@@ -336,8 +389,9 @@ def load(path: str = "", overrides: list[str] = ()) -> Config:
         with open(path) as f:
             tree = _parse_yaml(f, path) or {}
         if not isinstance(tree, dict):
-            raise InputError(f"{path}: a config file is a mapping of sections (model:, data:, ...), not a "
-                             f"{type(tree).__name__}")
+            raise InputError(
+                f"{path}: a config file is a mapping of sections (model:, data:, ...), not a {type(tree).__name__}"
+            )
     for item in overrides:
         if "=" not in item:
             raise InputError(f"override {item!r} is not section.key=value")

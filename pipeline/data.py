@@ -152,9 +152,11 @@ def _remaining(seed: int, epoch: int, samples: int, shuffle_buffer: int, history
         rest: list[int] = []
         for i, (lo, hi) in enumerate(slots):
             r, w = divmod(i, workers)
-            order = list(_shuffled(iter(sorted(positions[lo:hi])), shuffle_buffer, _buffer_rng(seed, epoch, r, w, phase)))
-            rest.extend(order[_worker_batches(done, w, workers) * batch:])
-        rest.extend(positions[per_rank * world * batch:])  # the phase's remainder: not seen yet either
+            order = list(
+                _shuffled(iter(sorted(positions[lo:hi])), shuffle_buffer, _buffer_rng(seed, epoch, r, w, phase))
+            )
+            rest.extend(order[_worker_batches(done, w, workers) * batch :])
+        rest.extend(positions[per_rank * world * batch :])  # the phase's remainder: not seen yet either
         positions = rest
     return tuple(positions)
 
@@ -214,11 +216,19 @@ class _Buffers:
                 self.free.add(self.recycle.get())
             self.free &= self.held.keys()
 
-    def take(self, shape: tuple[int, ...], zero: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+    def take(
+        self, shape: tuple[int, ...], zero: bool = False, dtype: torch.dtype = torch.float32
+    ) -> tuple[int, torch.Tensor]:
         """(id, a view of a free buffer of ``shape``); the caller may write it freely."""
         self._collect()
-        found = next((i for i in self.held if i in self.free and self.held[i][0].shape == shape
-                      and self.held[i][0].dtype == dtype), None)
+        found = next(
+            (
+                i
+                for i in self.held
+                if i in self.free and self.held[i][0].shape == shape and self.held[i][0].dtype == dtype
+            ),
+            None,
+        )
         if found is None:
             found, self.next = self.next, self.next + 1
             t = _batch_tensor(shape, self.shared, dtype)
@@ -251,8 +261,17 @@ class Stream(torch.utils.data.IterableDataset):
 
     train = True
 
-    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 augment: Augment, finish: str):
+    def __init__(
+        self,
+        manifest: Manifest,
+        batch_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        augment: Augment,
+        finish: str,
+    ):
         self.manifest = manifest
         self.finish = _finish_mode(finish)
         self.batch_size = batch_size
@@ -294,12 +313,14 @@ class Stream(torch.utils.data.IterableDataset):
         if main:
             return _Buffers(shared=False, recycle="uses", keep=self.keep)
         if self._worker_buffers is None:  # one set per worker process, across epochs: ids stay unique
-            self._worker_buffers = _Buffers(shared=True, recycle=self.returns[physical] if self.returns else None,
-                                            keep=self.keep)
+            self._worker_buffers = _Buffers(
+                shared=True, recycle=self.returns[physical] if self.returns else None, keep=self.keep
+            )
         return self._worker_buffers
 
-    def _decode(self, sample: dict, out: torch.Tensor, report: _Reporter, seed: int | None = None,
-                main: bool = False) -> int | None:
+    def _decode(
+        self, sample: dict, out: torch.Tensor, report: _Reporter, seed: int | None = None, main: bool = False
+    ) -> int | None:
         """Decode ``sample`` into ``out`` (one image of a batch), its augmentation seeded
         by ``seed`` when given; its label, or None for a sample that cannot be read
         (counted and logged)."""
@@ -339,8 +360,9 @@ class TrainStream(Stream):
         epoch_samples: int | None = None,
         finish: str = "worker",
     ):
-        super().__init__(manifest, batch_size, rank=rank, world_size=world_size, seed=seed, augment=augment,
-                         finish=finish)
+        super().__init__(
+            manifest, batch_size, rank=rank, world_size=world_size, seed=seed, augment=augment, finish=finish
+        )
         self.repeats = max(1, repeats)
         self.shuffle_buffer = shuffle_buffer
         self.epoch_samples = epoch_samples or manifest.num_samples
@@ -348,7 +370,8 @@ class TrainStream(Stream):
             _cv2_one_thread()  # here, before DataLoader workers fork
         if self.epoch_samples // (world_size * batch_size) == 0:  # batches per rank: __len__
             raise InputError(
-                f"batch {batch_size} x {world_size} ranks is more than the {self.epoch_samples} samples of {manifest.path}"
+                f"batch {batch_size} x {world_size} ranks is more than the {self.epoch_samples} samples of "
+                f"{manifest.path}"
             )
 
     def __len__(self) -> int:
@@ -433,14 +456,23 @@ class TrainStream(Stream):
             labels, keys = [], []
             while len(labels) < B:
                 v, sample = next(stream)
-                label = self._decode(sample, image[len(labels)], report, seed_of("sample", self.seed, self.epoch, v), main)
+                label = self._decode(
+                    sample, image[len(labels)], report, seed_of("sample", self.seed, self.epoch, v), main
+                )
                 if label is not None:
                     labels.append(label)
                     keys.append(sample.get("__key__", "?"))
             label = torch.tensor(labels)
             index = j * workers + logical  # the batch's index in the rank's epoch
-            batch = {"image": image, "label": label, "key": keys, "bad": report.take(), "buffer": (physical, buffer),
-                     "epoch": self.epoch, "index": index}
+            batch = {
+                "image": image,
+                "label": label,
+                "key": keys,
+                "bad": report.take(),
+                "buffer": (physical, buffer),
+                "epoch": self.epoch,
+                "index": index,
+            }
             if self.finish == "worker":
                 with seeded(seed_of("batch", self.seed, self.epoch, self.rank, index), restore=main):
                     batch["target"] = self._finish.mix(image, label)
@@ -453,10 +485,17 @@ class EvalStream(Stream):
 
     train = False
 
-    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 augment: Augment = Augment(), finish: str = "worker"):
-        super().__init__(manifest, batch_size, rank=rank, world_size=world_size, seed=0, augment=augment,
-                         finish=finish)
+    def __init__(
+        self,
+        manifest: Manifest,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Augment = Augment(),
+        finish: str = "worker",
+    ):
+        super().__init__(manifest, batch_size, rank=rank, world_size=world_size, seed=0, augment=augment, finish=finish)
 
     def __len__(self) -> int:
         return self.num_workers * self.worker_batches(0, self.num_workers)
@@ -478,7 +517,9 @@ class EvalStream(Stream):
         S = self.augment.img_size
         pos = lo
         for _ in range(self.worker_batches(0, workers)):
-            buffer, image = buffers.take((self.batch_size, 3, S, S), zero=True, dtype=self.pixel_dtype)  # padding: blank, label -1
+            buffer, image = buffers.take(
+                (self.batch_size, 3, S, S), zero=True, dtype=self.pixel_dtype
+            )  # padding: blank, label -1
             labels, keys = [], []
             while pos < hi and len(labels) < self.batch_size:
                 p, sample = next(samples, (hi, None))
@@ -491,7 +532,13 @@ class EvalStream(Stream):
                     keys.append(sample["__key__"])
             pad = self.batch_size - len(labels)
             label = torch.tensor(labels + [-1] * pad)
-            yield {"image": image, "label": label, "key": keys + [""] * pad, "bad": report.take(), "buffer": (physical, buffer)}
+            yield {
+                "image": image,
+                "label": label,
+                "key": keys + [""] * pad,
+                "bad": report.take(),
+                "buffer": (physical, buffer),
+            }
 
 
 # ---------------------------------------------------------------- loader
@@ -500,8 +547,14 @@ class EvalStream(Stream):
 class Loader:
     """A DataLoader over a stream, with epoch/resume state and bad-data counters."""
 
-    def __init__(self, stream: Stream, workers: int = 0, pin_memory: bool | None = None, prefetch: int = 2,
-                 timeout_s: float = 0.0):
+    def __init__(
+        self,
+        stream: Stream,
+        workers: int = 0,
+        pin_memory: bool | None = None,
+        prefetch: int = 2,
+        timeout_s: float = 0.0,
+    ):
         self.stream = stream
         self.workers = workers
         self.timeout_s = timeout_s  # DataLoader's own bound on one batch from the workers (0: none)
@@ -533,9 +586,15 @@ class Loader:
         earlier layouts of the epoch with what each used (``history``): enough for any
         other layout to go on with exactly the samples not yet used."""
         world, workers, batch = self._layout()
-        return {"epoch": self.epoch_index, "batch": self.batch_index, "seed": self.stream.seed,
-                "workers": workers, "world_size": world, "batch_size": batch,
-                "history": [list(h) for h in self.stream.history_of(self.epoch_index)]}
+        return {
+            "epoch": self.epoch_index,
+            "batch": self.batch_index,
+            "seed": self.stream.seed,
+            "workers": workers,
+            "world_size": world,
+            "batch_size": batch,
+            "history": [list(h) for h in self.stream.history_of(self.epoch_index)],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` left off. On another layout (ranks, workers or batch
@@ -547,15 +606,24 @@ class Loader:
             raise InputError(f"loader state was saved with seed {state['seed']}, this run uses {self.stream.seed}")
         stream = self.stream
         epoch, done = int(state["epoch"]), int(state["batch"])
-        saved = (int(state.get("world_size", stream.world_size)), int(state.get("workers", max(1, self.workers))),
-                 int(state.get("batch_size", stream.batch_size)))
+        saved = (
+            int(state.get("world_size", stream.world_size)),
+            int(state.get("workers", max(1, self.workers))),
+            int(state.get("batch_size", stream.batch_size)),
+        )
         history = tuple(tuple(int(v) for v in h) for h in state.get("history", ()))
         if done >= len(stream.positions_left(epoch, history)) // (saved[0] * saved[2]):  # it had finished the epoch
             epoch, done, history = epoch + 1, 0, ()
         elif done and saved != self._layout():
             history += (saved + (done,),)
-            log.info("epoch %d goes on with %d ranks x %d workers x batch %d (begun on %d x %d x %d, %d batches "
-                     "per rank done): the samples not used yet, each once", epoch, *self._layout(), *saved, done)
+            log.info(
+                "epoch %d goes on with %d ranks x %d workers x batch %d (begun on %d x %d x %d, %d batches "
+                "per rank done): the samples not used yet, each once",
+                epoch,
+                *self._layout(),
+                *saved,
+                done,
+            )
             done = 0
         self.epoch_index, self.batch_index = epoch, done
         stream.epoch, stream.plan = epoch, ((epoch, history) if history else None)

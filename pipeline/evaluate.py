@@ -60,9 +60,11 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if len(y) == 0:
         return torch.zeros(4, dtype=torch.float64, device=logits.device)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return torch.stack([
-        torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-        (top[:, 0] == y).sum().double(),
-        (top == y[:, None]).any(1).sum().double(),
-        torch.tensor(float(len(y)), dtype=torch.float64, device=logits.device),
-    ])
+    return torch.stack(
+        [
+            torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+            (top[:, 0] == y).sum().double(),
+            (top == y[:, None]).any(1).sum().double(),
+            torch.tensor(float(len(y)), dtype=torch.float64, device=logits.device),
+        ]
+    )

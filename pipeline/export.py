@@ -72,8 +72,16 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def export(folder: str, variant: str, classes: tuple[str, ...], aug, state: dict, ema: torch.nn.Module | None,
-           step: int, epoch: int) -> dict:
+def export(
+    folder: str,
+    variant: str,
+    classes: tuple[str, ...],
+    aug,
+    state: dict,
+    ema: torch.nn.Module | None,
+    step: int,
+    epoch: int,
+) -> dict:
     """Write the weights (and the EMA's), the classes and the pretrained_cfg into
     ``folder``; returns their paths by kind."""
     from safetensors.torch import save_file
@@ -106,15 +114,31 @@ def signature(top_k: int = 5):
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec(Array("long"), "class_ids"), ColSpec(Array("string"), "class_names"),
-                        ColSpec(Array("double"), "probabilities")]),
+        outputs=Schema(
+            [
+                ColSpec(Array("long"), "class_ids"),
+                ColSpec(Array("string"), "class_names"),
+                ColSpec(Array("double"), "probabilities"),
+            ]
+        ),
         params=ParamSchema([ParamSpec("top_k", "long", top_k)]),
     )
 
 
-def register(tracker, name: str, files: dict, weights: str, config_path: str, example: bytes | None, tags: dict,
-             aliases: list[str], metrics: dict | None = None, step: int | None = None, describe=None,
-             model_description: str | None = None) -> str | None:
+def register(
+    tracker,
+    name: str,
+    files: dict,
+    weights: str,
+    config_path: str,
+    example: bytes | None,
+    tags: dict,
+    aliases: list[str],
+    metrics: dict | None = None,
+    step: int | None = None,
+    describe=None,
+    model_description: str | None = None,
+) -> str | None:
     """Log the exported ``weights`` (``"model"`` or ``"ema"``) as the served pyfunc model
     (``pipeline/served.py``, models from code: nothing pickled) with its ``metrics`` and
     register a new version of ``name`` with ``tags`` and the description
@@ -128,13 +152,26 @@ def register(tracker, name: str, files: dict, weights: str, config_path: str, ex
         "code_paths": [here],
         "signature": signature(),
         "input_example": (pd.DataFrame({"image": [example]}), {"top_k": 5}) if example else None,
-        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "timm", "safetensors", "numpy", "pillow",
-                             "pandas", "mlflow"],
+        "pip_requirements": [
+            f"torch=={torch.__version__.split('+')[0]}",
+            "timm",
+            "safetensors",
+            "numpy",
+            "pillow",
+            "pandas",
+            "mlflow",
+        ],
     }
     version = tracker.register(model, name, tags, aliases, metrics, step, describe, model_description)
     if version:
         log.info(
             "registered %s version %s (%s weights); serve it: mlflow models serve -m models:/%s/%s --env-manager local "
-            "(MLFLOW_TRACKING_URI=%s)", name, version, weights, name, version, tracker.uri,
+            "(MLFLOW_TRACKING_URI=%s)",
+            name,
+            version,
+            weights,
+            name,
+            version,
+            tracker.uri,
         )
     return version

@@ -3,10 +3,10 @@
 Written by the process that sees the fault: a rank that raises (a training error, a
 checkpoint that cannot be written, an out-of-memory error, a data-loader worker that
 died), or the launcher when a rank dies from a signal it cannot catch (SIGKILL from
-outside or the OOM killer). Each line: time, job id, requeue attempt and resubmission (launch/slurm.py), rank and host, what
-happened (``kind`` and ``error``), the last logged step and the checkpoint the next
-attempt resumes from. Input and config errors are not faults and are not recorded
-(nothing is to be retried for them).
+outside or the OOM killer). Each line: time, job id, requeue attempt and resubmission
+(launch/slurm.py), rank and host, what happened (``kind`` and ``error``), the last
+logged step and the checkpoint the next attempt resumes from. Input and config errors
+are not faults and are not recorded (nothing is to be retried for them).
 """
 
 from __future__ import annotations
@@ -83,8 +83,16 @@ def last_logged_step(out: str) -> int | None:
         return None
 
 
-def record(out: str, kind: str, error: str, rank: int | None, step: int | None = None, job: str | None = None,
-           resubmission: int | None = None, host: str | None = None) -> dict:
+def record(
+    out: str,
+    kind: str,
+    error: str,
+    rank: int | None,
+    step: int | None = None,
+    job: str | None = None,
+    resubmission: int | None = None,
+    host: str | None = None,
+) -> dict:
     """Append one fault to ``<out>/failures.jsonl`` (one small O_APPEND write: lines of
     several ranks do not interleave) and return it. ``job``/``resubmission``: of
     another job than this process's (the launcher's companion job says how the
@@ -92,8 +100,12 @@ def record(out: str, kind: str, error: str, rank: int | None, step: int | None =
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "job": job or os.environ.get("SLURM_JOB_ID", "local"),
-        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")) if job is None else None,  # requeues of this job (time limit, preemption)
-        "resubmission": resubmission if resubmission is not None else int(os.environ.get("TNTPIPE_RESUBMISSION", "0")),  # jobs resubmitted after faults before it
+        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if job is None
+        else None,  # requeues of this job (time limit, preemption)
+        "resubmission": resubmission
+        if resubmission is not None
+        else int(os.environ.get("TNTPIPE_RESUBMISSION", "0")),  # jobs resubmitted after faults before it
         "rank": rank,
         "host": host or socket.gethostname(),
         "kind": kind,

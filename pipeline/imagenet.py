@@ -113,7 +113,9 @@ def _read_id_to_wnid(path: str) -> list[str]:
 def _label_dirs(val_dir: str, data_root: str) -> list[str]:
     """Where the ground truth of a flat val folder is looked for, in order."""
     here = [val_dir, os.path.dirname(val_dir), data_root]
-    here += [os.path.join(d, sub) for d in list(here) for sub in ("data", os.path.join("ILSVRC2012_devkit_t12", "data"))]
+    here += [
+        os.path.join(d, sub) for d in list(here) for sub in ("data", os.path.join("ILSVRC2012_devkit_t12", "data"))
+    ]
     return list(dict.fromkeys(os.path.normpath(d) for d in here))
 
 

@@ -74,7 +74,9 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         try:
             text = storage.read_bytes(file, store.policy)
         except storage.NotFound:
-            raise InputError(f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC --out ...)") from None
+            raise InputError(
+                f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC --out ...)"
+            ) from None
     else:
         path = storage.local_path(path)
         file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
@@ -110,8 +112,10 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         path=file,
         shard_bytes=tuple(s.get("bytes") for s in shards),
         sha256=tuple(s.get("sha256") for s in shards),
-        offsets=tuple(np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
-                      for s in shards),
+        offsets=tuple(
+            np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
+            for s in shards
+        ),
         store=store,
         digest=hashlib.sha256(text).hexdigest(),
     )
@@ -282,5 +286,7 @@ class _Sequence:
                 yield base + idx, sample
             empty_run = 0 if got else empty_run + 1
             if empty_run >= len(self.order):
-                raise DataError(f"{report.where}: none of the {len(self.order)} shards of {self.manifest.path} could be read")
+                raise DataError(
+                    f"{report.where}: none of the {len(self.order)} shards of {self.manifest.path} could be read"
+                )
             start = base + self.manifest.sizes[shard]

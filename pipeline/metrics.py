@@ -38,8 +38,16 @@ class JsonlSink:
 
 
 class MetricsProcessor:
-    def __init__(self, sinks: list, world: int, device: torch.device, flops_per_image: float, peak_tflops: float | None,
-                 log_every: int = 1, total_steps: int = 0):
+    def __init__(
+        self,
+        sinks: list,
+        world: int,
+        device: torch.device,
+        flops_per_image: float,
+        peak_tflops: float | None,
+        log_every: int = 1,
+        total_steps: int = 0,
+    ):
         self.sinks = sinks
         self.log_every, self.total_steps = log_every, total_steps
         self.world = world
@@ -85,11 +93,15 @@ class MetricsProcessor:
     def log(self, step: int, total: int, epoch: int, lr: float, bad: dict[str, int]) -> dict:
         """Synchronizes ranks: one all-reduce of the window and of the bad-data counters
         (each rank's loader counts its own)."""
-        stats = torch.stack([
-            self.loss,
-            *(torch.tensor(float(v), dtype=torch.float64, device=self.device)
-              for v in (self.micro_batches, self.images, self.wait, bad["bad_samples"], bad["bad_shards"])),
-        ])
+        stats = torch.stack(
+            [
+                self.loss,
+                *(
+                    torch.tensor(float(v), dtype=torch.float64, device=self.device)
+                    for v in (self.micro_batches, self.images, self.wait, bad["bad_samples"], bad["bad_shards"])
+                ),
+            ]
+        )
         dist.all_reduce(stats)
         loss_sum, n, images, wait, bad_samples, bad_shards = stats.tolist()
         dt = max(1e-9, time.perf_counter() - self.start - self.excluded)
@@ -110,7 +122,14 @@ class MetricsProcessor:
             metrics["train/mfu"] = util
         log.info(
             "epoch %d step %d/%d | loss %.4f | lr %.2e | %.0f img/s (%.0f/rank) | data wait %.0f%%%s%s",
-            epoch, step, total, metrics["train/loss"], lr, ips, ips / self.world, 100 * metrics["train/data_wait"],
+            epoch,
+            step,
+            total,
+            metrics["train/loss"],
+            lr,
+            ips,
+            ips / self.world,
+            100 * metrics["train/data_wait"],
             f" | MFU {100 * util:.1f}%" if util is not None else "",
             f" | bad samples {int(bad_samples)}, shards {int(bad_shards)}" if bad_samples or bad_shards else "",
         )

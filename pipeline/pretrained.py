@@ -58,7 +58,7 @@ def _registered_version(uri: str, tracking_uri: str) -> dict:
     """Name, version and run of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
     from mlflow import MlflowClient
 
-    ref = uri[len("models:/"):]
+    ref = uri[len("models:/") :]
     client = MlflowClient(tracking_uri)
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -86,16 +86,19 @@ def resolve(uri: str, tracking_uri: str) -> tuple[str, dict | None, dict]:
                 # registry whatever registry_uri says (./mlflow.db, made on the spot), so a
                 # store given as mlflow.tracking_uri (not the environment) was not searched
                 source = mlflow.MlflowClient(tracking_uri).get_model_version_download_uri(
-                    lineage["parent.model"], lineage["parent.version"])
+                    lineage["parent.model"], lineage["parent.version"]
+                )
             else:
-                lineage["parent.run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+                lineage["parent.run_id"] = uri[len("runs:/") :].split("/", 1)[0]
             # Every rank downloads its own copy (a temporary directory): no rank waits for
             # another's download, and nodes need not share a filesystem for it.
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
         except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors...
             first = first_line(exc) or type(exc).__name__
-            raise InputError(f"model.init_from={uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "
-                             f"set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds it") from None
+            raise InputError(
+                f"model.init_from={uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "
+                f"set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds it"
+            ) from None
     else:
         local = uri
         if not os.path.exists(local):
@@ -115,8 +118,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors alike
-        raise InputError(f"model.init_from: {path} is not a weights file timm can read "
-                         f"({summary(exc, 200)})") from None
+        raise InputError(f"model.init_from: {path} is not a weights file timm can read ({summary(exc, 200)})") from None
 
 
 def _check_architecture(variant: str, pretrained_cfg: dict | None) -> None:
@@ -125,8 +127,9 @@ def _check_architecture(variant: str, pretrained_cfg: dict | None) -> None:
         raise InputError(f"model.init_from holds a {source} model, not {variant}: set model.variant={source}")
 
 
-def adapt(model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor],
-          pretrained_cfg: dict | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+def adapt(
+    model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor], pretrained_cfg: dict | None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state`` made loadable into ``model`` (built as ``variant``): timm's key names,
     the patch position encodings resampled, the head dropped for another class count;
     and what was adapted, one line each (only ``model``'s shapes are read). Another
@@ -140,8 +143,10 @@ def adapt(model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor],
     notes = []
     for key, value in state.items():
         if key in own and key != "patch_pos" and not key.startswith("head.") and value.shape != own[key].shape:
-            raise InputError(f"model.init_from is another variant than {variant}: {key} is {tuple(value.shape)}, "
-                             f"{variant} has {tuple(own[key].shape)}")
+            raise InputError(
+                f"model.init_from is another variant than {variant}: {key} is {tuple(value.shape)}, "
+                f"{variant} has {tuple(own[key].shape)}"
+            )
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise InputError(f"model.init_from is not a {variant} state dict: unexpected {', '.join(unknown[:3])}")
@@ -149,14 +154,18 @@ def adapt(model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor],
     if missing:
         raise InputError(f"model.init_from lacks {', '.join(missing[:3])}: not a {variant} state dict")
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
-        notes.append(f"head re-initialised: {state['head.weight'].shape[0]} classes in model.init_from, "
-                     f"{own['head.weight'].shape[0]} here")
+        notes.append(
+            f"head re-initialised: {state['head.weight'].shape[0]} classes in model.init_from, "
+            f"{own['head.weight'].shape[0]} here"
+        )
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     if pos is not None and pos.shape != own["patch_pos"].shape:
         grid = int(round((pos.shape[1] - 1) ** 0.5))
-        notes.append(f"patch position encodings resampled from a {grid}x{grid} grid to "
-                     f"{'x'.join(map(str, model.pixel_embed.grid_size))} ({model.pixel_embed.img_size[0]} px); "
-                     f"pixel position encodings kept")
+        notes.append(
+            f"patch position encodings resampled from a {grid}x{grid} grid to "
+            f"{'x'.join(map(str, model.pixel_embed.grid_size))} ({model.pixel_embed.img_size[0]} px); "
+            f"pixel position encodings kept"
+        )
     return state, notes
 
 

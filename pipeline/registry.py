@@ -20,9 +20,10 @@ Lineage, as version tags (the config itself is the model's ``artifacts/config.ya
   size of each attempt; records in ``failures.jsonl``);
 * ``top1``/``top5`` of the registered weights, ``model.top1``/``model.top5`` and
   ``ema.top1``/``ema.top5`` of both;
-* ``run_id``, ``variant``, ``weights``, ``logged_model`` (its id: its page has the metrics); ``parent.*`` when it was fine-tuned from
-  ``model.init_from`` (``pipeline/pretrained.py``): the parent's URI, registered
-  name and version, run and weights sha256.
+* ``run_id``, ``variant``, ``weights``, ``logged_model`` (its id: its page has the
+  metrics); ``parent.*`` when it was fine-tuned from ``model.init_from``
+  (``pipeline/pretrained.py``): the parent's URI, registered name and version, run and
+  weights sha256.
 
 Every rank keeps the same state (the evaluations it decides on are all-reduced); only
 rank 0 talks to MLflow.
@@ -42,9 +43,11 @@ from pipeline.failures import FILE as FAILURES_FILE
 
 def git_state(path: str) -> dict[str, str]:
     """The commit of the checkout holding ``path`` and whether it has changes."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", path, *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     try:
         return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
@@ -70,8 +73,16 @@ def first_image(manifest) -> bytes | None:
 class Registrar:
     """Decides on, and (rank 0) makes, the registrations of a run."""
 
-    def __init__(self, cfg, tracker, out: str, classes: tuple[str, ...], manifests: dict, parent: dict | None = None,
-                 num_params: int = 0):
+    def __init__(
+        self,
+        cfg,
+        tracker,
+        out: str,
+        classes: tuple[str, ...],
+        manifests: dict,
+        parent: dict | None = None,
+        num_params: int = 0,
+    ):
         self.cfg, self.tracker, self.out = cfg, tracker, out
         self.num_params = num_params
         self.classes = classes
@@ -85,14 +96,65 @@ class Registrar:
         self._example: bytes | None = None
 
     def state_dict(self) -> dict:
-        return {"best_top1": self.best_top1, "best_step": self.best_step, "best_version": self.best_version,
-                "attempts": self.attempts, "requeues": self.requeues, "world_sizes": self.world_sizes}
+        return {
+            "best_top1": self.best_top1,
+            "best_step": self.best_step,
+            "best_version": self.best_version,
+            "attempts": self.attempts,
+            "requeues": self.requeues,
+            "world_sizes": self.world_sizes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best_top1, self.best_step = float(state["best_top1"]), state["best_step"]
         self.best_version = state["best_version"]
         self.attempts, self.requeues = int(state["attempts"]), int(state["requeues"])
         self.world_sizes = list(state["world_sizes"])
+
+    def start_run(
+        self,
+        run_id: str | None,
+        writer: bool,
+        changed: list[str] | None,
+        step: int,
+        run_params: dict,
+        layout_change: str | None,
+    ) -> str | None:
+        """The MLflow run, new or continued (``changed``: None for a new run, else the
+        schedule keys its resume changed): ``config.yaml`` and the parameters once (by the
+        ``writer``, rank 0), a tag for each change of schedule or layout. Returns its id."""
+        cfg = self.cfg
+        if writer:
+            import yaml
+
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
+        run_id = self.tracker.start(run_id, cfg.named(cfg.mlflow.run_name or cfg.name), cfg.mlflow.system_metrics)
+        if writer and changed is None:
+            self.tracker.params(cfg.resolved())  # train.out=runs/tiny-cpu, not runs/{name}
+            self.tracker.params(
+                {
+                    **run_params,
+                    **{
+                        f"{split}_data.{k}": v
+                        for split, m in (("train", self.manifests["train"]), ("val", self.manifests["val"]))
+                        if m is not None
+                        for k, v in m.summary().items()
+                    },
+                }
+            )
+            self.tracker.artifact(os.path.join(self.out, "config.yaml"))
+        if changed:
+            self.tracker.tags({f"schedule_change.step{step}": "; ".join(changed)})
+        if layout_change and changed is not None:
+            self.tracker.tags(
+                {
+                    f"layout_change.step{step}": layout_change,
+                    f"global_batch.step{step}": str(run_params["global_batch"]),
+                }
+            )
+        return run_id
 
     def requeued(self) -> None:
         """The run is checkpointed and requeued on the time-limit signal."""
@@ -119,8 +181,9 @@ class Registrar:
         """Whether ``res`` (all-reduced: the same on every rank) is a new best to register."""
         return bool(self.name) and self.cfg.mlflow.register_best and self._top1(res) > self.best_top1
 
-    def export_and_register(self, folder: str, state: dict, ema, res: dict | None, step: int, epoch: int,
-                            aliases: tuple[str, ...] = ()) -> str | None:
+    def export_and_register(
+        self, folder: str, state: dict, ema, res: dict | None, step: int, epoch: int, aliases: tuple[str, ...] = ()
+    ) -> str | None:
         """Export ``state`` (and the EMA) into ``<train.out>/export/<folder>`` and register
         the chosen weights (rank 0); returns the version (None: not registered)."""
         files = self._export(os.path.join("export", folder), state, ema, step, epoch)
@@ -139,8 +202,9 @@ class Registrar:
         return files, self.register(files, res, step, epoch, ["last"])
 
     def _export(self, folder: str, state: dict, ema, step: int, epoch: int) -> dict:
-        return export_mod.export(os.path.join(self.out, folder), self.cfg.model.variant, self.classes, self.cfg.aug,
-                                 state, ema, step, epoch)
+        return export_mod.export(
+            os.path.join(self.out, folder), self.cfg.model.variant, self.classes, self.cfg.aug, state, ema, step, epoch
+        )
 
     def register(self, files: dict, res: dict | None, step: int, epoch: int, aliases: list[str]) -> str | None:
         """Register the exported ``files`` (rank 0); returns the version."""
@@ -151,18 +215,31 @@ class Registrar:
         if self._example is None:
             self._example = first_image(self.manifests["val"] or self.manifests["train"])
         metrics = {f"val_{k}": float(tags[k]) for k in ("top1", "top5") if k in tags}  # on the logged model too
-        version = export_mod.register(self.tracker, self.name, files, weights, os.path.join(self.out, "config.yaml"),
-                                      self._example, tags, aliases, metrics, step,
-                                      lambda version: self.describe(tags, version), self.describe_model())
+        version = export_mod.register(
+            self.tracker,
+            self.name,
+            files,
+            weights,
+            os.path.join(self.out, "config.yaml"),
+            self._example,
+            tags,
+            aliases,
+            metrics,
+            step,
+            lambda version: self.describe(tags, version),
+            self.describe_model(),
+        )
         return version
 
     def describe_model(self) -> str:
         """The registered model's description (rewritten at each registration)."""
         cfg = self.cfg
-        return (f"TNT `{cfg.model.variant}` for {len(self.classes)} classes at {cfg.aug.img_size} px, trained on "
-                f"**{cfg.data_name}** by tntpipe. Aliases: `best` (the best top-1 of all versions), `last` (each "
-                f"run's end). Each version's description says what it is, what it was trained on, its top-1 and how "
-                f"to call it.")
+        return (
+            f"TNT `{cfg.model.variant}` for {len(self.classes)} classes at {cfg.aug.img_size} px, trained on "
+            f"**{cfg.data_name}** by tntpipe. Aliases: `best` (the best top-1 of all versions), `last` (each "
+            f"run's end). Each version's description says what it is, what it was trained on, its top-1 and how "
+            f"to call it."
+        )
 
     def describe(self, tags: dict, version: str) -> str:
         """A version's description (markdown, shown on its MLflow page): the model, its
@@ -170,32 +247,57 @@ class Registrar:
         cfg, train = self.cfg, self.manifests["train"]
         val = self.manifests.get("val")
         uri = f"models:/{self.name}/{version}"
-        lines = [f"**TNT `{cfg.model.variant}`** ({cfg.model_name}): {self.num_params / 1e6:.2f}M parameters, "
-                 f"{len(self.classes)} classes, {cfg.aug.img_size} px input.", ""]
-        lines.append(f"Trained on **{cfg.data_name}**: {train.num_samples:,} images "
-                     f"(manifest `{tags['data.train.manifest']}`, sha256 `{train.digest}`), "
-                     f"epoch {tags['epoch']} of {cfg.optim.epochs}, step {tags['step']}, "
-                     f"run `{tags['run_id']}`; {tags['weights']} weights.")
+        lines = [
+            f"**TNT `{cfg.model.variant}`** ({cfg.model_name}): {self.num_params / 1e6:.2f}M parameters, "
+            f"{len(self.classes)} classes, {cfg.aug.img_size} px input.",
+            "",
+        ]
+        lines.append(
+            f"Trained on **{cfg.data_name}**: {train.num_samples:,} images "
+            f"(manifest `{tags['data.train.manifest']}`, sha256 `{train.digest}`), "
+            f"epoch {tags['epoch']} of {cfg.optim.epochs}, step {tags['step']}, "
+            f"run `{tags['run_id']}`; {tags['weights']} weights."
+        )
         if "top1" in tags:
-            lines += ["", f"**top-1 {tags['top1']}%, top-5 {tags['top5']}%** on {val.num_samples:,} held-out images "
-                          f"(sha256 `{val.digest}`)" + (f"; model {tags['model.top1']}%, EMA {tags['ema.top1']}% top-1"
-                                                        if "ema.top1" in tags else "") + "."]
+            lines += [
+                "",
+                f"**top-1 {tags['top1']}%, top-5 {tags['top5']}%** on {val.num_samples:,} held-out images "
+                f"(sha256 `{val.digest}`)"
+                + (f"; model {tags['model.top1']}%, EMA {tags['ema.top1']}% top-1" if "ema.top1" in tags else "")
+                + ".",
+            ]
         else:
             lines += ["", "Not evaluated (no `data.val`)."]
         if self.parent.get("parent.init_from"):
-            lines += ["", f"Fine-tuned from `{self.parent['parent.init_from']}`"
-                          + (f" ({self.parent['parent.model']} version {self.parent['parent.version']})"
-                             if "parent.version" in self.parent else "") + "."]
-        lines += ["", "Call it: a column `image` of encoded images (JPEG, PNG...; base64 in JSON), one per row; "
-                      "param `top_k` (default 5); out: `class_ids`, `class_names`, `probabilities`.", "",
-                  "```python", "import mlflow, pandas as pd", f'mlflow.set_tracking_uri("{self.tracker.uri}")',
-                  f'model = mlflow.pyfunc.load_model("{uri}")',
-                  'model.predict(pd.DataFrame({"image": [open("img.jpg", "rb").read()]}), params={"top_k": 5})',
-                  "```", "", "```sh",
-                  f"MLFLOW_TRACKING_URI={self.tracker.uri} mlflow models serve -m {uri} --env-manager local -p 5001",
-                  """printf '{"dataframe_split": {"columns": ["image"], "data": [["%s"]]}, "params": {"top_k": 5}}' \\""",
-                  """    "$(base64 -w0 img.jpg)" | curl -s http://127.0.0.1:5001/invocations \\""",
-                  """    -H 'Content-Type: application/json' -d @-""", "```"]
+            lines += [
+                "",
+                f"Fine-tuned from `{self.parent['parent.init_from']}`"
+                + (
+                    f" ({self.parent['parent.model']} version {self.parent['parent.version']})"
+                    if "parent.version" in self.parent
+                    else ""
+                )
+                + ".",
+            ]
+        lines += [
+            "",
+            "Call it: a column `image` of encoded images (JPEG, PNG...; base64 in JSON), one per row; "
+            "param `top_k` (default 5); out: `class_ids`, `class_names`, `probabilities`.",
+            "",
+            "```python",
+            "import mlflow, pandas as pd",
+            f'mlflow.set_tracking_uri("{self.tracker.uri}")',
+            f'model = mlflow.pyfunc.load_model("{uri}")',
+            'model.predict(pd.DataFrame({"image": [open("img.jpg", "rb").read()]}), params={"top_k": 5})',
+            "```",
+            "",
+            "```sh",
+            f"MLFLOW_TRACKING_URI={self.tracker.uri} mlflow models serve -m {uri} --env-manager local -p 5001",
+            """printf '{"dataframe_split": {"columns": ["image"], "data": [["%s"]]}, "params": {"top_k": 5}}' \\""",
+            """    "$(base64 -w0 img.jpg)" | curl -s http://127.0.0.1:5001/invocations \\""",
+            """    -H 'Content-Type: application/json' -d @-""",
+            "```",
+        ]
         return "\n".join(lines)
 
     def registered_best(self, version: str | None, res: dict, step: int) -> None:
@@ -204,11 +306,21 @@ class Registrar:
 
     def _tags(self, res: dict | None, weights: str, step: int, epoch: int) -> dict:
         cfg = self.cfg
-        tags = {"run_id": self.tracker.run_id, "variant": cfg.model.variant, "weights": weights, "step": step,
-                "epoch": epoch, "checkpoint": os.path.abspath(os.path.join(self.out, "checkpoints", tag_of(step))),
-                "config.sha256": config_sha256(cfg), "attempts": self.attempts, "requeues": self.requeues,
-                "world_sizes": ",".join(map(str, self.world_sizes)), "faults": self._faults(),
-                **git_state(os.path.dirname(os.path.abspath(__file__))), **self.parent}
+        tags = {
+            "run_id": self.tracker.run_id,
+            "variant": cfg.model.variant,
+            "weights": weights,
+            "step": step,
+            "epoch": epoch,
+            "checkpoint": os.path.abspath(os.path.join(self.out, "checkpoints", tag_of(step))),
+            "config.sha256": config_sha256(cfg),
+            "attempts": self.attempts,
+            "requeues": self.requeues,
+            "world_sizes": ",".join(map(str, self.world_sizes)),
+            "faults": self._faults(),
+            **git_state(os.path.dirname(os.path.abspath(__file__))),
+            **self.parent,
+        }
         for split, m in self.manifests.items():
             if m is not None:
                 tags[f"data.{split}.manifest"] = m.path if "://" in m.path else os.path.abspath(m.path)

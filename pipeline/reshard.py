@@ -66,8 +66,9 @@ def gather(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], int]:
             continue
         state[f"{name}:fp32"] = fp32.detach().float().cpu().clone()
         for key, full in zip(MOMENTS, moments):
-            state[f"{name}:{key}"] = torch.zeros_like(state[f"{name}:fp32"]) if full is None else \
-                full.detach().float().cpu().clone()
+            state[f"{name}:{key}"] = (
+                torch.zeros_like(state[f"{name}:fp32"]) if full is None else full.detach().float().cpu().clone()
+            )
     return state, step
 
 
@@ -170,8 +171,9 @@ def load(engine, state: dict[str, torch.Tensor], step: int) -> None:
     for s in _base(engine).state.values():
         s["step"] = torch.full_like(s["step"], step) if torch.is_tensor(s["step"]) else step
     z3 = engine.zero_optimization_stage() == 3
-    gathered = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0) if z3 \
-        else contextlib.nullcontext()
+    gathered = (
+        deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0) if z3 else contextlib.nullcontext()
+    )
     with gathered, torch.no_grad():  # the 16-bit weights the forward uses: the masters, rounded
         for name, p in params:
             p.copy_(state[f"{name}:fp32"].to(p.device, p.dtype))

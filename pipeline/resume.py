@@ -19,11 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import torch
 
-from pipeline.checkpoint import (CheckpointManager, RunState, check_layout, check_schedule, elastic_grad_accum,
-                                 peek_latest)
+from pipeline.atomic import write_atomic
+from pipeline.checkpoint import (
+    CheckpointManager,
+    RunState,
+    check_layout,
+    check_schedule,
+    elastic_grad_accum,
+    peek_latest,
+)
 from pipeline.errors import InputError
 
 log = logging.getLogger("tntpipe.train")
@@ -42,8 +50,14 @@ def adapt_grad_accum(cfg, world: int) -> str | None:
     meta = peek_latest(os.path.join(cfg.out_dir, "checkpoints"))
     if meta is None or meta.get("world_size", world) == world or "schedule" not in meta:
         return None
-    accum = elastic_grad_accum(meta, world, t.micro_batch, t.grad_accum, t.allow_batch_change,
-                               f"the checkpoint at step {meta['step']} in {cfg.out_dir}")
+    accum = elastic_grad_accum(
+        meta,
+        world,
+        t.micro_batch,
+        t.grad_accum,
+        t.allow_batch_change,
+        f"the checkpoint at step {meta['step']} in {cfg.out_dir}",
+    )
     change = f"{meta['world_size']} ranks x accum {meta.get('grad_accum', '?')} -> {world} ranks x accum {accum}"
     t.grad_accum = accum
     return change
@@ -57,8 +71,10 @@ def agree_grad_accum(grad_accum: int, world: int, device: torch.device, out: str
     both = torch.tensor([grad_accum, -grad_accum], device=device)
     torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     if int(both[0]) != -int(both[1]):
-        raise InputError(f"ranks read different checkpoints in {out} (train.grad_accum {int(-both[1])} to "
-                         f"{int(both[0])}): is the shared filesystem up to date on every node?")
+        raise InputError(
+            f"ranks read different checkpoints in {out} (train.grad_accum {int(-both[1])} to "
+            f"{int(both[0])}): is the shared filesystem up to date on every node?"
+        )
 
 
 def expected_schedule(schedule: dict, meta: dict, world: int, allow_batch_change: bool) -> dict:
@@ -86,13 +102,24 @@ def check_finished(cfg, schedule: dict, total_steps: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if "world_size" in done:
         check_layout(done, f"the finished run {path}", world, t.zero_stage, out, reshardable=True)
-    changed = check_schedule(done.get("schedule"), expected_schedule(schedule, done, world, t.allow_batch_change),
-                             f"the finished run {path}", t.allow_schedule_change)
+    changed = check_schedule(
+        done.get("schedule"),
+        expected_schedule(schedule, done, world, t.allow_batch_change),
+        f"the finished run {path}",
+        t.allow_schedule_change,
+    )
     if not changed and done["step"] >= total_steps:
         raise Finished(
             f"{out} holds a finished run (step {done['step']}, MLflow run {done.get('run_id')}, "
             f"model version {done.get('version') or '-'}): nothing to do; use another train.out for a new run"
         )
+
+
+def mark_finished(cfg, done: dict, schedule: dict) -> None:
+    """``FINISHED.json``, what :func:`check_finished` reads: ``done`` (step, epoch, MLflow run,
+    registered version, world size...) with the ZeRO stage and the schedule it ran."""
+    done = {**done, "zero_stage": cfg.train.zero_stage, "schedule": schedule, "time": time.time()}
+    write_atomic(os.path.join(cfg.out_dir, "FINISHED.json"), json.dumps(done, indent=1))
 
 
 def resume(checkpointer: CheckpointManager, cfg, data, engine, world: int) -> tuple[RunState, list[str]] | None:
@@ -108,26 +135,44 @@ def resume(checkpointer: CheckpointManager, cfg, data, engine, world: int) -> tu
     elastic = meta["world_size"] != world
     check_layout(meta, f"checkpoint {path}", world, t.zero_stage, cfg.out_dir, checkpointer.reshardable(tag))
     if elastic and data.layout_change is None:  # rank 0 fell back to an older checkpoint than the one peeked at
-        raise InputError(f"checkpoint {path} was written by {meta['world_size']} ranks, the newest one by "
-                         f"{world}: run the same command again")
-    changed = check_schedule(meta.get("schedule"), expected_schedule(data.schedule, meta, world, t.allow_batch_change),
-                             f"checkpoint {path}", t.allow_schedule_change)
+        raise InputError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks, the newest one by "
+            f"{world}: run the same command again"
+        )
+    changed = check_schedule(
+        meta.get("schedule"),
+        expected_schedule(data.schedule, meta, world, t.allow_batch_change),
+        f"checkpoint {path}",
+        t.allow_schedule_change,
+    )
     if changed:
-        log.warning("resuming %s with a changed schedule (train.allow_schedule_change=true): %s",
-                    path, "; ".join(changed))
+        log.warning(
+            "resuming %s with a changed schedule (train.allow_schedule_change=true): %s", path, "; ".join(changed)
+        )
     if elastic:
         was = meta["schedule"]["global_batch"]
-        log.warning("resuming %s on another number of ranks: %s, global batch %d (was %d)%s", path,
-                    data.layout_change, data.global_batch, was,
-                    ", lr scaled to it (train.allow_batch_change)" if data.global_batch != was else "")
+        log.warning(
+            "resuming %s on another number of ranks: %s, global batch %d (was %d)%s",
+            path,
+            data.layout_change,
+            data.global_batch,
+            was,
+            ", lr scaled to it (train.allow_batch_change)" if data.global_batch != was else "",
+        )
         state = checkpointer.load_resharded(tag, engine.engine, t.seed, engine.ema)
         schedule_at(engine.scheduler, state.step)
         engine.engine.global_steps, engine.engine.global_samples = state.step, state.step * was
     else:
         state = checkpointer.load(tag, engine.engine, engine.ema)
     data.loader.load_state_dict(state.loader)
-    log.info("resumed from %s: step %d, epoch %d, batch %d, best top-1 %.2f", path, state.step,
-             data.loader.epoch_index, data.loader.batch_index, state.best_top1)
+    log.info(
+        "resumed from %s: step %d, epoch %d, batch %d, best top-1 %.2f",
+        path,
+        state.step,
+        data.loader.epoch_index,
+        data.loader.batch_index,
+        state.best_top1,
+    )
     return state, changed
 
 

@@ -42,11 +42,17 @@ class RunLock:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
-                    raise RunInUse(f"{os.path.dirname(self.path)} is in use by another live job ({holder}); "
-                                   f"two jobs must not write one train.out: stop that one, or use another train.out") from None
+                    raise RunInUse(
+                        f"{os.path.dirname(self.path)} is in use by another live job ({holder}); "
+                        f"two jobs must not write one train.out: stop that one, or use another train.out"
+                    ) from None
                 time.sleep(1.0)
-        me = {"job": os.environ.get("SLURM_JOB_ID", "local"), "host": socket.gethostname(), "pid": os.getpid(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {
+            "job": os.environ.get("SLURM_JOB_ID", "local"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self.fd = fd

@@ -86,8 +86,13 @@ class TNTClassifier(PythonModel):
         self.model = tnt.create(cfg["architecture"], num_classes=len(self.classes), img_size=size)
         tnt.load_timm_state_dict(self.model, load_file(weights))
         self.model.eval()
-        aug = Augment(img_size=size, crop_pct=float(cfg["crop_pct"]), interpolation=cfg["interpolation"],
-                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        aug = Augment(
+            img_size=size,
+            crop_pct=float(cfg["crop_pct"]),
+            interpolation=cfg["interpolation"],
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+        )
         self.transform = EvalTransform(aug)
         self.finish = BatchFinish(aug, len(self.classes), train=False)
         self.size = size
@@ -98,7 +103,11 @@ class TNTClassifier(PythonModel):
         from PIL import Image
 
         if isinstance(value, np.ndarray):
-            if value.dtype != np.uint8 or value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[2] not in (1, 3)):
+            if (
+                value.dtype != np.uint8
+                or value.ndim not in (2, 3)
+                or (value.ndim == 3 and value.shape[2] not in (1, 3))
+            ):
                 raise _bad_input(f"image {row}: want uint8 (H, W) or (H, W, 3), got {value.dtype} {value.shape}")
             if value.shape[0] * value.shape[1] > MAX_PIXELS:
                 raise _bad_input(f"image {row}: {value.shape[1]}x{value.shape[0]} is over {MAX_PIXELS} pixels")
@@ -115,8 +124,9 @@ class TNTClassifier(PythonModel):
         except Exception:  # noqa: BLE001 - PIL raises several types for non-images
             raise _bad_input(f"image {row}: not an image PIL can read ({len(value)} bytes)") from None
         if img.size[0] * img.size[1] > MAX_PIXELS:  # the header alone: nothing decoded yet
-            raise _bad_input(f"image {row}: {img.size[0]}x{img.size[1]} is over {MAX_PIXELS} pixels "
-                             f"(TNTP_SERVE_MAX_PIXELS)")
+            raise _bad_input(
+                f"image {row}: {img.size[0]}x{img.size[1]} is over {MAX_PIXELS} pixels (TNTP_SERVE_MAX_PIXELS)"
+            )
         return img
 
     def _batch(self, images: list):
@@ -141,18 +151,22 @@ class TNTClassifier(PythonModel):
         elif isinstance(model_input, pd.DataFrame) and "image" in model_input.columns:
             values = list(model_input["image"])
         else:
-            raise _bad_input("want a DataFrame with an 'image' column of encoded images, or a uint8 array (N, H, W[, 3])")
+            raise _bad_input(
+                "want a DataFrame with an 'image' column of encoded images, or a uint8 array (N, H, W[, 3])"
+            )
         if not values:
             raise _bad_input("no images in the request")
         x = self._batch([self._decode(v, i) for i, v in enumerate(values)])
         with torch.inference_mode():
             probs = torch.softmax(self.model(x).float(), dim=-1)
         p, idx = probs.topk(min(int(top_k), len(self.classes)), dim=-1)
-        return pd.DataFrame({
-            "class_ids": [row.tolist() for row in idx],
-            "class_names": [[self.classes[i] for i in row.tolist()] for row in idx],
-            "probabilities": [row.tolist() for row in p],
-        })
+        return pd.DataFrame(
+            {
+                "class_ids": [row.tolist() for row in idx],
+                "class_names": [[self.classes[i] for i in row.tolist()] for row in idx],
+                "probabilities": [row.tolist() for row in p],
+            }
+        )
 
 
 mlflow.models.set_model(TNTClassifier())

@@ -312,7 +312,9 @@ def plan_split(split: str, entries: list[Entry], classes: list[str], options: Op
     """Deterministic shard plan: (jobs, samples not placed with their reasons). With an
     object-store ``out_dir``, each shard is built under ``stage`` and then uploaded."""
     index = {c: i for i, c in enumerate(classes)}
-    rejected = [{"path": e.rel, "reason": f"class {e.cls!r} is not in the class list"} for e in entries if e.cls not in index]
+    rejected = [
+        {"path": e.rel, "reason": f"class {e.cls!r} is not in the class list"} for e in entries if e.cls not in index
+    ]
     entries = sorted((e for e in entries if e.cls in index), key=lambda e: e.rel)
     if options.limit_per_class:
         seen = Counter()
@@ -398,11 +400,17 @@ def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
         old = build  # nothing was re-encoded: the shards are the same bytes at any quality
     if old is not None and old != build:
         if not overwrite:
-            diff = sorted(k for k in set(old.get("options", {})) | set(build["options"]) if old.get("options", {}).get(k) != build["options"].get(k))
+            diff = sorted(
+                k
+                for k in set(old.get("options", {})) | set(build["options"])
+                if old.get("options", {}).get(k) != build["options"].get(k)
+            )
             what = f"options differ: {', '.join(diff)}" if diff else "inputs differ"
             raise InputError(f"{out_dir} holds shards from another build ({what}); pass --overwrite to replace them")
         if store.scheme(out_dir):
-            for name in store.list_names(out_dir) + [f".records/{n}" for n in store.list_names(store.join(out_dir, ".records"))]:
+            for name in store.list_names(out_dir) + [
+                f".records/{n}" for n in store.list_names(store.join(out_dir, ".records"))
+            ]:
                 if name.endswith((".tar", ".json")) and name != "build.json":
                     store.delete(store.join(out_dir, name))
         for pattern in ("*.tar", "*.tar.tmp-*", ".records/*.json", "manifest.json"):
@@ -439,7 +447,9 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
         "num_shards": len(records),
         "total_bytes": sum(r["bytes"] for r in records),
         "num_classes": len(classes),
-        "classes": [{"index": i, "id": c, "name": names.get(c, c), "count": counts.get(i, 0)} for i, c in enumerate(classes)],
+        "classes": [
+            {"index": i, "id": c, "name": names.get(c, c), "count": counts.get(i, 0)} for i, c in enumerate(classes)
+        ],
         "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "offsets") if k in r} for r in records],
         "options": options.fingerprint(),
         "converted": [c for r in records for c in r["converted"]],
@@ -537,7 +547,13 @@ def shard_dataset(args) -> list[dict]:
         ensure_writable(out_dir)
         stage = _stage_dir(out_dir) if remote else ""
         jobs, rejected = plan_split(split, listings[split], classes, options, out_dir, stage)
-        build = {"format": FORMAT, "options": options.fingerprint(), "classes": classes, "inputs_sha256": inputs_digest(listings[split]), "num_shards": len(jobs)}
+        build = {
+            "format": FORMAT,
+            "options": options.fingerprint(),
+            "classes": classes,
+            "inputs_sha256": inputs_digest(listings[split]),
+            "num_shards": len(jobs),
+        }
         check_build_dir(out_dir, build, args.overwrite)
         mine = [] if args.merge else [j for j in jobs if j.index % args.num_tasks == args.task_index]
         t0 = time.perf_counter()
@@ -549,9 +565,15 @@ def shard_dataset(args) -> list[dict]:
             records = [load_complete_record(j.remote or j.path) for j in jobs]
             missing = [j for j, r in zip(jobs, records) if r is None]
             if missing and args.merge:
-                raise InputError(f"cannot merge {split}: {len(missing)} shard(s) missing or incomplete, e.g. {os.path.basename(missing[0].path)}; re-run the task that owns it")
+                raise InputError(
+                    f"cannot merge {split}: {len(missing)} shard(s) missing or incomplete, e.g. "
+                    f"{os.path.basename(missing[0].path)}; re-run the task that owns it"
+                )
             if missing:
-                print(f"{name}/{split}: task {args.task_index} done; {len(missing)} shard(s) of other tasks pending: the last task or `--merge` writes the manifest")
+                print(
+                    f"{name}/{split}: task {args.task_index} done; {len(missing)} shard(s) of other tasks pending: "
+                    "the last task or `--merge` writes the manifest"
+                )
                 continue
         manifest = write_manifest(out_dir, split, jobs, records, classes, names, options, src, extra)
         manifest["_elapsed"] = elapsed
@@ -571,7 +593,9 @@ def find_manifests(path: str) -> list[str]:
         direct = store.join(path, "manifest.json")
         if store.stat_size(direct) is not None:
             return [direct]
-        return [m for m in (store.join(path, s, "manifest.json") for s in DEFAULT_SPLITS) if store.stat_size(m) is not None]
+        return [
+            m for m in (store.join(path, s, "manifest.json") for s in DEFAULT_SPLITS) if store.stat_size(m) is not None
+        ]
     if os.path.isfile(path):
         return [path]
     direct = os.path.join(path, "manifest.json")
@@ -658,28 +682,73 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an ImageNet-style image tree into WebDataset tar shards plus a manifest.json per split.",
         formatter_class=_Help,
         epilog="Exit status: 0 done; 2 bad input or options (one 'error:' line); 1 --verify found problems "
-               "(listed one per line); 130 interrupted (completed shards are kept).",
+        "(listed one per line); 130 interrupted (completed shards are kept).",
     )
-    p.add_argument("src", nargs="?", help="data root: holds train/ val/ ... split folders, or is itself one class-per-folder split")
-    p.add_argument("--out", help="output directory, or s3://bucket/prefix (shards built under $TNTPIPE_STAGE or the temp "
-                                 "directory, uploaded, then removed locally; needs the [s3] extra) (default: shards/<name>)")
+    p.add_argument(
+        "src", nargs="?", help="data root: holds train/ val/ ... split folders, or is itself one class-per-folder split"
+    )
+    p.add_argument(
+        "--out",
+        help="output directory, or s3://bucket/prefix (shards built under $TNTPIPE_STAGE or the temp "
+        "directory, uploaded, then removed locally; needs the [s3] extra) (default: shards/<name>)",
+    )
     p.add_argument("--name", help="data set name used for the default output directory (default: basename of src)")
-    p.add_argument("--splits", help="comma-separated split folders to convert (default: those of train,val,validation,test present)")
+    p.add_argument(
+        "--splits",
+        help="comma-separated split folders to convert (default: those of train,val,validation,test present)",
+    )
     p.add_argument("--split-name", default="train", help="split name when src itself is a class-per-folder tree")
     p.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard")
     p.add_argument("--shard-bytes", type=_size, default=1 << 30, help="maximum source bytes per shard (e.g. 500M, 1G)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (one shard each at a time)")
-    p.add_argument("--resize-max-side", type=int, default=0, help="re-encode images whose longer side exceeds this many pixels (0: keep sizes)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (one shard each at a time)"
+    )
+    p.add_argument(
+        "--resize-max-side",
+        type=int,
+        default=0,
+        help="re-encode images whose longer side exceeds this many pixels (0: keep sizes)",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for every re-encoded image")
-    p.add_argument("--limit-per-class", type=int, default=0, help="keep only the first N images of each class (sorted by path; 0: all)")
+    p.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=0,
+        help="keep only the first N images of each class (sorted by path; 0: all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sample-to-shard shuffle")
-    p.add_argument("--check", choices=("draft", "full", "header"), default="draft",
-                   help="how JPEGs kept as-is are validated: draft=decode at 1/8 scale (reads all data), full=full decode, header=header + end marker only")
-    p.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), help="this task's index when several tasks share the work (default: $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)), help="number of tasks sharing the work (default: $SLURM_ARRAY_TASK_COUNT)")
-    p.add_argument("--merge", action="store_true", help="only merge the per-shard records of all tasks into manifest.json")
-    p.add_argument("--overwrite", action="store_true", help="replace shards built from other inputs or options instead of refusing")
-    p.add_argument("--verify", nargs="?", const=True, metavar="DIR", help="re-check sizes, sha256 and tar readability of shards in DIR or s3://... (default: the output of src)")
+    p.add_argument(
+        "--check",
+        choices=("draft", "full", "header"),
+        default="draft",
+        help="how JPEGs kept as-is are validated: draft=decode at 1/8 scale (reads all data), full=full "
+        "decode, header=header + end marker only",
+    )
+    p.add_argument(
+        "--task-index",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+        help="this task's index when several tasks share the work (default: $SLURM_ARRAY_TASK_ID)",
+    )
+    p.add_argument(
+        "--num-tasks",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+        help="number of tasks sharing the work (default: $SLURM_ARRAY_TASK_COUNT)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="only merge the per-shard records of all tasks into manifest.json"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace shards built from other inputs or options instead of refusing"
+    )
+    p.add_argument(
+        "--verify",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="re-check sizes, sha256 and tar readability of shards in DIR or s3://... (default: the output of src)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -692,8 +761,14 @@ def print_summary(summaries: list[dict]) -> None:
         print(f"   samples   {m['num_samples']:>10,}  in {m['num_shards']} shard(s), {m['total_bytes'] / 1e6:,.1f} MB")
         print(f"   classes   {m['num_classes']:>10,}")
         print(f"   converted {len(m['converted']):>10,}  (re-encoded to RGB JPEG)")
-        print(f"   skipped   {len(m['skipped']):>10,}" + (f"  ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(4))})" if reasons else ""))
-        print(f"   processed {m['_built']:>10,}  images in {m['_elapsed']:.1f}s ({rate:,.0f} img/s)" + ("; the rest were already complete" if m["_built"] < m["num_samples"] else ""))
+        print(
+            f"   skipped   {len(m['skipped']):>10,}"
+            + (f"  ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(4))})" if reasons else "")
+        )
+        print(
+            f"   processed {m['_built']:>10,}  images in {m['_elapsed']:.1f}s ({rate:,.0f} img/s)"
+            + ("; the rest were already complete" if m["_built"] < m["num_samples"] else "")
+        )
         print(f"   manifest  {store.join(m['_dir'], 'manifest.json')}")
 
 

@@ -32,6 +32,7 @@ ranks of a node (a lock file per shard: one download, the others wait and reuse 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -48,7 +49,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import contextlib
 from contextlib import contextmanager
 from typing import Callable
 
@@ -93,8 +93,10 @@ def scheme(url: str) -> str:
     if s == "file":
         return ""
     if s not in REMOTE:
-        raise StoreError(f"unsupported URL scheme {s}:// in {url} (supported: local paths, s3://, http://, https://; "
-                         f"for other stores use an S3-compatible endpoint via AWS_ENDPOINT_URL)")
+        raise StoreError(
+            f"unsupported URL scheme {s}:// in {url} (supported: local paths, s3://, http://, https://; "
+            f"for other stores use an S3-compatible endpoint via AWS_ENDPOINT_URL)"
+        )
     return s
 
 
@@ -105,7 +107,7 @@ def check_url(url: str) -> str:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def join(base: str, *names: str) -> str:
@@ -116,7 +118,7 @@ def join(base: str, *names: str) -> str:
 
 
 def _split_s3(url: str) -> tuple[str, str]:
-    bucket, _, key = url[len("s3://"):].partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     if not bucket:
         raise StoreError(f"no bucket in {url}")
     return bucket, key
@@ -135,7 +137,7 @@ class Policy:
     read_timeout: float = 60.0
 
     def delay(self, k: int) -> float:
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** k))
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**k))
 
 
 # ---------------------------------------------------------------- backends
@@ -153,8 +155,12 @@ def _s3(policy: Policy):
             from botocore.config import Config
         except ImportError:
             raise StoreError("s3:// URLs need boto3: pip install 'tntpipe[s3]' (or pip install boto3)") from None
-        config = Config(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
-                        retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
+        config = Config(
+            connect_timeout=policy.connect_timeout,
+            read_timeout=policy.read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=32,
+        )
         _clients[key] = boto3.session.Session().client("s3", config=config)
     return _clients[key]
 
@@ -170,19 +176,33 @@ def _classify(exc: BaseException, url: str) -> BaseException:
     if bx is not None and isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})
         code, status = str(err.get("Code", "")), int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-        if status >= 500 or status in (408, 429) or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError"):
+        if (
+            status >= 500
+            or status in (408, 429)
+            or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+        ):
             return _Transient(f"HTTP {status} {code}")
         if code in ("NoSuchBucket",):
             return StoreError(f"bucket of {url} does not exist (NoSuchBucket)")
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFound(f"{url} not found")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
-            return StoreError(f"access to {url} denied ({code}): check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)")
+            return StoreError(
+                f"access to {url} denied ({code}): check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)"
+            )
         return StoreError(f"{url}: HTTP {status} {code}: {err.get('Message', '')}")
     if bx is not None and isinstance(exc, bx.NoCredentialsError):
         return StoreError(f"no AWS credentials for {url} (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-    if bx is not None and isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError,
-                                           bx.ResponseStreamingError, bx.ReadTimeoutError)):
+    if bx is not None and isinstance(
+        exc,
+        (
+            bx.ConnectionError,
+            bx.HTTPClientError,
+            bx.IncompleteReadError,
+            bx.ResponseStreamingError,
+            bx.ReadTimeoutError,
+        ),
+    ):
         return _Transient(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code >= 500 or exc.code in (408, 429):
@@ -289,11 +309,20 @@ class RangeReader(io.RawIOBase):
                     raise err from None
                 failures += 1
                 if failures >= self.policy.attempts:
-                    raise ReadFailed(f"{self.url}: gave up at byte {self.pos} after {failures} attempts: {err}") from None
+                    raise ReadFailed(
+                        f"{self.url}: gave up at byte {self.pos} after {failures} attempts: {err}"
+                    ) from None
                 Stats.retries += 1
                 delay = self.policy.delay(failures - 1)
-                log.info("%s: %s; retry %d/%d from byte %d in %.1fs", self.url, err, failures,
-                         self.policy.attempts - 1, self.pos, delay)
+                log.info(
+                    "%s: %s; retry %d/%d from byte %d in %.1fs",
+                    self.url,
+                    err,
+                    failures,
+                    self.policy.attempts - 1,
+                    self.pos,
+                    delay,
+                )
                 time.sleep(delay)
 
     def _drop(self) -> None:
@@ -309,8 +338,9 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def open_range(url: str, start: int = 0, end: int | None = None, policy: Policy = Policy(), buffer: int = 1 << 20,
-               file=None):
+def open_range(
+    url: str, start: int = 0, end: int | None = None, policy: Policy = Policy(), buffer: int = 1 << 20, file=None
+):
     """A buffered, retrying reader of bytes ``[start, end)`` (of ``file`` if given)."""
     return io.BufferedReader(RangeReader(url, start, end, policy, file), buffer_size=buffer)
 
@@ -322,6 +352,7 @@ def read_bytes(url: str, policy: Policy = Policy()) -> bytes:
         with open(local_path(url), "rb") as f:
             return f.read()
     if s != "s3":  # one GET: http.client raises IncompleteRead on a body shorter than its Content-Length
+
         def get():
             Stats.requests += 1
             with urllib.request.urlopen(url, timeout=policy.read_timeout) as resp:
@@ -422,7 +453,7 @@ def list_names(url: str, policy: Policy = Policy()) -> list[str]:
     def listing():
         out = []
         for page in _s3(policy).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            out.extend(o["Key"][len(prefix):] for o in page.get("Contents", []))
+            out.extend(o["Key"][len(prefix) :] for o in page.get("Contents", []))
         return out
 
     return _retrying("list", url, listing, policy)
@@ -514,7 +545,7 @@ class ShardCache:
                     return self._used(path)
             for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a download killed with its process
                 os.remove(stale)
-            for attempt in range(policy.attempts):
+            for _ in range(policy.attempts):
                 try:
                     with replacing(path, durable=False) as tmp:
                         if download(url, tmp, size, policy) != sha256:

@@ -53,18 +53,36 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import summary
-from pipeline.kernels.cpu import (FUSED_DTYPES, MAX_FUSED_HEAD_DIM, MAX_FUSED_TOKENS, InnerAttention, LayerNorm, Linear,
-                                  ScaledSoftmax, feeding_linear, kernel_on, reference_kernels)
+from pipeline.kernels.cpu import (
+    FUSED_DTYPES,
+    MAX_FUSED_HEAD_DIM,
+    MAX_FUSED_TOKENS,
+    InnerAttention,
+    LayerNorm,
+    Linear,
+    ScaledSoftmax,
+    feeding_linear,
+    kernel_on,
+    reference_kernels,
+)
 from pipeline.variants import TIMM_EQUIVALENT, VARIANTS  # noqa: F401 (TIMM_EQUIVALENT: re-exported)
 
-__all__ = ["TNT", "VARIANTS", "create", "load_timm_state_dict", "to_timm_state_dict", "param_groups", "count_params", "count_flops"]
+__all__ = [
+    "TNT",
+    "VARIANTS",
+    "create",
+    "load_timm_state_dict",
+    "to_timm_state_dict",
+    "param_groups",
+    "count_params",
+    "count_flops",
+]
 
 
 class Mlp(nn.Module):
@@ -82,7 +100,6 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-
 # ------------------------------------------------------------------------------ model
 
 
@@ -90,8 +107,15 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with timm's TNT parameter layout (qk, v, proj)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 fused_cpu: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_cpu: bool = False,
+    ):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.fused_cpu = fused_cpu  # short sequences: our CPU kernel (see InnerAttention)
@@ -132,7 +156,7 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
     def _kernel(self, qk: torch.Tensor, v: torch.Tensor, queries: int | None) -> str:
-        """"cpu" (our C++ kernel), "triton" (the CUDA kernel, once selected) or "" (torch's ops)."""
+        """ "cpu" (our C++ kernel), "triton" (the CUDA kernel, once selected) or "" (torch's ops)."""
         if not (
             self.fused_cpu
             and qk.dtype == v.dtype
@@ -350,8 +374,9 @@ class PixelEmbed(nn.Module):
     runs).
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, in_dim: int = 24, stride: int = 4,
-                 conv: str = "patch"):
+    def __init__(
+        self, img_size=224, patch_size=16, in_chans: int = 3, in_dim: int = 24, stride: int = 4, conv: str = "patch"
+    ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
@@ -361,8 +386,10 @@ class PixelEmbed(nn.Module):
         if conv not in ("patch", "image"):
             raise ValueError(f"pixel_conv={conv!r}: 'patch' (per patch, the paper's) or 'image' (whole image)")
         if conv == "image" and any(p % stride for p in self.patch_size):
-            raise ValueError(f"pixel_conv='image' needs the patch size ({patch_size}) to be a multiple of the "
-                             f"pixel stride ({stride})")
+            raise ValueError(
+                f"pixel_conv='image' needs the patch size ({patch_size}) to be a multiple of the "
+                f"pixel stride ({stride})"
+            )
         self.conv = conv
         self.in_dim = in_dim
         self.legacy = False  # read by timm's checkpoint_filter_fn
@@ -446,8 +473,21 @@ class TNT(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay
         self.blocks = nn.ModuleList(
-            Block(inner_dim, embed_dim, num_pixel, num_heads_inner, num_heads_outer, mlp_ratio, mlp_ratio_inner,
-                  qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], se, norm_layer)
+            Block(
+                inner_dim,
+                embed_dim,
+                num_pixel,
+                num_heads_inner,
+                num_heads_outer,
+                mlp_ratio,
+                mlp_ratio_inner,
+                qkv_bias,
+                proj_drop_rate,
+                attn_drop_rate,
+                dpr[i],
+                se,
+                norm_layer,
+            )
             for i in range(depth)
         )
         # timm's TNT: every block's patch tokens, at the patch stride
@@ -523,8 +563,9 @@ class TNT(nn.Module):
         return pixel_embed, self.pos_drop(patch_embed)
 
     @torch.jit.ignore
-    def _run_block(self, blk: nn.Module, pixel_embed: torch.Tensor, patch_embed: torch.Tensor,
-                   cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_block(
+        self, blk: nn.Module, pixel_embed: torch.Tensor, patch_embed: torch.Tensor, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, pixel_embed, patch_embed, cls_only, use_reentrant=False)
         return blk(pixel_embed, patch_embed, cls_only)
@@ -571,8 +612,9 @@ class TNT(nn.Module):
         return self.norm(patch_embed), intermediates
 
     @torch.jit.ignore
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the blocks after the last one ``indices`` takes (and the norm, the head if
         asked), as timm's; returns the indices taken."""
         from timm.models._features import feature_take_indices
@@ -630,8 +672,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> TNT:
     kwargs = {**VARIANTS[variant], **kwargs}
     # features_only=True: timm's TNT's getter over forward_intermediates, the last 3 blocks by default
     out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 12)))
-    return build_model_with_cfg(TNT, variant, pretrained=False,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_model_with_cfg(
+        TNT, variant, pretrained=False, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs
+    )
 
 
 def _register(variant: str) -> None:
@@ -711,7 +754,12 @@ def count_flops(model: TNT, batch_size: int = 1, as_run: bool = False) -> dict[s
     try:
         # The CPU flash-attention kernel is not registered with the flop counter; the
         # math backend runs attention as counted matmuls (same result).
-        with torch.no_grad(), reference_kernels(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with (
+            torch.no_grad(),
+            reference_kernels(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             if as_run:
                 model(x)
             else:

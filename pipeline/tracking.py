@@ -57,8 +57,10 @@ class Tracker:
             import importlib.util
 
             if importlib.util.find_spec("mlflow") is None:  # e.g. a GPU check run with only the carried wheels
-                log.warning("MLflow is not installed: training goes on without tracking or registry "
-                            "(metrics stay in the log, exports in the output directory)")
+                log.warning(
+                    "MLflow is not installed: training goes on without tracking or registry "
+                    "(metrics stay in the log, exports in the output directory)"
+                )
                 self.enabled = False
         self.run_id: str | None = None
         self.failed: str | None = None
@@ -77,7 +79,8 @@ class Tracker:
             log.warning(
                 "MLflow tracking at %s failed (%s); training goes on without tracking "
                 "(metrics stay in the log, checkpoints and exports in the output directory)",
-                self.uri, self.failed,
+                self.uri,
+                self.failed,
             )
             return None
 
@@ -91,8 +94,11 @@ class Tracker:
                     # the UI's "Machine learning" kind: it opens on the training runs, not
                     # on MLflow 3's GenAI overview (traces, prompts) that a new experiment gets
                     try:
-                        client.create_experiment(self.experiment, artifact_location=self.artifact_root or None,
-                                                 tags={EXPERIMENT_KIND: "custom_model_development"})
+                        client.create_experiment(
+                            self.experiment,
+                            artifact_location=self.artifact_root or None,
+                            tags={EXPERIMENT_KIND: "custom_model_development"},
+                        )
                     except mlflow.exceptions.MlflowException:  # another job made it just now
                         pass
                 elif EXPERIMENT_KIND not in experiment.tags:
@@ -130,8 +136,17 @@ class Tracker:
     def tags(self, tags: dict) -> None:
         self._call("set tags", lambda mlflow: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
-    def register(self, model: dict, name: str, tags: dict, aliases: list[str], metrics: dict | None = None,
-                 step: int | None = None, describe=None, model_description: str | None = None) -> str | None:
+    def register(
+        self,
+        model: dict,
+        name: str,
+        tags: dict,
+        aliases: list[str],
+        metrics: dict | None = None,
+        step: int | None = None,
+        describe=None,
+        model_description: str | None = None,
+    ) -> str | None:
         """Log ``model`` (``mlflow.pyfunc.log_model`` arguments) with ``metrics`` and
         register a new version, described by ``describe(version)``.
 
@@ -166,7 +181,9 @@ class Tracker:
         return self._call("register model", register)
 
     def alias(self, name: str, version: str, alias: str) -> None:
-        self._call("set alias", lambda mlflow: mlflow.MlflowClient(self.uri).set_registered_model_alias(name, alias, version))
+        self._call(
+            "set alias", lambda mlflow: mlflow.MlflowClient(self.uri).set_registered_model_alias(name, alias, version)
+        )
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", lambda mlflow: mlflow.end_run(status))

@@ -24,7 +24,6 @@ exports and registers (minutes for TNT-B over a network, which no collective wai
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -37,13 +36,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import yaml
 
 from pipeline import build, distributed, failures, resume, runlock
 from pipeline import config as config_mod
 from pipeline import export as export_mod
 from pipeline import watchdog as watchdog_mod
-from pipeline.atomic import write_atomic
 from pipeline.checkpoint import CheckpointManager, CheckpointWriteError, RunState, estimate_bytes
 from pipeline.errors import InputError, TrainingError, summary
 from pipeline.evaluate import Validator
@@ -51,11 +48,10 @@ from pipeline.metrics import MetricsProcessor, sinks_for
 from pipeline.registry import Registrar
 from pipeline.resume import Finished
 from pipeline.runlock import RunInUse
-from pipeline.tracking import Tracker, default_artifact_root, default_uri
-from pipeline.transforms import DeviceFinish
 from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("tntpipe.train")
+
 
 class CheckpointSignal:
     """SIGUSR2 (Slurm's time-limit/preemption signal via submitit): noted, acted on at
@@ -82,8 +78,9 @@ class CheckpointSignal:
             except Exception as exc:
                 if type(exc).__name__ != "UncompletedJobError":
                     raise
-                raise RequeuesSpent(f"checkpointed on the time-limit signal, but not requeued ({exc}); run the same "
-                                    f"command to resume") from None
+                raise RequeuesSpent(
+                    f"checkpointed on the time-limit signal, but not requeued ({exc}); run the same command to resume"
+                ) from None
 
 
 class Requeued(Exception):
@@ -119,7 +116,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-
 class NonFinite:
     """The non-finite-loss policy: a batch whose loss is not finite on any rank is skipped
     by every rank together (the agreed flag); ``train.max_nonfinite`` in a row stop the run."""
@@ -135,10 +131,15 @@ class NonFinite:
         if say:
             log.warning("non-finite loss at step %d (%d in a row): batch skipped", step, self.count)
         if self.count >= self.limit:
-            hint = "lower optim.lr or use train.precision=bf16" if self.precision == "fp16" else \
-                "lower optim.lr, or set optim.clip_grad"
-            raise TrainingError(f"{self.count} non-finite losses in a row at step {step}: stopping "
-                                f"(last good checkpoint: step {last_checkpoint}); {hint}")
+            hint = (
+                "lower optim.lr or use train.precision=bf16"
+                if self.precision == "fp16"
+                else "lower optim.lr, or set optim.clip_grad"
+            )
+            raise TrainingError(
+                f"{self.count} non-finite losses in a row at step {step}: stopping "
+                f"(last good checkpoint: step {last_checkpoint}); {hint}"
+            )
 
 
 class Trainer:
@@ -165,39 +166,41 @@ class Trainer:
         self.nonfinite = NonFinite(t.max_nonfinite, t.precision)
         self.signal = CheckpointSignal()
         self.run_id: str | None = None
-        self.tracker = Tracker(
-            cfg.mlflow.tracking_uri or default_uri(self.out), cfg.named(cfg.mlflow.experiment), enabled=self.rank == 0,
-            artifact_root=cfg.mlflow.artifact_root or default_artifact_root(cfg.mlflow.tracking_uri, self.out),
-        )
-        self.registrar = Registrar(cfg, self.tracker, self.out, data.classes,
-                                   {"train": data.train_manifest, "val": data.val_manifest}, parent, parts.num_params)
+        self.tracker = build.tracker(cfg, self.rank)
+        manifests = {"train": data.train_manifest, "val": data.val_manifest}
+        self.registrar = Registrar(cfg, self.tracker, self.out, data.classes, manifests, parent, parts.num_params)
         self.last_res: dict | None = None  # the last evaluation, model and EMA
-        self.checkpointer = CheckpointManager(os.path.join(self.out, "checkpoints"), self.rank, self.world,
-                                              t.ckpt_every, t.ckpt_every_min, t.keep_last)
-        self.finish = eval_finish = None  # DeviceFinish with data.finish=device
-        if data.finish_on_device:
-            n = data.train_manifest.num_classes
-            self.finish = DeviceFinish(cfg.aug, n, True, t.seed, self.rank, self.device)
-            eval_finish = DeviceFinish(cfg.aug, n, False, t.seed, self.rank, self.device)
+        self.checkpointer = CheckpointManager(
+            os.path.join(self.out, "checkpoints"), self.rank, self.world, t.ckpt_every, t.ckpt_every_min, t.keep_last
+        )
+        # data.finish=device: uint8 batches normalised and mixed here (DeviceFinish); None: done in the workers
+        self.finish, eval_finish = build.device_finishes(cfg, data, self.rank, self.device)
         self.validator = None
         if self.val_loader:
             self.validator = Validator(self.val_loader, self.device, parts.dtype, eval_finish, t.eval_every)
-        self.metrics = MetricsProcessor(sinks_for(self.rank, self.out, self.tracker), self.world, self.device,
-                                        parts.flops_per_image, build.peak_tflops(cfg, self.device), t.log_every,
-                                        self.total_steps)
+        sinks, peak = sinks_for(self.rank, self.out, self.tracker), build.peak_tflops(cfg, self.device)
+        self.metrics = MetricsProcessor(
+            sinks, self.world, self.device, parts.flops_per_image, peak, t.log_every, self.total_steps
+        )
 
     # ----- state
 
     def save(self) -> None:
         """Synchronizes ranks (every rank saves its partition)."""
         t = self.cfg.train
-        meta = {"world_size": self.world, "zero_stage": t.zero_stage, "schedule": self.data.schedule,
-                "grad_accum": t.grad_accum, "epoch": self.loader.completed_epochs}
+        meta = {
+            "world_size": self.world,
+            "zero_stage": t.zero_stage,
+            "schedule": self.data.schedule,
+            "grad_accum": t.grad_accum,
+            "epoch": self.loader.completed_epochs,
+        }
         state = RunState(self.loader.state_dict(), self.step, self.best_top1, self.run_id, self.registrar.state_dict())
         size = estimate_bytes(self.parts.num_params, t.precision, t.zero_stage, self.ema is not None)
         with self.metrics.paused():
-            self.checkpointer.save(self.step, self.engine, state.client(), meta,
-                                   self.ema.module if self.ema else None, size)
+            self.checkpointer.save(
+                self.step, self.engine, state.client(), meta, self.ema.module if self.ema else None, size
+            )
 
     def resume(self) -> list[str] | None:
         """The newest checkpoint restored: the schedule keys it changed, None without one."""
@@ -250,34 +253,17 @@ class Trainer:
         return self._finish(state, last_eval)
 
     def _start_tracking(self, changed: list[str] | None) -> None:
-        """The MLflow run, new or continued (``changed``: None for a new run, else the
-        schedule keys the resume changed); its parameters once, tags for each change."""
-        cfg, t, data, parts = self.cfg, self.cfg.train, self.data, self.parts
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
-        self.run_id = self.tracker.start(self.run_id, cfg.named(cfg.mlflow.run_name or cfg.name), cfg.mlflow.system_metrics)
-        if self.rank == 0 and changed is None:
-            self.tracker.params(cfg.resolved())  # train.out=runs/tiny-cpu, not runs/{name}
-            self.tracker.params({
-                "world_size": self.world, "global_batch": data.global_batch, "base_lr": parts.base_lr,
-                "params": parts.num_params, **{f"train_data.{k}": v for k, v in data.train_manifest.summary().items()},
-                **({f"val_data.{k}": v for k, v in data.val_manifest.summary().items()} if data.val_manifest else {}),
-            })
-            self.tracker.artifact(os.path.join(self.out, "config.yaml"))
-        if changed:
-            self.tracker.tags({f"schedule_change.step{self.step}": "; ".join(changed)})
-        if data.layout_change and changed is not None:
-            self.tracker.tags({f"layout_change.step{self.step}": data.layout_change,
-                               f"global_batch.step{self.step}": str(data.global_batch)})
-        log.info(
-            "TNT %s: %.2fM params | %d ranks x micro-batch %d x accum %d = %d | lr %.2e | %d steps/epoch, %d steps | "
-            "ZeRO %d %s (%s) | %s%s",
-            cfg.model.variant, parts.num_params / 1e6, self.world, t.micro_batch, t.grad_accum, data.global_batch,
-            parts.base_lr, data.steps_per_epoch, self.total_steps, t.zero_stage, t.precision,
-            type(self.engine.optimizer).__name__, self.device, " | compiled" if parts.compiled else "",
+        data, parts = self.data, self.parts
+        params = {
+            "world_size": self.world,
+            "global_batch": data.global_batch,
+            "base_lr": parts.base_lr,
+            "params": parts.num_params,
+        }
+        self.run_id = self.registrar.start_run(
+            self.run_id, self.rank == 0, changed, self.step, params, data.layout_change
         )
+        log.info(build.describe(self.cfg, data, parts, self.world, self.device))
 
     def train_step(self, batch: dict, wait: float) -> bool:
         """One micro-batch; True when it completed an optimizer step. Synchronizes ranks
@@ -316,8 +302,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.engine.module)
         if self.metrics.should_log(self.step):
-            self.metrics.log(self.step, self.total_steps, self.loader.completed_epochs,
-                             self.scheduler.get_last_lr()[0], self.loader.counters)
+            self.metrics.log(
+                self.step,
+                self.total_steps,
+                self.loader.completed_epochs,
+                self.scheduler.get_last_lr()[0],
+                self.loader.counters,
+            )
         if signalled:
             self._checkpoint_and_requeue()
         if self.checkpointer.due(self.step) or time_due:
@@ -335,8 +326,9 @@ class Trainer:
         raise Requeued(f"checkpointed at step {self.step} on the time-limit signal; run the same command to resume")
 
     def _lost_peer(self, message: str) -> None:
-        failures.record(self.out, "lost a peer rank (it died or hung, or its node or network did)", message,
-                        self.rank, self.step)
+        failures.record(
+            self.out, "lost a peer rank (it died or hung, or its node or network did)", message, self.rank, self.step
+        )
 
     def validate(self) -> dict:
         """The model and its EMA on the same batches, one pass. Synchronizes ranks."""
@@ -347,13 +339,18 @@ class Trainer:
             res = self.validator.validate(models)
         main = res["val"]
         epoch = self.loader.completed_epochs
-        line = (f"eval epoch {epoch} step {self.step}: loss {main['loss']:.4f} top-1 {main['top1']:.2f} "
-                f"top-5 {main['top5']:.2f} ({int(main['count'])} images)")
+        line = (
+            f"eval epoch {epoch} step {self.step}: loss {main['loss']:.4f} top-1 {main['top1']:.2f} "
+            f"top-5 {main['top5']:.2f} ({int(main['count'])} images)"
+        )
         if "val_ema" in res:
             line += f" | EMA top-1 {res['val_ema']['top1']:.2f}"
         log.info(line)
-        self.metrics.record({f"{split}/{k}": v for split, r in res.items() for k, v in r.items() if k != "count"}
-                            | {"val/epoch": epoch}, self.step)
+        self.metrics.record(
+            {f"{split}/{k}": v for split, r in res.items() for k, v in r.items() if k != "count"}
+            | {"val/epoch": epoch},
+            self.step,
+        )
         self.best_top1 = max(self.best_top1, main["top1"])
         self.last_res = res
         if self.registrar.is_new_best(res):
@@ -370,21 +367,20 @@ class Trainer:
         version = None
         if self.rank == 0:
             with self.metrics.paused():
-                version = self.registrar.export_and_register("best", state, self.ema.module if self.ema else None, res,
-                                                             self.step, self.loader.completed_epochs)
+                version = self.registrar.export_and_register(
+                    "best", state, self.ema.module if self.ema else None, res, self.step, self.loader.completed_epochs
+                )
         self.registrar.registered_best(version, res, self.step)
 
     # ----- the end (rank 0 alone)
 
     def _finish(self, state: dict, last_eval: dict | None) -> dict:
-        cfg, reg = self.cfg, self.registrar
         epoch = self.loader.completed_epochs
-        files, version = reg.finish(state, self.ema.module if self.ema else None, self.last_res, self.step, epoch)
+        ema = self.ema.module if self.ema else None
+        files, version = self.registrar.finish(state, ema, self.last_res, self.step, epoch)
         self.tracker.end()
-        done = {"step": self.step, "epoch": epoch, "run_id": self.run_id, "version": version,
-                "world_size": self.world, "zero_stage": cfg.train.zero_stage,
-                "registered_as": reg.name, "schedule": self.data.schedule, "time": time.time()}
-        write_atomic(os.path.join(self.out, "FINISHED.json"), json.dumps(done, indent=1))
+        done = {"step": self.step, "epoch": epoch, "run_id": self.run_id, "version": version, "world_size": self.world}
+        resume.mark_finished(self.cfg, done | {"registered_as": self.registrar.name}, self.data.schedule)
         return {"step": self.step, "eval": last_eval, "export": files, "run_id": self.run_id}
 
 
@@ -395,8 +391,13 @@ def _record(cfg, trainer, exc: BaseException, everywhere: bool, kind: str | None
     if everywhere and rank != 0:
         return
     try:
-        failures.record(cfg.out_dir, kind or failures.classify(exc), f"{type(exc).__name__}: {exc}", rank,
-                        trainer.step if trainer is not None else None)
+        failures.record(
+            cfg.out_dir,
+            kind or failures.classify(exc),
+            f"{type(exc).__name__}: {exc}",
+            rank,
+            trainer.step if trainer is not None else None,
+        )
     except OSError:  # the record must not hide the fault itself (a full disk, say)
         pass
 
@@ -406,7 +407,8 @@ def main(argv=None) -> int:
         prog="python -m pipeline.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys and defaults:\n" + config_mod.describe()
+        epilog="config keys and defaults:\n"
+        + config_mod.describe()
         + "\n\nexit status: 0 done (or already finished); 2 input, config or training error (one 'error:' line; "
         "retrying cannot help); 3 checkpointed on the time-limit signal; 4 a checkpoint could not be written "
         "(disk full or I/O error); 5 another rank was lost (no heartbeat for train.heartbeat_timeout_s, or it failed); "
@@ -445,8 +447,11 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Requeued as exc:
-        kind = ("checkpointed at the time limit, not requeued (--max-requeues spent)" if isinstance(exc, RequeuesSpent)
-                else "checkpointed and requeued (time limit or preemption)")
+        kind = (
+            "checkpointed at the time limit, not requeued (--max-requeues spent)"
+            if isinstance(exc, RequeuesSpent)
+            else "checkpointed and requeued (time limit or preemption)"
+        )
         _record(cfg, trainer, exc, everywhere=True, kind=kind)
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
@@ -454,8 +459,11 @@ def main(argv=None) -> int:
         alone = True
         if cfg is not None:
             _record(cfg, trainer, exc, everywhere=False)
-            print(f"error: rank {os.environ.get('RANK', 0)}: {failures.classify(exc)}: {summary(exc)} "
-                  f"(recorded in {os.path.join(cfg.out_dir, failures.FILE)})", file=sys.stderr)
+            print(
+                f"error: rank {os.environ.get('RANK', 0)}: {failures.classify(exc)}: {summary(exc)} "
+                f"(recorded in {os.path.join(cfg.out_dir, failures.FILE)})",
+                file=sys.stderr,
+            )
         raise
     finally:
         if trainer is not None:

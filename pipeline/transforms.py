@@ -46,8 +46,6 @@ TNT_MEAN = (0.5, 0.5, 0.5)
 TNT_STD = (0.5, 0.5, 0.5)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Augment:
     """The DeiT/TNT training recipe; defaults are the paper's."""
@@ -76,7 +74,15 @@ class Augment:
     @classmethod
     def light(cls, img_size: int = 224) -> "Augment":
         """Crop and flip only: no RandAugment, erasing, Mixup or smoothing."""
-        return cls(img_size=img_size, auto_augment=None, color_jitter=0.0, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+        return cls(
+            img_size=img_size,
+            auto_augment=None,
+            color_jitter=0.0,
+            re_prob=0.0,
+            mixup=0.0,
+            cutmix=0.0,
+            label_smoothing=0.0,
+        )
 
 
 # PIL's Resampling values by name (the module imports no PIL at import time).
@@ -147,8 +153,12 @@ class _CvAffine:
         fill = kwargs.get("fillcolor")
         fill = (0,) * 3 if fill is None else (fill,) * 3 if isinstance(fill, (int, float)) else tuple(fill)
         out = cv2.warpAffine(
-            np.asarray(img), m, img.size, flags=getattr(cv2, inter) | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT, borderValue=fill,
+            np.asarray(img),
+            m,
+            img.size,
+            flags=getattr(cv2, inter) | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=fill,
         )
         return Image.fromarray(out)
 
@@ -348,9 +358,14 @@ class DeviceFinish:
         if train and aug.re_prob > 0:
             self.erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=str(device))
         if train and (aug.mixup > 0 or aug.cutmix > 0):
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=aug.mixup,
+                cutmix_alpha=aug.cutmix,
+                prob=aug.mixup_prob,
+                switch_prob=aug.mixup_switch_prob,
+                label_smoothing=aug.label_smoothing,
+                num_classes=num_classes,
+            )
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised float32 images, targets) on the device: soft targets when
@@ -363,8 +378,9 @@ class DeviceFinish:
         label = batch["label"].to(self.device, non_blocking=True)
         if not self.train:
             return x, label
-        with seeded(seed_of("batch", self.seed, batch["epoch"], self.rank, batch["index"]), restore=True,
-                     device=self.device):
+        with seeded(
+            seed_of("batch", self.seed, batch["epoch"], self.rank, batch["index"]), restore=True, device=self.device
+        ):
             if self.erase is not None:
                 self.erase(x)
             if self.mixup is not None and len(x) % 2 == 0:
@@ -397,7 +413,9 @@ def seeded(seed: int, restore: bool, device: torch.device | None = None):
     # which formats a stack trace on every call (~60 us, x2 per image).
     torch.default_generator.manual_seed(seed)
     if cuda:
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+        torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ].manual_seed(seed)
     try:
         yield
     finally:

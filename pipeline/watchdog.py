@@ -61,8 +61,11 @@ class Watchdog:
         # a client of our own on the rendezvous store: its timeout bounds every heartbeat
         # read, whatever the process group's store uses
         self.store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False,
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+            wait_for_workers=False,
         )
         self.store.set(f"watchdog/host/{self.rank}", socket.gethostname())
         self.store.set(f"watchdog/beat/{self.rank}", "0")
@@ -95,8 +98,10 @@ class Watchdog:
                 self.store.set(f"watchdog/beat/{self.rank}", str(beat))
                 values = self._read(keys)
             except Exception as exc:  # noqa: BLE001 - a store that does not answer is a lost rank 0
-                self._lost(f"the rendezvous store on rank 0 ({os.environ.get('MASTER_ADDR')}) did not answer in "
-                           f"{self.timeout_s:.0f} s: rank 0's process, node or network is gone ({type(exc).__name__})")
+                self._lost(
+                    f"the rendezvous store on rank 0 ({os.environ.get('MASTER_ADDR')}) did not answer in "
+                    f"{self.timeout_s:.0f} s: rank 0's process, node or network is gone ({type(exc).__name__})"
+                )
                 return
             now = time.monotonic()
             for r, value in zip(peers, values):
@@ -108,8 +113,10 @@ class Watchdog:
                 if value != seen[r][0]:
                     seen[r] = (value, now)
                 elif now - seen[r][1] > self.timeout_s:
-                    self._lost(f"rank {r} ({self._host(r)}) sent no heartbeat for {now - seen[r][1]:.0f} s "
-                               f"(stopped or hung, or its node or network is down)")
+                    self._lost(
+                        f"rank {r} ({self._host(r)}) sent no heartbeat for {now - seen[r][1]:.0f} s "
+                        f"(stopped or hung, or its node or network is down)"
+                    )
                     return
 
     def _read(self, keys: list[str]) -> list[str | None]:
@@ -127,8 +134,11 @@ class Watchdog:
         try:
             self.on_lost(message)
         finally:
-            print(f"error: rank {self.rank}: lost a peer rank: {message}; exiting (status {EXIT_LOST_PEER})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"error: rank {self.rank}: lost a peer rank: {message}; exiting (status {EXIT_LOST_PEER})",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.stdout.flush()
             logging.shutdown()
             # the main thread may be blocked in a collective that would wait out its timeout

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 
-import pipeline.compat  # noqa: F401  (before anything imports timm or torchvision)
-
 import torch
+
+import pipeline.compat  # noqa: F401  (before anything imports timm or torchvision)
 
 if not torch.cuda.is_available():
     # Triton's interpreter runs our Triton kernels on CPU tensors (tests/test_triton_kernels.py).
@@ -159,7 +159,9 @@ def pytest_sessionfinish(session, exitstatus):
 
     factory = getattr(session.config, "_tmp_path_factory", None)
     # the trailing separator: pytest-1/ is not a prefix of another run's pytest-10/
-    base = os.path.join(str(factory.getbasetemp()), "") if factory is not None and factory._basetemp is not None else None
+    base = (
+        os.path.join(str(factory.getbasetemp()), "") if factory is not None and factory._basetemp is not None else None
+    )
     me = psutil.Process()
 
     def leftovers() -> list:
@@ -185,8 +187,9 @@ def pytest_sessionfinish(session, exitstatus):
             with contextlib.suppress(psutil.Error):
                 names.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
                 p.kill()
-        print(f"\nerror: {len(left)} process(es) started by the suite outlived it (killed now):\n  "
-              + "\n  ".join(names))
+        print(
+            f"\nerror: {len(left)} process(es) started by the suite outlived it (killed now):\n  " + "\n  ".join(names)
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

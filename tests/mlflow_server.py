@@ -39,10 +39,23 @@ class MlflowServer:
         mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
         self.log = open(os.path.join(self.root, "server.log"), "w")
         self.proc = subprocess.Popen(
-            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", os.path.join(self.root, "artifacts")],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                mlflow,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                os.path.join(self.root, "artifacts"),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait(self.uri + "/health", timeout, "server.log")
         return self
@@ -80,11 +93,32 @@ class ModelServer(MlflowServer):
         os.makedirs(self.root, exist_ok=True)
         self.log = open(os.path.join(self.root, "serve.log"), "w")
         bin_dir = os.path.dirname(self.python)
-        env = dict(env or os.environ, MLFLOW_TRACKING_URI=self.tracking_uri, PATH=bin_dir + os.pathsep + os.environ["PATH"])
+        env = dict(
+            env or os.environ, MLFLOW_TRACKING_URI=self.tracking_uri, PATH=bin_dir + os.pathsep + os.environ["PATH"]
+        )
         self.proc = subprocess.Popen(
-            [self.python, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env,
+            [
+                self.python,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                self.model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-w",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+            env=env,
         )
         self._wait(self.url + "/ping", timeout, "serve.log")
         return self

@@ -60,8 +60,12 @@ class S3Server:
         exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
         # its request log in a file: a pipe nobody reads fills up and blocks the server
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], env={**os.environ, **self.extra_env},
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={**os.environ, **self.extra_env},
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
         try:
             _wait_port(self.port, self.proc, self.log)
         except BaseException:
@@ -85,8 +89,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -121,10 +130,18 @@ class FaultProxy:
                 if kind in ("500", "503", "429"):
                     with proxy.lock:
                         proxy.injected[kind] += 1
-                    code, text = {"503": ("SlowDown", b"Please reduce your request rate."),
-                                  "429": ("TooManyRequests", b"Too many requests."),
-                                  "500": ("InternalError", b"We encountered an internal error.")}[kind]
-                    payload = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code.encode() + b"</Code><Message>" + text + b"</Message></Error>"
+                    code, text = {
+                        "503": ("SlowDown", b"Please reduce your request rate."),
+                        "429": ("TooManyRequests", b"Too many requests."),
+                        "500": ("InternalError", b"We encountered an internal error."),
+                    }[kind]
+                    payload = (
+                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>"
+                        + code.encode()
+                        + b"</Code><Message>"
+                        + text
+                        + b"</Message></Error>"
+                    )
                     self.send_response(int(kind))
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -144,7 +161,10 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.send_header(
+                    "Content-Length",
+                    resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+                )
                 self.end_headers()
                 if self.command == "HEAD" or len(data) <= 1 or kind is None:
                     self.wfile.write(data)

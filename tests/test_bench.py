@@ -17,8 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
     # the suite's shards; the script's 480 s budget is for a lent GPU: a slow CPU gets its own
     env = dict(os.environ, OUT=str(tmp_path), SHARDS=os.path.dirname(demo_shards["train"]), GPU_CHECK_BUDGET="850")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = (tmp_path / "gpu_check.md").read_text()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for step in ("machine", "tests_gpu", "bench_eager", "train_zero1", "train_zero3"):

@@ -13,8 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import (CheckpointManager, check_layout, check_schedule, elastic_grad_accum, rng_state,
-                                 set_rng_state)
+from pipeline.checkpoint import (
+    CheckpointManager,
+    check_layout,
+    check_schedule,
+    elastic_grad_accum,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,15 +119,27 @@ def test_schedule_and_layout_checks_name_the_change_and_the_way_out():
         check_layout({"world_size": 2, "zero_stage": 1}, "checkpoint x", 1, 2, "/o", reshardable=True)
 
 
-@pytest.mark.parametrize("world,allow,expected", [(1, False, 4), (4, False, 1), (2, False, 2), (8, True, 3),
-                                                  (3, False, "resume on 1, 2, 4 ranks"), (8, False, "1, 2, 4 ranks")])
+@pytest.mark.parametrize(
+    "world,allow,expected",
+    [
+        (1, False, 4),
+        (4, False, 1),
+        (2, False, 2),
+        (8, True, 3),
+        (3, False, "resume on 1, 2, 4 ranks"),
+        (8, False, "1, 2, 4 ranks"),
+    ],
+)
 def test_another_number_of_ranks_keeps_the_global_batch_or_is_refused_in_one_line(world, allow, expected):
     meta = {"world_size": 2, "schedule": {"global_batch": 256}}  # 2 ranks x micro-batch 64 x accum 2
     if isinstance(expected, int):
         assert elastic_grad_accum(meta, world, 64, 3, allow, "checkpoint x") == expected
     else:
-        with pytest.raises(InputError, match=rf"global batch of 256; {world} ranks x micro-batch 64 .*{expected}.*"
-                                             rf"train.allow_batch_change=true \(global batch {64 * 3 * world}"):
+        with pytest.raises(
+            InputError,
+            match=rf"global batch of 256; {world} ranks x micro-batch 64 .*{expected}.*"
+            rf"train.allow_batch_change=true \(global batch {64 * 3 * world}",
+        ):
             elastic_grad_accum(meta, world, 64, 3, allow, "checkpoint x")
 
 
@@ -149,8 +167,11 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path):
 
     m, engine = manager(tmp_path), FakeEngine()
     save(m, engine, 4)
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint step00000008 cannot be written to .*: no space left on "
-                       r"the device \(.* MB free, ~.* MB needed\); the previous checkpoint step00000004 is intact") as e:
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"checkpoint step00000008 cannot be written to .*: no space left on "
+        r"the device \(.* MB free, ~.* MB needed\); the previous checkpoint step00000004 is intact",
+    ) as e:
         m._check_space("step00000008", 1 << 60)
     assert e.value.everywhere
     assert not os.path.isdir(os.path.join(m.folder, "step00000008"))
@@ -166,8 +187,11 @@ def test_a_failed_write_removes_its_partial_directory(tmp_path):
 
     m = manager(tmp_path)
     save(m, FakeEngine(), 4)
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint step00000008 could not be written to .* \(.*Input/output "
-                       r"error\); its partial directory was removed; the previous checkpoint step00000004 is intact"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"checkpoint step00000008 could not be written to .* \(.*Input/output "
+        r"error\); its partial directory was removed; the previous checkpoint step00000004 is intact",
+    ):
         save(m, FailingEngine(), 8)
     assert sorted(os.listdir(m.folder)) == ["latest", "step00000004"]
 
@@ -182,12 +206,20 @@ def test_train_out_lock_refuses_a_second_job_and_dies_with_its_holder(tmp_path):
     from pipeline.runlock import RunInUse, RunLock
 
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
-                               f"from pipeline.runlock import RunLock; RunLock({out!r}).acquire(); print('held', flush=True); "
-                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+            f"from pipeline.runlock import RunLock; RunLock({out!r}).acquire(); print('held', flush=True); "
+            "time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunInUse, match=f"is in use by another live job .*\"pid\": {holder.pid}"):
+        with pytest.raises(RunInUse, match=f'is in use by another live job .*"pid": {holder.pid}'):
             RunLock(out).acquire(wait_s=1)
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from pipeline import config
-from pipeline.errors import InputError
 from pipeline.build import lr_at
+from pipeline.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +24,27 @@ def test_shipped_configs_load(path):
 
 def test_paper_recipe_in_tnt_s():
     c = config.load(os.path.join(ROOT, "configs", "tnt_s.yaml"))
-    assert (c.optim.lr, c.optim.lr_batch, c.optim.eps, c.optim.weight_decay, c.optim.epochs) == (1e-3, 1024, 1e-8, 0.05, 300)
-    assert (c.optim.warmup_epochs, c.optim.warmup_lr, c.optim.min_lr, c.model.drop_path, c.train.ema_decay) == (5, 1e-6, 1e-5, 0.1, 0.99996)
-    assert (c.aug.auto_augment, c.aug.mixup, c.aug.cutmix, c.aug.label_smoothing, c.aug.re_prob) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
+    assert (c.optim.lr, c.optim.lr_batch, c.optim.eps, c.optim.weight_decay, c.optim.epochs) == (
+        1e-3,
+        1024,
+        1e-8,
+        0.05,
+        300,
+    )
+    assert (c.optim.warmup_epochs, c.optim.warmup_lr, c.optim.min_lr, c.model.drop_path, c.train.ema_decay) == (
+        5,
+        1e-6,
+        1e-5,
+        0.1,
+        0.99996,
+    )
+    assert (c.aug.auto_augment, c.aug.mixup, c.aug.cutmix, c.aug.label_smoothing, c.aug.re_prob) == (
+        "rand-m9-mstd0.5-inc1",
+        0.8,
+        1.0,
+        0.1,
+        0.25,
+    )
     assert c.aug.mean == c.aug.std == (0.5, 0.5, 0.5)
 
 
@@ -39,21 +57,35 @@ def test_paper_recipe_in_tnt_b():
     assert (c.train.ema, c.train.ema_decay, c.data.repeats) == (True, 0.99996, s.data.repeats)
 
 
-@pytest.mark.parametrize("train,data", [("shards/mnist/train", "mnist"), ("/data/shards/flowers/val", "flowers"),
-                                        ("/x/mydata", "mydata"), ("/x/mydata/", "mydata")])
+@pytest.mark.parametrize(
+    "train,data",
+    [
+        ("shards/mnist/train", "mnist"),
+        ("/data/shards/flowers/val", "flowers"),
+        ("/x/mydata", "mydata"),
+        ("/x/mydata/", "mydata"),
+    ],
+)
 def test_mlflow_names_come_from_the_data_set(train, data):
     c = config.load(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), [f"data.train={train}"])
     assert c.data_name == data
     assert c.named(c.mlflow.register_as) == f"tnt-tiny-{data}" and c.named(c.mlflow.experiment) == f"tntpipe-{data}"
 
 
-@pytest.mark.parametrize("variant,model", [("tntp_s_patch16_224", "tnt-s"), ("tntp_b_se_patch16_224", "tnt-b-se"),
-                                           ("tntp_digits_imgconv_patch8_32", "tnt-digits-imgconv")])
+@pytest.mark.parametrize(
+    "variant,model",
+    [
+        ("tntp_s_patch16_224", "tnt-s"),
+        ("tntp_b_se_patch16_224", "tnt-b-se"),
+        ("tntp_digits_imgconv_patch8_32", "tnt-digits-imgconv"),
+    ],
+)
 def test_the_registered_name_is_the_model_trained_not_the_parent(variant, model):
     """configs/finetune.yaml registered a fine-tuned digits model as tnt-s-mnist (its
     register_as was tnt-s-{data}); {model} is the variant actually trained."""
-    c = config.load(os.path.join(ROOT, "configs", "finetune.yaml"), [f"model.variant={variant}",
-                                                                      "data.train=shards/mnist/train"])
+    c = config.load(
+        os.path.join(ROOT, "configs", "finetune.yaml"), [f"model.variant={variant}", "data.train=shards/mnist/train"]
+    )
     assert c.named(c.mlflow.register_as) == f"{model}-mnist"
     c = config.load("", [f"model.variant={variant}", "train.out=runs/{model}-{data}", "data.train=shards/pets/train"])
     assert c.out_dir == f"runs/{model}-pets"
@@ -62,7 +94,17 @@ def test_the_registered_name_is_the_model_trained_not_the_parent(variant, model)
 
 
 def test_overrides_and_errors():
-    c = config.load("", ["train.zero_stage=3", "train.ema=false", "optim.lr=4e-3", "aug.scale=[0.5, 1.0]", "name=x", "train.out=/tmp/{name}"])
+    c = config.load(
+        "",
+        [
+            "train.zero_stage=3",
+            "train.ema=false",
+            "optim.lr=4e-3",
+            "aug.scale=[0.5, 1.0]",
+            "name=x",
+            "train.out=/tmp/{name}",
+        ],
+    )
     assert c.train.zero_stage == 3 and c.optim.lr == 4e-3 and c.aug.scale == (0.5, 1.0) and c.out_dir == "/tmp/x"
     with pytest.raises(InputError, match=r"unknown config key train.zero \(valid: .*zero_stage"):
         config.load("", ["train.zero=1"])
@@ -99,14 +141,18 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
     with pytest.raises(InputError, match="mapping of sections"):
         (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
         config.load(str(tmp_path / "list.yaml"))
-    for entry in ([sys.executable, "-m", "pipeline.train"], [sys.executable, os.path.join(ROOT, "launch", "local.py"),
-                                                             "--nproc", "1", "--"]):
+    for entry in (
+        [sys.executable, "-m", "pipeline.train"],
+        [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", "1", "--"],
+    ):
         out = tmp_path / "out"
-        proc = subprocess.run([*entry, "--config", str(bad), f"train.out={out}"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [*entry, "--config", str(bad), f"train.out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "line 2" in lines[0], \
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "line 2" in lines[0], (
             proc.stderr[-2000:]
+        )
         assert not out.exists()
 
 
@@ -122,17 +168,58 @@ def _bad_values(key: str, default) -> list[str]:
 
 
 # keys where 0 means "off" or "none" (accepted), and those where any size goes (no upper bound)
-ZERO_OK = {"model.drop_path", "data.workers", "data.shuffle_buffer", "data.eval_batch", "data.timeout_s",
-           "data.backoff_s", "data.cache_limit", "optim.min_lr", "optim.warmup_lr", "optim.warmup_epochs",
-           "optim.weight_decay", "optim.clip_grad", "optim.betas", "train.zero_stage", "train.ema_decay", "train.seed",
-           "train.max_steps", "train.eval_every", "train.ckpt_every", "train.ckpt_every_min",
-           "train.device_peak_tflops", "train.lock_wait_s", "train.heartbeat_timeout_s", "aug.hflip",
-           "aug.color_jitter", "aug.mean", "aug.re_prob", "aug.mixup", "aug.cutmix", "aug.mixup_prob",
-           "aug.mixup_switch_prob", "aug.label_smoothing"}
-UNBOUNDED = {"data.timeout_s", "data.read_timeout_s", "data.cache_limit", "optim.clip_grad", "train.ckpt_every",
-             "train.ckpt_every_min", "train.eval_every", "train.log_every", "train.max_nonfinite",
-             "train.device_peak_tflops", "train.dist_timeout_s", "train.lock_wait_s", "train.heartbeat_timeout_s",
-             "aug.color_jitter", "aug.mixup", "aug.cutmix"}
+ZERO_OK = {
+    "model.drop_path",
+    "data.workers",
+    "data.shuffle_buffer",
+    "data.eval_batch",
+    "data.timeout_s",
+    "data.backoff_s",
+    "data.cache_limit",
+    "optim.min_lr",
+    "optim.warmup_lr",
+    "optim.warmup_epochs",
+    "optim.weight_decay",
+    "optim.clip_grad",
+    "optim.betas",
+    "train.zero_stage",
+    "train.ema_decay",
+    "train.seed",
+    "train.max_steps",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.ckpt_every_min",
+    "train.device_peak_tflops",
+    "train.lock_wait_s",
+    "train.heartbeat_timeout_s",
+    "aug.hflip",
+    "aug.color_jitter",
+    "aug.mean",
+    "aug.re_prob",
+    "aug.mixup",
+    "aug.cutmix",
+    "aug.mixup_prob",
+    "aug.mixup_switch_prob",
+    "aug.label_smoothing",
+}
+UNBOUNDED = {
+    "data.timeout_s",
+    "data.read_timeout_s",
+    "data.cache_limit",
+    "optim.clip_grad",
+    "train.ckpt_every",
+    "train.ckpt_every_min",
+    "train.eval_every",
+    "train.log_every",
+    "train.max_nonfinite",
+    "train.device_peak_tflops",
+    "train.dist_timeout_s",
+    "train.lock_wait_s",
+    "train.heartbeat_timeout_s",
+    "aug.color_jitter",
+    "aug.mixup",
+    "aug.cutmix",
+}
 
 
 def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value_in_one_line():
@@ -178,8 +265,15 @@ def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value_in_one_line():
             else:
                 assert refuses(key, value("0")), key
                 refused += 1
-    for key in ("name", "model.variant", "data.train", "train.out", "mlflow.experiment", "aug.interpolation",
-                "aug.re_mode"):
+    for key in (
+        "name",
+        "model.variant",
+        "data.train",
+        "train.out",
+        "mlflow.experiment",
+        "aug.interpolation",
+        "aug.re_mode",
+    ):
         assert refuses(key, "''") and refuses(key, "' '" if key != "aug.re_mode" else "x"), key
     for key in ("data.val", "mlflow.register_as", "model.init_from", "data.url_base"):  # "" is "none" there
         assert not refuses(key, ""), key
@@ -196,16 +290,31 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_written(tmp_path, launcher):
     import subprocess
     import sys
 
-    entry = {"trainer": [sys.executable, "-m", "pipeline.train"],
-             "local": [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", "1", "--"],
-             "slurm": [sys.executable, os.path.join(ROOT, "launch", "slurm.py"), "--dry-run", "--"]}[launcher]
+    entry = {
+        "trainer": [sys.executable, "-m", "pipeline.train"],
+        "local": [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", "1", "--"],
+        "slurm": [sys.executable, os.path.join(ROOT, "launch", "slurm.py"), "--dry-run", "--"],
+    }[launcher]
     for value in ("0", "-4"):
         out = tmp_path / f"out{value}"
-        proc = subprocess.run([*entry, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"train.out={out}",
-                               f"train.micro_batch={value}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                *entry,
+                "--config",
+                os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+                f"train.out={out}",
+                f"train.micro_batch={value}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and lines == [f"error: train.micro_batch must be in [1, 1048576], not {value}"], \
-            (proc.returncode, proc.stderr[-2000:])
+        assert proc.returncode == 2 and lines == [f"error: train.micro_batch must be in [1, 1048576], not {value}"], (
+            proc.returncode,
+            proc.stderr[-2000:],
+        )
         assert not out.exists() and os.listdir(tmp_path) == [] and "#SBATCH" not in proc.stdout
 
 
@@ -216,12 +325,16 @@ def test_the_slurm_launchers_help_and_dry_run_import_neither_torch_nor_pil():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    probe = ("import runpy, sys; sys.argv = ['launch/slurm.py'] + sys.argv[1:]\n"
-             "try:\n    runpy.run_path('launch/slurm.py', run_name='__main__')\n"
-             "except SystemExit as e:\n    assert not e.code, e.code\n"
-             "print('loaded:', sorted({'torch', 'PIL', 'timm'} & set(sys.modules)))")
+    probe = (
+        "import runpy, sys; sys.argv = ['launch/slurm.py'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_path('launch/slurm.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('loaded:', sorted({'torch', 'PIL', 'timm'} & set(sys.modules)))"
+    )
     for args in (["--help"], ["--nodes", "2", "--dry-run", "--", "--config", "configs/tiny_cpu.yaml"]):
-        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *args], cwd=root, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.splitlines()[-1] == "loaded: []", (args, proc.stdout[-500:])
         assert "--nodes" in proc.stdout or "sbatch" in proc.stdout or "#SBATCH" in proc.stdout

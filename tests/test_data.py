@@ -16,9 +16,8 @@ import torch
 import webdataset
 
 from pipeline.data import EvalStream, Loader, TrainStream, load_manifest
+from pipeline.errors import DataError, InputError
 from pipeline.transforms import Augment
-from pipeline.errors import DataError
-from pipeline.errors import InputError
 
 LIGHT = Augment.light(img_size=32)
 
@@ -73,7 +72,9 @@ def test_a_pipe_url_base_reads_each_shard_once_also_on_a_resume(photo_shards, tm
 def test_train_disjoint_equal_and_coverage(photo_shards):
     m = load_manifest(photo_shards)
     world, workers, batch = 2, 2, 4
-    per_rank = [rank_batches(TrainStream(m, batch, rank=r, world_size=world, augment=LIGHT), workers) for r in range(world)]
+    per_rank = [
+        rank_batches(TrainStream(m, batch, rank=r, world_size=world, augment=LIGHT), workers) for r in range(world)
+    ]
     counts = [len(b) for b in per_rank]
     assert counts == [123 // (world * batch)] * world == [15, 15]
     seen = [k for b in per_rank for k in keys(b)]
@@ -128,8 +129,11 @@ def test_dataloader_order_matches_and_resume(photo_shards):
     assert torch.allclose(t.sum(1), torch.ones(len(t))) and t.min() > 0  # mixed + smoothed
 
 
-@pytest.mark.parametrize("layouts", [((2, 2), (1, 0)), ((2, 0), (3, 2)), ((2, 2), (3, 0), (2, 0))],
-                         ids=["2x2-to-1", "2-to-3x2", "2x2-to-3-to-2"])
+@pytest.mark.parametrize(
+    "layouts",
+    [((2, 2), (1, 0)), ((2, 0), (3, 2)), ((2, 2), (3, 0), (2, 0))],
+    ids=["2x2-to-1", "2-to-3x2", "2x2-to-3-to-2"],
+)
 def test_an_epoch_resumed_on_other_layouts_uses_every_sample_at_most_once(photo_shards, layouts):
     """Elastic resume: an epoch stopped mid-way and continued on other (ranks, workers)
     layouts, one after another; the state saved by rank 0 is all each needs. Every
@@ -138,8 +142,13 @@ def test_an_epoch_resumed_on_other_layouts_uses_every_sample_at_most_once(photo_
     m = load_manifest(photo_shards)
     batch, state, seen = 4, None, []
     for i, (world, workers) in enumerate(layouts):
-        loaders = [Loader(TrainStream(m, batch, rank=r, world_size=world, seed=3, augment=LIGHT, shuffle_buffer=10),
-                          workers=workers) for r in range(world)]
+        loaders = [
+            Loader(
+                TrainStream(m, batch, rank=r, world_size=world, seed=3, augment=LIGHT, shuffle_buffer=10),
+                workers=workers,
+            )
+            for r in range(world)
+        ]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(state)
@@ -344,13 +353,25 @@ def test_cv2_geometry_matches_pil():
 
     img = Image.fromarray(np.ascontiguousarray(load_sample_image("china.jpg")[100:324, 200:424]))
     kw = {"fillcolor": (128, 128, 128), "resample": Image.BICUBIC}
-    ops = [("Rotate", aa.rotate, 27.0), ("Rotate", aa.rotate, -90.0), ("ShearX", aa.shear_x, 0.3), ("ShearY", aa.shear_y, -0.2),
-           ("TranslateXRel", aa.translate_x_rel, 0.37), ("TranslateYRel", aa.translate_y_rel, -0.21), ("TranslateX", aa.translate_x_abs, 33.3)]
+    ops = [
+        ("Rotate", aa.rotate, 27.0),
+        ("Rotate", aa.rotate, -90.0),
+        ("ShearX", aa.shear_x, 0.3),
+        ("ShearY", aa.shear_y, -0.2),
+        ("TranslateXRel", aa.translate_x_rel, 0.37),
+        ("TranslateYRel", aa.translate_y_rel, -0.21),
+        ("TranslateX", aa.translate_x_abs, 33.3),
+    ]
     for name, fn, arg in ops:
         ref = np.asarray(fn(img, arg, **kw)).astype(float)
         out = np.asarray(_CvAffine(name, fn)(img, arg, **kw)).astype(float)
         d = np.abs(ref - out)
-        assert out.shape == ref.shape and d.mean() < 1.5 and (d > 12).mean() < 0.01, (name, arg, d.mean(), (d > 12).mean())
+        assert out.shape == ref.shape and d.mean() < 1.5 and (d > 12).mean() < 0.01, (
+            name,
+            arg,
+            d.mean(),
+            (d > 12).mean(),
+        )
     assert np.array_equal(np.asarray(_CvAffine("Rotate", aa.rotate)(img, -90.0, **kw)), np.asarray(img.rotate(-90.0)))
 
 
@@ -400,7 +421,9 @@ def test_ranks_through_real_dataloader_workers_are_disjoint_and_eval_exactly_onc
         train_keys += keys(batches)
         simulated = rank_batches(TrainStream(m, 4, rank=rank, world_size=2, augment=LIGHT), 2)
         assert keys(batches) == keys(simulated)  # the same batches, in the same order
-        evals = list(Loader(EvalStream(m, 8, rank=rank, world_size=2, augment=Augment(img_size=32)), workers=2).epoch(0))
+        evals = list(
+            Loader(EvalStream(m, 8, rank=rank, world_size=2, augment=Augment(img_size=32)), workers=2).epoch(0)
+        )
         eval_counts.append(len(evals))
         eval_keys += [k for b in evals for k in b["key"] if k]
     assert train_counts == [15, 15] and len(train_keys) == len(set(train_keys)) == 120
@@ -429,7 +452,9 @@ def test_device_finish_matches_the_worker_path_and_is_deterministic(photo_shards
     erase = Augment(img_size=32, re_prob=1.0, mixup=0.0, cutmix=0.0)
     raw = rank_batches(TrainStream(m, 6, seed=3, augment=erase, finish="device"), 1)
     finish = DeviceFinish(erase, m.num_classes, True, seed=3, rank=0, device=torch.device("cpu"))
-    plain = DeviceFinish(dataclasses.replace(erase, re_prob=0.0), m.num_classes, True, seed=3, rank=0, device=torch.device("cpu"))
+    plain = DeviceFinish(
+        dataclasses.replace(erase, re_prob=0.0), m.num_classes, True, seed=3, rank=0, device=torch.device("cpu")
+    )
     torch.manual_seed(123)
     a = [finish(b)[0] for b in raw[:3]]
     after = torch.rand(3)
@@ -472,7 +497,9 @@ def _workers_persist(m, make):
     first = [b["key"] for b in loader.epoch(0)]
     pids = [w.pid for w in loader._dl._iterator._workers]
     second = [(b["key"], b["image"].clone()) for b in loader.epoch(1)]
-    assert [w.pid for w in loader._dl._iterator._workers] == pids and all(w.is_alive() for w in loader._dl._iterator._workers)
+    assert [w.pid for w in loader._dl._iterator._workers] == pids and all(
+        w.is_alive() for w in loader._dl._iterator._workers
+    )
     assert [k for k, _ in second] != first
     fresh = make()
     fresh.load_state_dict({"epoch": 1, "batch": 0, "seed": 2})

@@ -87,8 +87,12 @@ def test_device_finish_on_cuda_is_deterministic_and_leaves_the_training_rng_alon
     from pipeline.transforms import Augment, DeviceFinish
 
     aug = Augment(img_size=32, re_prob=1.0)
-    batch = {"image": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "label": torch.arange(8) % 5,
-             "epoch": 2, "index": 7}
+    batch = {
+        "image": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8),
+        "label": torch.arange(8) % 5,
+        "epoch": 2,
+        "index": 7,
+    }
     finish = DeviceFinish(aug, 5, True, seed=1, rank=3, device=torch.device("cuda"))
     torch.cuda.manual_seed(11)
     a = finish(dict(batch))
@@ -110,8 +114,9 @@ def test_device_finish_on_cuda_is_deterministic_and_leaves_the_training_rng_alon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_inner_attention_at_real_sizes_matches_the_reference(heads, head_dim, dtype):
     pytest.importorskip("triton")
-    from pipeline.kernels import inner_attention_triton as kernel
     from test_triton_kernels import errors, within
+
+    from pipeline.kernels import inner_attention_triton as kernel
 
     err = errors(kernel.inner_attention, heads, head_dim, 16, 64 * 196, dtype)
     if dtype == torch.float32:  # GPU exp and fma differ from the reference's in the last bits

@@ -158,8 +158,16 @@ def test_a_collective_gives_up_on_a_silent_rank_after_the_timeout(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANG)
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, str(script), ROOT, "5"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), ROOT, "5"],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
         out, _ = procs[0].communicate(timeout=90)
     finally:
@@ -182,7 +190,10 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_the_process_group(tmp_path, 
     from torch.utils.cpp_extension import _get_build_directory
 
     name = get_accelerator().create_op_builder("ShareMemCommBuilder").name
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from pipeline.distributed import init_distributed; init_distributed(30)"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from pipeline.distributed import init_distributed; init_distributed(30)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT")}
     built = _get_build_directory(name, verbose=False)
     if not glob.glob(os.path.join(built, "*.so")):  # the first load on this machine: build it once
@@ -193,8 +204,13 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_the_process_group(tmp_path, 
     lock = os.path.join(copy, "lock")
     open(lock, "w").close()
     os.utime(lock, (time.time() - 3600,) * 2)
-    done = subprocess.run([sys.executable, "-c", code, ROOT], env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path)),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, ROOT],
+        env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "removed a stale build lock" in done.stderr, done.stderr[-2000:]
     assert not os.path.exists(lock)
@@ -227,10 +243,25 @@ def test_compiled_training_does_not_recompile_every_step(demo_shards, tmp_path):
     script.write_text(COMPILE_PROBE)
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(script), ROOT, os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"train.out={out}",
-         f"data.train={demo_shards['train']}", "data.val=", "train.max_steps=6", "train.log_every=1",
-         "train.compile=true", "data.workers=1", "mlflow.register_as=", "mlflow.system_metrics=false"],
-        env=dict(os.environ, MLFLOW_TRACKING_URI="", OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(script),
+            ROOT,
+            os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+            f"train.out={out}",
+            f"data.train={demo_shards['train']}",
+            "data.val=",
+            "train.max_steps=6",
+            "train.log_every=1",
+            "train.compile=true",
+            "data.workers=1",
+            "mlflow.register_as=",
+            "mlflow.system_metrics=false",
+        ],
+        env=dict(os.environ, MLFLOW_TRACKING_URI="", OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -68,8 +68,12 @@ def runtime_env(tmp_path) -> str:
 
     venv = tmp_path / "runtime-venv"
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = [p for p in site.getsitepackages() if os.path.isdir(p)] or [sysconfig.get_paths()["purelib"]]
     with open(os.path.join(purelib, "runtime_deps.pth"), "w") as f:
         f.write("\n".join(deps) + "\n")
@@ -89,9 +93,20 @@ def registered(server, demo_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("registered")
     out = str(tmp / "run")
     proc = subprocess.run(
-        command(out, demo_shards, "train.max_steps=62", "train.eval_every=1", *LIGHT,
-                "mlflow.register_as=tnt-test", "mlflow.system_metrics=true", "mlflow.experiment=tests-{data}"),
-        env=dict(os.environ, MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True, timeout=600,
+        command(
+            out,
+            demo_shards,
+            "train.max_steps=62",
+            "train.eval_every=1",
+            *LIGHT,
+            "mlflow.register_as=tnt-test",
+            "mlflow.system_metrics=true",
+            "mlflow.experiment=tests-{data}",
+        ),
+        env=dict(os.environ, MLFLOW_TRACKING_URI=server.uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = next(line.rsplit(" ", 1)[-1] for line in proc.stdout.splitlines() if line.startswith("done:"))
@@ -169,10 +184,18 @@ def test_registered_model_loads_without_pickle_or_this_checkout(server, register
     script = tmp_path / "load.py"
     script.write_text(LOAD_AND_CLASSIFY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = subprocess.run([python, "-c", "import pipeline"], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import pipeline"], cwd=str(tmp_path), env=env, capture_output=True, text=True
+    )
     assert probe.returncode != 0 and "No module named 'pipeline'" in probe.stderr  # the project is not there
-    res = subprocess.run([python, str(script), server.uri, "tnt-test", demo_shards["val"]],
-                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [python, str(script), server.uri, "tnt-test", demo_shards["val"]],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["n"] == 1000 and result["top3"] == 3 and result["module"] == "TNT"
@@ -215,7 +238,9 @@ def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, de
 
     images, labels = val_images(demo_shards["val"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    served = ModelServer(registered["python"], "models:/tnt-test@best", server.uri, str(tmp_path / "serve")).start(env=env)
+    served = ModelServer(registered["python"], "models:/tnt-test@best", server.uri, str(tmp_path / "serve")).start(
+        env=env
+    )
     try:
         predicted = []
         for i in range(0, len(images), 250):
@@ -225,7 +250,9 @@ def test_served_model_answers_jpegs_like_the_loaded_model(server, registered, de
         # bad requests: one clear 4xx each
         # the message is the one line, not MLflow's "Failed to predict data '<DataFrame dump>'"
         status, body = served.post(invocation([b"not an image at all"]))
-        assert status == 400 and json.loads(body)["message"] == "image 0: not an image PIL can read (19 bytes)", body[:300]
+        assert status == 400 and json.loads(body)["message"] == "image 0: not an image PIL can read (19 bytes)", body[
+            :300
+        ]
         status, body = served.post(invocation(images[:1], top_k=0))  # was clamped to 1 silently
         assert status == 400 and json.loads(body)["message"] == "top_k must be a whole number >= 1, not 0", body[:300]
         status, body = served.post(b"")
@@ -262,8 +289,9 @@ def test_readme_serve_command_runs_as_printed_without_an_activated_venv(server, 
     import shlex
     import signal
 
-    from launch.local import free_port
     from mlflow_server import wait_until_up
+
+    from launch.local import free_port
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()
@@ -271,7 +299,9 @@ def test_readme_serve_command_runs_as_printed_without_an_activated_venv(server, 
     if not os.path.exists(os.path.join(root, ".venv", "bin", "mlflow")):
         pytest.skip("no .venv in this checkout (the suite runs from .ci/run's venv)")
     port = free_port()
-    argv = [{"models:/tnt-tiny-mnist@best": "models:/tnt-test@best", "5001": str(port)}.get(a, a) for a in shlex.split(line)]
+    argv = [
+        {"models:/tnt-tiny-mnist@best": "models:/tnt-test@best", "5001": str(port)}.get(a, a) for a in shlex.split(line)
+    ]
     assert "models:/tnt-test@best" in argv and str(port) in argv, line
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", MLFLOW_TRACKING_URI=server.uri)
@@ -283,8 +313,11 @@ def test_readme_serve_command_runs_as_printed_without_an_activated_venv(server, 
         images, _ = val_images(demo_shards["val"])
         import urllib.request
 
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=invocation(images[:2], top_k=3),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=invocation(images[:2], top_k=3),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert len(json.loads(r.read())["predictions"][0]["class_ids"]) == 3
     finally:
@@ -315,20 +348,44 @@ def test_finetune_from_the_registry_beats_scratch_and_records_its_parent(server,
     from mlflow import MlflowClient
 
     shards = relabelled_digits(demo_shards["tree"], tmp_path, {3: "three", 5: "five", 8: "eight"})
-    steps = ["train.max_steps=36", "optim.epochs=2", "train.eval_every=0", "optim.lr=1e-3", "aug.img_size=40",
-             "train.ckpt_every=0"]
+    steps = [
+        "train.max_steps=36",
+        "optim.epochs=2",
+        "train.eval_every=0",
+        "optim.lr=1e-3",
+        "aug.img_size=40",
+        "train.ckpt_every=0",
+    ]
     env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri)
-    tuned = subprocess.run(command(str(tmp_path / "tuned"), shards, *steps, "model.init_from=models:/tnt-test@best",
-                                   "mlflow.register_as=tnt-finetuned", nproc=1),
-                           env=env, capture_output=True, text=True, timeout=600)
+    tuned = subprocess.run(
+        command(
+            str(tmp_path / "tuned"),
+            shards,
+            *steps,
+            "model.init_from=models:/tnt-test@best",
+            "mlflow.register_as=tnt-finetuned",
+            nproc=1,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "model.init_from: head re-initialised: 10 classes in model.init_from, 3 here" in tuned.stderr
     assert "patch position encodings resampled from a 4x4 grid to 5x5 (40 px)" in tuned.stderr
-    scratch = subprocess.run(command(str(tmp_path / "scratch"), shards, *steps, nproc=1),
-                             env=env, capture_output=True, text=True, timeout=600)
+    scratch = subprocess.run(
+        command(str(tmp_path / "scratch"), shards, *steps, nproc=1),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert scratch.returncode == 0, scratch.stderr[-3000:]
-    top1 = {name: [m["val/top1"] for m in metrics(str(tmp_path / name)) if "val/top1" in m][-1]
-            for name in ("tuned", "scratch")}
+    top1 = {
+        name: [m["val/top1"] for m in metrics(str(tmp_path / name)) if "val/top1" in m][-1]
+        for name in ("tuned", "scratch")
+    }
     print("fine-tuned vs scratch top-1:", top1)
     # Margin: 36 steps from scratch leave the 3 classes near chance (33%), while the
     # parent's 62 steps on all 10 digits (45% top-1) already separate digit shapes.
@@ -339,8 +396,11 @@ def test_finetune_from_the_registry_beats_scratch_and_records_its_parent(server,
     parent = client.get_model_version_by_alias("tnt-test", "best")
     child = client.get_model_version_by_alias("tnt-finetuned", "last").tags
     assert child["parent.init_from"] == "models:/tnt-test@best"
-    assert (child["parent.model"], child["parent.version"], child["parent.run_id"]) == \
-        ("tnt-test", parent.version, parent.run_id)
+    assert (child["parent.model"], child["parent.version"], child["parent.run_id"]) == (
+        "tnt-test",
+        parent.version,
+        parent.run_id,
+    )
     assert child["data.train.manifest"] == os.path.join(shards["train"], "manifest.json")
 
 
@@ -348,14 +408,24 @@ def test_tracking_server_killed_mid_run_does_not_stop_training(demo_shards, tmp_
     s = MlflowServer(str(tmp_path / "mlflow")).start()
     out = str(tmp_path / "run")
     proc = subprocess.Popen(
-        command(out, demo_shards, "train.max_steps=40", "train.ckpt_every=10", "data.val=", "mlflow.register_as=tnt-killed"),
-        env=dict(os.environ, MLFLOW_TRACKING_URI=s.uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command(
+            out, demo_shards, "train.max_steps=40", "train.ckpt_every=10", "data.val=", "mlflow.register_as=tnt-killed"
+        ),
+        env=dict(os.environ, MLFLOW_TRACKING_URI=s.uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     from mlflow import MlflowClient
 
     try:
-        wait_for("5 metrics lines", lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5,
-                 240, 0.1, proc)
+        wait_for(
+            "5 metrics lines",
+            lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 5,
+            240,
+            0.1,
+            proc,
+        )
         # the server has the run and its first metrics: tracking worked until the kill
         client = MlflowClient(s.uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -396,8 +466,9 @@ def test_best_alias_follows_the_best_top1_across_versions(server, tmp_path):
     for i, top1 in enumerate(("50.00", "40.00", "60.00")):
         tracker = Tracker(server.uri, "best-alias", artifact_root=None)
         tracker.start(None, f"run{i}", system_metrics=False)
-        version = export.register(tracker, "tnt-best", files, "model", str(config), None, {"top1": top1, "step": i},
-                                  ["last"])
+        version = export.register(
+            tracker, "tnt-best", files, "model", str(config), None, {"top1": top1, "step": i}, ["last"]
+        )
         tracker.end()
         assert version is not None and tracker.failed is None
         expected.append(version)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline import export, pretrained, tnt
-from pipeline.transforms import Augment
 from pipeline.errors import InputError
+from pipeline.transforms import Augment
 
 TINY = "tntp_tiny_patch8_32"
 
@@ -22,8 +22,9 @@ def source(tmp_path_factory):
     torch.manual_seed(0)
     model = tnt.create(TINY, num_classes=10)
     folder = tmp_path_factory.mktemp("export")
-    files = export.export(str(folder), TINY, tuple("0123456789"), Augment(img_size=32, crop_pct=1.0),
-                          model.state_dict(), None, 7, 1)
+    files = export.export(
+        str(folder), TINY, tuple("0123456789"), Augment(img_size=32, crop_pct=1.0), model.state_dict(), None, 7, 1
+    )
     return {"model": model, "files": files, "folder": str(folder)}
 
 
@@ -109,7 +110,9 @@ def test_refusals_are_one_line(source, tmp_path, case):
 
 
 def test_unreachable_registry_is_one_line():
-    with pytest.raises(InputError, match=r"models:/tnt@best: cannot be read from the MLflow store .*mlflow.tracking_uri"):
+    with pytest.raises(
+        InputError, match=r"models:/tnt@best: cannot be read from the MLflow store .*mlflow.tracking_uri"
+    ):
         pretrained.resolve("models:/tnt@best", "http://127.0.0.1:9")
 
 
@@ -130,10 +133,17 @@ def _res(model, ema=None):
     return res
 
 
-@pytest.mark.parametrize("weights,res,chosen", [
-    ("auto", _res(50, 60), "ema"), ("auto", _res(60, 50), "model"), ("auto", _res(50, 50), "model"),
-    ("auto", _res(50), "model"), ("model", _res(50, 60), "model"), ("ema", _res(60, 50), "ema"),
-])
+@pytest.mark.parametrize(
+    "weights,res,chosen",
+    [
+        ("auto", _res(50, 60), "ema"),
+        ("auto", _res(60, 50), "model"),
+        ("auto", _res(50, 50), "model"),
+        ("auto", _res(50), "model"),
+        ("model", _res(50, 60), "model"),
+        ("ema", _res(60, 50), "ema"),
+    ],
+)
 def test_registrar_chooses_the_weights(weights, res, chosen):
     from pipeline.registry import Registrar
 
@@ -169,15 +179,37 @@ def test_the_trainer_checks_init_from_before_building_anything(source, demo_shar
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "out"
-    init, match = {"variant": (source["folder"], "error: model.init_from holds a tntp_tiny_patch8_32 model, not "
-                                                 "tntp_digits_patch8_32: set model.variant=tntp_tiny_patch8_32"),
-                   "no_store": ("models:/tnt-tiny-mnist@best", f"error: model.init_from=models:/tnt-tiny-mnist@best: "
-                                f"no MLflow store at sqlite:///{out}/mlflow.db; set mlflow.tracking_uri")}[case]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", os.path.join(root, "configs", "tiny_cpu.yaml"),
-                           f"train.out={out}", f"data.train={demo_shards['train']}", "data.val=",
-                           "model.variant=tntp_digits_patch8_32", f"model.init_from={init}"],
-                          cwd=root, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
-                          timeout=300)
+    init, match = {
+        "variant": (
+            source["folder"],
+            "error: model.init_from holds a tntp_tiny_patch8_32 model, not "
+            "tntp_digits_patch8_32: set model.variant=tntp_tiny_patch8_32",
+        ),
+        "no_store": (
+            "models:/tnt-tiny-mnist@best",
+            f"error: model.init_from=models:/tnt-tiny-mnist@best: "
+            f"no MLflow store at sqlite:///{out}/mlflow.db; set mlflow.tracking_uri",
+        ),
+    }[case]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--config",
+            os.path.join(root, "configs", "tiny_cpu.yaml"),
+            f"train.out={out}",
+            f"data.train={demo_shards['train']}",
+            "data.val=",
+            "model.variant=tntp_digits_patch8_32",
+            f"model.init_from={init}",
+        ],
+        cwd=root,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(match), proc.stderr[-2000:]
     assert not out.exists() and "deepspeed" not in proc.stderr.lower()
@@ -212,7 +244,9 @@ def test_a_registered_version_is_found_in_the_store_given_not_the_environment(so
     # a version by number, and a run's artifact (README: Fine-tuning)
     for uri in (f"models:/tiny/{version.version}", f"runs:/{run.info.run_id}/model"):
         weights, cfg, lineage = pretrained.resolve(uri, store)
-        assert cfg["architecture"] == TINY and lineage["parent.sha256"] == pretrained.sha256_file(source["files"]["model"])
+        assert cfg["architecture"] == TINY and lineage["parent.sha256"] == pretrained.sha256_file(
+            source["files"]["model"]
+        )
         assert lineage["parent.run_id"] == run.info.run_id
     assert os.listdir(cwd) == []  # no ./mlflow.db
 

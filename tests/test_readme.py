@@ -37,8 +37,14 @@ def commands() -> list[str]:
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block_runs(index, tmp_path):
     code = blocks("python")[index]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 0, f"README python block {index}:\n{code}\n{proc.stderr[-3000:]}"
 
 
@@ -66,7 +72,9 @@ def test_readme_command_exists_and_explains_itself(line):
         return
     if os.path.basename(argv[0]) == "mlflow":  # MLflow's CLI (serving): the subcommand and its options exist
         sub = [a for a in argv[1:] if not a.startswith("-")][:2]
-        proc = subprocess.run([sys.executable, "-m", "mlflow", *sub, "--help"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlflow", *sub, "--help"], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
         assert all(opt in proc.stdout for opt in argv[1:] if opt.startswith("--")), f"{line}\n{proc.stdout[-2000:]}"
         return
@@ -82,11 +90,14 @@ def test_readme_command_exists_and_explains_itself(line):
     flags = [a.split("=")[0] for a in own if a.startswith("--")]
     assert all(f in proc.stdout for f in flags), (line, [f for f in flags if f not in proc.stdout])
     if rest:
-        trainer = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=120).stdout
+        trainer = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ).stdout
         assert all(a in trainer for a in rest if a.startswith("--")), line
     from pipeline import config
 
     keys = set(config.Config().flat())
-    overrides = [a.split("=")[0] for a in (rest or own) if "=" in a and not a.startswith("-") and "." in a.split("=")[0]]
+    overrides = [
+        a.split("=")[0] for a in (rest or own) if "=" in a and not a.startswith("-") and "." in a.split("=")[0]
+    ]
     assert all(k in keys for k in overrides), (line, [k for k in overrides if k not in keys])

@@ -64,11 +64,16 @@ SCRIPT = textwrap.dedent(
             got, got_step = reshard.gather(engine)
             err = max((got[k] - saved[k]).abs().max().item() for k in saved)
             lp = {n: p for n, p in engine.module.named_parameters()}
+
+            def lp_error() -> float:
+                errors = [(p.float() - saved[f"{n}:fp32"].to(p.dtype).float()).abs().max() for n, p in lp.items()]
+                return max(e.item() for e in errors)
+
             if stage == 3:
                 with deepspeed.zero.GatheredParameters(list(lp.values())):
-                    lp_err = max((p.float() - saved[n + ":fp32"].to(p.dtype).float()).abs().max().item() for n, p in lp.items())
+                    lp_err = lp_error()
             else:
-                lp_err = max((p.float() - saved[n + ":fp32"].to(p.dtype).float()).abs().max().item() for n, p in lp.items())
+                lp_err = lp_error()
             loss = train_step()
             ref_err = None
             if stage >= 2 and rank == 0:  # the file's masters against DeepSpeed's own zero_to_fp32
@@ -104,8 +109,16 @@ SCRIPT = textwrap.dedent(
 def run(script: str, folder: str, mode: str, world: int, port: int) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, script, ROOT, mode, folder], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, ROOT, mode, folder],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     try:
         outs = [p.communicate(timeout=400)[0] for p in procs]
     finally:

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow  # training runs: bash .ci/run -m "not slow" leave
 
 
 def run(cmd, cwd, timeout=400):
-    return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=cwd, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
@@ -34,8 +35,11 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
     elsewhere.mkdir()
     out = str(tmp_path / "run")
     # the tiny config's own names: tntpipe-{data} / tnt-tiny-{data}
-    base = [a for a in command(out, shards, "optim.epochs=2", "train.eval_every=1", "data.eval_batch=500")
-            if a != "mlflow.register_as="]
+    base = [
+        a
+        for a in command(out, shards, "optim.epochs=2", "train.eval_every=1", "data.eval_batch=500")
+        if a != "mlflow.register_as="
+    ]
 
     first = run(base, elsewhere)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -66,8 +70,11 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
     with open(os.path.join(out, "export", "pretrained_cfg.json")) as f:
         assert json.load(f)["num_classes"] == 10
     files = os.listdir(os.path.join(mlflow.artifacts.download_artifacts("models:/tnt-tiny-digits@last"), "artifacts"))
-    assert sorted(files) == ["config.yaml", f"model{'_ema' if version.tags['weights'] == 'ema' else ''}.safetensors",
-                             "pretrained_cfg.json"]
+    assert sorted(files) == [
+        "config.yaml",
+        f"model{'_ema' if version.tags['weights'] == 'ema' else ''}.safetensors",
+        "pretrained_cfg.json",
+    ]
 
     # 4. the same command again: finished, nothing logged or registered
     before = open(os.path.join(out, "metrics.jsonl")).read()
@@ -109,11 +116,25 @@ def test_the_demo_ends_with_its_model_reloaded_in_a_fresh_process(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--root", str(tmp_path / "mnist"),
-                           "--shards", str(tmp_path / "shards" / "mnist"), "train.max_steps=10", f"train.out={tmp_path / 'run'}",
-                           "mlflow.system_metrics=false"],
-                          cwd=root, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.demo",
+            "--root",
+            str(tmp_path / "mnist"),
+            "--shards",
+            str(tmp_path / "shards" / "mnist"),
+            "train.max_steps=10",
+            f"train.out={tmp_path / 'run'}",
+            "mlflow.system_metrics=false",
+        ],
+        cwd=root,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "loaded models:/tnt-tiny-mnist@best in a fresh process: JPEG bytes in, classes out" in out

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import io
 import glob
 import hashlib
+import io
 import json
 import os
 import signal
@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import WNIDS, jpeg_bytes, photo_crops, write
 from PIL import Image
 
-from conftest import WNIDS, jpeg_bytes, make_imagenet_tree, photo_crops, write
 from pipeline import shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,9 @@ def run(*args):
 def digests(directory) -> dict[str, str]:
     """sha256 of every shard and manifest under ``directory`` (relative names)."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*", "*.tar")) + glob.glob(os.path.join(directory, "*", "manifest.json"))):
+    for path in sorted(
+        glob.glob(os.path.join(directory, "*", "*.tar")) + glob.glob(os.path.join(directory, "*", "manifest.json"))
+    ):
         with open(path, "rb") as f:
             out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -154,7 +156,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     assert shard.main([str(src), "--out", str(ref)] + opts) == 0
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "shard.py"), str(src), "--out", str(out)] + opts)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "pipeline", "shard.py"), str(src), "--out", str(out)] + opts
+    )
     records = out / "train" / ".records"
     deadline = time.time() + 60
     while time.time() < deadline and len(glob.glob(str(records / "*.json"))) < 2:
@@ -276,8 +280,12 @@ def test_quality_change_is_accepted_when_nothing_was_reencoded(tmp_path, capsys)
 
 
 def test_help_names_each_default_once():
-    text = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "shard.py"), "--help"],
-                          capture_output=True, text=True, timeout=60).stdout
+    text = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pipeline", "shard.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     import re
 
     assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\)\s*\(default:", text)
@@ -335,7 +343,9 @@ def test_demo_data_shards(tmp_path):
     assert train["num_classes"] == 10 and all(c["count"] == 400 for c in train["classes"])
     assert not train["skipped"] and not train["converted"]
     assert shard.main(["--verify", str(out), "--quiet"]) == 0
-    sample = next(iter(wds.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False, empty_check=False).decode("pil")))
+    sample = next(
+        iter(wds.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False, empty_check=False).decode("pil"))
+    )
     assert sample["jpg"].size == (28, 28) and 0 <= sample["cls"] < 10
 
 

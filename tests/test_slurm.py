@@ -65,10 +65,19 @@ def netns_cluster(tmp_path_factory):
 
 
 def trainer_args(out, shards, *overrides):
-    return ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"train.out={out}",
-            f"data.train={shards['train']}", f"data.val={shards['val']}", "data.workers=1",
-            "mlflow.system_metrics=false", "train.log_every=1", "optim.warmup_epochs=0.1",
-            f"train.precision={FAST_PRECISION}", *overrides]
+    return [
+        "--config",
+        os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+        f"train.out={out}",
+        f"data.train={shards['train']}",
+        f"data.val={shards['val']}",
+        "data.workers=1",
+        "mlflow.system_metrics=false",
+        "train.log_every=1",
+        "optim.warmup_epochs=0.1",
+        f"train.precision={FAST_PRECISION}",
+        *overrides,
+    ]
 
 
 def slurm(cluster, tmp_path, *args, timeout=300):
@@ -77,41 +86,87 @@ def slurm(cluster, tmp_path, *args, timeout=300):
 
 
 def test_dry_run_prints_the_sbatch_script(tmp_path):
-    out = subprocess.run([*SLURM, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "600",
-                          "--folder", str(tmp_path), "--dry-run", "--", "--config", "configs/tnt_s.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            *SLURM,
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--time",
+            "600",
+            "--folder",
+            str(tmp_path),
+            "--dry-run",
+            "--",
+            "--config",
+            "configs/tnt_s.yaml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120",
-                 "#SBATCH --cpus-per-task=10", "--kill-on-bad-exit=1",  # one dead task ends the step
-                 "# each task runs: python -m pipeline.train --config configs/tnt_s.yaml"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=600",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --cpus-per-task=10",
+        "--kill-on-bad-exit=1",  # one dead task ends the step
+        "# each task runs: python -m pipeline.train --config configs/tnt_s.yaml",
+    ):
         assert line in out.stdout
     assert os.listdir(tmp_path) == []
     # a range: each attempt asks for the nodes up then (the dry run shows the most); a bad one refused
-    ranged = subprocess.run([*SLURM, "--nodes", "2-4", "--folder", str(tmp_path), "--dry-run", "--",
-                             "--config", "configs/tnt_s.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    ranged = subprocess.run(
+        [*SLURM, "--nodes", "2-4", "--folder", str(tmp_path), "--dry-run", "--", "--config", "configs/tnt_s.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ranged.returncode == 0 and "#SBATCH --nodes=4" in ranged.stdout
     assert "# --nodes 2-4: each attempt asks for the nodes up when it is submitted, 2 to 4" in ranged.stdout
-    bad = subprocess.run([*SLURM, "--nodes", "4-2", "--dry-run", "--", "--config", "configs/tnt_s.yaml"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*SLURM, "--nodes", "4-2", "--dry-run", "--", "--config", "configs/tnt_s.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "argument --nodes: want 1 <= MIN <= MAX, not '4-2'" in bad.stderr
 
 
-@pytest.mark.parametrize("trainer,error", [
-    (["--config", "configs/nope.yaml"], "error: no config file configs/nope.yaml"),
-    (["--config", "configs/tnt_s.yaml", "train.bogus=1"], "error: unknown config key train.bogus"),
-])
+@pytest.mark.parametrize(
+    "trainer,error",
+    [
+        (["--config", "configs/nope.yaml"], "error: no config file configs/nope.yaml"),
+        (["--config", "configs/tnt_s.yaml", "train.bogus=1"], "error: unknown config key train.bogus"),
+    ],
+)
 def test_dry_run_checks_the_trainer_config(trainer, error, tmp_path):
-    out = subprocess.run([*SLURM, "--folder", str(tmp_path / "sub"), "--dry-run", "--", *trainer],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*SLURM, "--folder", str(tmp_path / "sub"), "--dry-run", "--", *trainer],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and out.stderr.startswith(error) and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "sub").exists()
 
 
 def test_without_a_reachable_slurm_one_line_and_nothing_left(tmp_path):
     conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=1\nNodeName=n1 CPUs=1\n"
-                    "PartitionName=p Nodes=n1\n")
+    conf.write_text(
+        "ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=1\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n"
+    )
     env = dict(os.environ, SLURM_CONF=str(conf))
     cmd = [*SLURM, "--folder", str(tmp_path / "sub" / "%j"), "--", "--config", "configs/tiny_cpu.yaml"]
     for e in (env, dict(env, PATH=os.path.dirname(sys.executable))):  # a controller that is down; no Slurm at all
@@ -167,8 +222,22 @@ def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp
     try:
         env = dict(cluster, MLFLOW_TRACKING_URI=server.uri)
         out = str(tmp_path / "run")
-        cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
-               "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, "train.max_steps=20", "mlflow.register_as=tnt-slurm")]
+        cmd = [
+            *SLURM,
+            "--nodes",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "30",
+            "--folder",
+            str(tmp_path / "sub" / "%j"),
+            "--wait",
+            "--wait-timeout",
+            "400",
+            "--",
+            *trainer_args(out, demo_shards, "train.max_steps=20", "mlflow.register_as=tnt-slurm"),
+        ]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=450)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "completed" in proc.stdout
@@ -182,8 +251,13 @@ def test_two_nodes_train_and_register_in_mlflow_server(cluster, demo_shards, tmp
         server.kill()
 
 
-STEPS = ("train.max_steps=40", "train.ckpt_every=1000", "train.eval_every=1", "data.eval_batch=500",
-         "mlflow.register_as=")
+STEPS = (
+    "train.max_steps=40",
+    "train.ckpt_every=1000",
+    "train.eval_every=1",
+    "data.eval_batch=500",
+    "mlflow.register_as=",
+)
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +286,22 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
 
     ref = reference
     out = str(tmp_path / "run")
-    cmd = [*SLURM, "--nodes", "2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
-           "--wait", "--wait-timeout", "400", "--", *trainer_args(out, demo_shards, *STEPS)]
+    cmd = [
+        *SLURM,
+        "--nodes",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+        "--folder",
+        str(tmp_path / "sub" / "%j"),
+        "--wait",
+        "--wait-timeout",
+        "400",
+        "--",
+        *trainer_args(out, demo_shards, *STEPS),
+    ]
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job_id = signal_after_eval(proc, out, cluster)
@@ -238,9 +326,12 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(cluste
 def signal_after_eval(proc, out, env) -> str:
     """The job id from the launcher's first line; USR2 once the first evaluation is logged."""
     job_id = proc.stdout.readline().split()[2].rstrip(":")
-    wait_for("the first evaluation in metrics.jsonl",
-             lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and any("val/top1" in m for m in metrics(out)),
-             240, proc=proc)
+    wait_for(
+        "the first evaluation in metrics.jsonl",
+        lambda: os.path.isfile(os.path.join(out, "metrics.jsonl")) and any("val/top1" in m for m in metrics(out)),
+        240,
+        proc=proc,
+    )
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
     return job_id
 
@@ -251,19 +342,38 @@ def test_max_requeues_is_honoured(cluster, demo_shards, tmp_path):
     preemption, which it would requeue without bound)."""
     out = str(tmp_path / "run")
     # --signal-delay 10: Slurm's own USR2 comes 10 s before the 5-minute limit, long after the test's two
-    cmd = [*SLURM, "--nodes", "1", "--cpus-per-task", "1", "--time", "5", "--signal-delay", "10", "--max-requeues", "1",
-           "--folder",
-           str(tmp_path / "sub" / "%j"), "--wait", "--wait-timeout", "300", "--",
-           *trainer_args(out, demo_shards, "train.max_steps=2000", "data.val=", "mlflow.register_as=")]
+    cmd = [
+        *SLURM,
+        "--nodes",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--signal-delay",
+        "10",
+        "--max-requeues",
+        "1",
+        "--folder",
+        str(tmp_path / "sub" / "%j"),
+        "--wait",
+        "--wait-timeout",
+        "300",
+        "--",
+        *trainer_args(out, demo_shards, "train.max_steps=2000", "data.val=", "mlflow.register_as="),
+    ]
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job_id = proc.stdout.readline().split()[2].rstrip(":")
         log = os.path.join(out, "train.log")
         read = lambda: open(log).read() if os.path.isfile(log) else ""  # noqa: E731
         for attempt in range(2):
-            wait_for(f"attempt {attempt + 1} to log {4 * (attempt + 1)} losses",
-                     lambda: read().count("| loss ") > 4 * (attempt + 1) and read().count("resumed from") == attempt,
-                     200, proc=proc)
+            wait_for(
+                f"attempt {attempt + 1} to log {4 * (attempt + 1)} losses",
+                lambda: read().count("| loss ") > 4 * (attempt + 1) and read().count("resumed from") == attempt,
+                200,
+                proc=proc,
+            )
             subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster, check=True)
             if attempt == 0:  # wait for the requeued attempt to be training
                 wait_for("the requeued attempt to resume", lambda: "resumed from" in read(), 400, proc=proc)
@@ -284,8 +394,22 @@ def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
 
     single, arrayed = str(tmp_path / "single"), str(tmp_path / "array")
     assert shard.main([demo_shards["tree"], "--out", single, "--shard-size", "300", "--quiet"]) == 0
-    proc = slurm(cluster, tmp_path, "shard", "--array", "3", "--wait", "--wait-timeout", "240",
-                 "--", demo_shards["tree"], "--out", arrayed, "--shard-size", "300")
+    proc = slurm(
+        cluster,
+        tmp_path,
+        "shard",
+        "--array",
+        "3",
+        "--wait",
+        "--wait-timeout",
+        "240",
+        "--",
+        demo_shards["tree"],
+        "--out",
+        arrayed,
+        "--shard-size",
+        "300",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for split in ("train", "val"):
         names = sorted(n for n in os.listdir(os.path.join(single, split)) if n.endswith(".tar"))
@@ -299,8 +423,17 @@ def test_shard_array_equals_single_process(cluster, demo_shards, tmp_path):
 
 def test_an_input_error_fails_the_job_and_is_not_resubmitted(cluster, demo_shards, tmp_path):
     out = str(tmp_path / "run")
-    proc = slurm(cluster, tmp_path, "--nodes", "1", "--wait", "--wait-timeout", "240", "--",
-                 *trainer_args(out, demo_shards, "data.train=/nonexistent"))
+    proc = slurm(
+        cluster,
+        tmp_path,
+        "--nodes",
+        "1",
+        "--wait",
+        "--wait-timeout",
+        "240",
+        "--",
+        *trainer_args(out, demo_shards, "data.train=/nonexistent"),
+    )
     assert proc.returncode == 1
     assert "failed" in proc.stderr and "training exited with status 2" in proc.stderr
     assert "retrying cannot help" in proc.stderr.splitlines()[-1], proc.stderr
@@ -309,7 +442,8 @@ def test_an_input_error_fails_the_job_and_is_not_resubmitted(cluster, demo_shard
 
 
 def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
-        netns_cluster, demo_shards, reference, tmp_path):
+    netns_cluster, demo_shards, reference, tmp_path
+):
     """Two faults in one run launched with ``--nodes 1-2`` on the cluster whose nodes are
     hosts of their own.
 
@@ -336,16 +470,40 @@ def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
     out = str(tmp_path / "run")
     # --no-requeue: this cluster (JobRequeue=1) would requeue the job that lost a node
     # itself, keeping its 2 nodes, and it would wait for node2 (README: Under Slurm)
-    cmd = [*SLURM, "--nodes", "1-2", "--cpus-per-task", "1", "--time", "30", "--folder", str(tmp_path / "sub" / "%j"),
-           "--failure-backoff", "1", "--sbatch", "no-requeue=", "--wait", "--wait-timeout", "600", "--",
-           *trainer_args(out, demo_shards, *STEPS, "train.ckpt_every=8", "train.heartbeat_timeout_s=10",
-                         "mlflow.register_as=tnt-fault")]
+    cmd = [
+        *SLURM,
+        "--nodes",
+        "1-2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+        "--folder",
+        str(tmp_path / "sub" / "%j"),
+        "--failure-backoff",
+        "1",
+        "--sbatch",
+        "no-requeue=",
+        "--wait",
+        "--wait-timeout",
+        "600",
+        "--",
+        *trainer_args(
+            out,
+            demo_shards,
+            *STEPS,
+            "train.ckpt_every=8",
+            "train.heartbeat_timeout_s=10",
+            "mlflow.register_as=tnt-fault",
+        ),
+    ]
     log = os.path.join(out, "train.log")
     elastic = "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2"
     # the first attempt asks for the nodes up: both, once both have registered
     deadline = time.time() + 60
-    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=cluster, capture_output=True,
-                         text=True).stdout.split() != ["idle", "idle"]:
+    while subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%T"], env=cluster, capture_output=True, text=True
+    ).stdout.split() != ["idle", "idle"]:
         assert time.time() < deadline, "the cluster's two nodes did not come up"
         time.sleep(0.5)
     proc = subprocess.Popen(cmd, env=cluster, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -354,8 +512,13 @@ def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
         job_id = proc.stdout.readline().split()[2].rstrip(":")
         # 1. a killed rank
         until(proc, lambda: (failures.resume_point(out) or "") >= "step00000016")
-        rank1 = [p for p in psutil.process_iter() if _env(p).get("SLURM_JOB_ID") == job_id
-                 and _env(p).get("SLURM_PROCID") == "1" and "submitit" in " ".join(p.cmdline())]
+        rank1 = [
+            p
+            for p in psutil.process_iter()
+            if _env(p).get("SLURM_JOB_ID") == job_id
+            and _env(p).get("SLURM_PROCID") == "1"
+            and "submitit" in " ".join(p.cmdline())
+        ]
         rank1 = [p for p in rank1 if p.ppid() not in {q.pid for q in rank1}]  # not its forked DataLoader worker
         assert len(rank1) == 1, "rank 1's process not found"
         rank1[0].kill()
@@ -366,8 +529,14 @@ def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
         cut = time.monotonic()
         try:
             while time.monotonic() - cut < 60 and lost is None:
-                lost = next((r for r in failures.read(out) if r["rank"] == 0 and r["job"] != job_id
-                             and r["kind"].startswith("lost a peer rank")), None)
+                lost = next(
+                    (
+                        r
+                        for r in failures.read(out)
+                        if r["rank"] == 0 and r["job"] != job_id and r["kind"].startswith("lost a peer rank")
+                    ),
+                    None,
+                )
                 time.sleep(0.2)
             detected = time.monotonic() - cut
             until(proc, lambda: elastic in _read(log), timeout=300)  # the next attempt, on node1 alone
@@ -382,10 +551,15 @@ def test_a_killed_rank_then_a_node_lost_recover_then_go_on_with_the_node_left(
     assert second["after"] == job_id == first["job"] and second["resubmit"] and second["resubmission"] == 1
     assert second["statuses"][1] is None, second  # rank 1 left no result
     assert f"resubmitted as job {second['job']}" in stderr
-    (job_record,) = [r for r in failures.read(out) if r["kind"] == "job FAILED" and r["error"].startswith(f"Slurm job {job_id} ")]
+    (job_record,) = [
+        r for r in failures.read(out) if r["kind"] == "job FAILED" and r["error"].startswith(f"Slurm job {job_id} ")
+    ]
     # rank 1 said nothing (SIGKILL); rank 0 said it lost a peer, unless srun killed it first
-    assert "killed without a word (from outside, the OOM killer, or its node went down): rank 1 (node2)" in \
-        job_record["error"] and job_record["resume_from"] == killed_at, job_record
+    assert (
+        "killed without a word (from outside, the OOM killer, or its node went down): rank 1 (node2)"
+        in job_record["error"]
+        and job_record["resume_from"] == killed_at
+    ), job_record
     assert lost is not None, "rank 0 did not notice that node2 was gone"
     assert "rank 1 (node2) sent no heartbeat" in lost["error"] and lost["host"] == "node1", lost
     assert lost["job"] == second["job"] and lost["resubmission"] == 1 and lost["resume_from"] > killed_at
@@ -446,9 +620,21 @@ def test_max_failures_is_honoured(cluster, demo_shards, tmp_path):
     data.timeout_s): resubmitted --max-failures times, then given up, in one line;
     never two attempts for one failure."""
     out = str(tmp_path / "run")
-    proc = slurm(cluster, tmp_path, "--nodes", "1", "--max-failures", "1", "--failure-backoff", "1", "--wait",
-                 "--wait-timeout", "300", "--",
-                 *trainer_args(out, demo_shards, "data.timeout_s=0.001", "data.val=", "mlflow.register_as="))
+    proc = slurm(
+        cluster,
+        tmp_path,
+        "--nodes",
+        "1",
+        "--max-failures",
+        "1",
+        "--failure-backoff",
+        "1",
+        "--wait",
+        "--wait-timeout",
+        "300",
+        "--",
+        *trainer_args(out, demo_shards, "data.timeout_s=0.001", "data.val=", "mlflow.register_as="),
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "gave up: 1 resubmission(s) after faults, --max-failures 1" in proc.stderr.splitlines()[-1], proc.stderr
     attempts = read_attempts(out)
@@ -456,5 +642,7 @@ def test_max_failures_is_honoured(cluster, demo_shards, tmp_path):
     assert [a["resubmit"] for a in attempts if "after" in a] == [True, False]
     with open(os.path.join(out, "failures.jsonl")) as f:
         kinds = [json.loads(line)["kind"] for line in f]
-    assert kinds.count("job FAILED") == 2 and kinds.count("data loading stalled (no batch from the DataLoader workers "
-                                                           "in data.timeout_s)") == 2, kinds
+    assert (
+        kinds.count("job FAILED") == 2
+        and kinds.count("data loading stalled (no batch from the DataLoader workers in data.timeout_s)") == 2
+    ), kinds

@@ -68,13 +68,19 @@ def small_disk(tmp_path):
 def test_disk_full_refuses_the_save_in_one_line_and_loses_nothing(demo_shards, tmp_path, small_disk, reference):
     opts = ("train.ckpt_every=2", "train.keep_last=2", "data.val=", "train.max_steps=6")  # EMA on: losses alike
     out = str(small_disk / "run")
-    proc = subprocess.run(command(out, demo_shards, *opts), env=dict(os.environ, MLFLOW_TRACKING_URI=""),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command(out, demo_shards, *opts),
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 4, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert errors[0].startswith(f"error: checkpoint step00000004 cannot be written to {out}/checkpoints: "
-                                "no space left on the device (")
+    assert errors[0].startswith(
+        f"error: checkpoint step00000004 cannot be written to {out}/checkpoints: no space left on the device ("
+    )
     assert "MB free, ~" in errors[0] and "the previous checkpoint step00000002 is intact" in errors[0]
     assert "Traceback" not in proc.stderr
     kept = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step"))

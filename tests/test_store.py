@@ -21,9 +21,9 @@ from waiting import SLOWDOWN
 
 from pipeline import shard, store
 from pipeline.data import EvalStream, TrainStream
-from pipeline.transforms import Augment
 from pipeline.errors import InputError
 from pipeline.manifest import load_manifest
+from pipeline.transforms import Augment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short timeouts, so that the proxy's stalls are found in seconds; scaled on a slow machine
@@ -77,8 +77,13 @@ def epoch(manifest, world=1, workers=1, batch=4, start=None, epoch_=0):
         for w in range(workers):
             if start is not None:
                 stream.start = start
-            out.append([(k, int(label)) for b in stream.iter_worker(w, workers, main=True)
-                        for k, label in zip(b["key"], b["label"])])
+            out.append(
+                [
+                    (k, int(label))
+                    for b in stream.iter_worker(w, workers, main=True)
+                    for k, label in zip(b["key"], b["label"])
+                ]
+            )
     return out
 
 
@@ -110,17 +115,24 @@ def test_shards_built_into_the_store_are_the_local_bytes_and_a_rerun_uploads_onl
     puts = sum(n for (m, p), n in proxy.counts.items() if m == "PUT" and p.endswith(".tar"))
     assert build(str(tree / "src"), "s3://data/img") == 0
     assert sum(n for (m, p), n in proxy.counts.items() if m == "PUT" and p.endswith(".tar")) == puts + 1
-    assert client.get_object(Bucket="data", Key="img/train/manifest.json")["Body"].read() == \
-        open(tree / "local" / "train" / "manifest.json", "rb").read()
+    assert (
+        client.get_object(Bucket="data", Key="img/train/manifest.json")["Body"].read()
+        == open(tree / "local" / "train" / "manifest.json", "rb").read()
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         assert shard.main(["--verify", "s3://data/img", "--quiet"]) == 0
     # a Slurm array's two tasks into the store: the last one writes the same manifest
     assert build(str(tree / "src"), "s3://data/arr", "--num-tasks", "2", "--task-index", "0") == 0
-    with pytest.raises(Exception):
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as missing:  # not written by the first task
         client.head_object(Bucket="data", Key="arr/train/manifest.json")
+    assert missing.value.response["Error"]["Code"] == "404"
     assert build(str(tree / "src"), "s3://data/arr", "--num-tasks", "2", "--task-index", "1") == 0
-    assert client.get_object(Bucket="data", Key="arr/train/manifest.json")["Body"].read() == \
-        open(tree / "local" / "train" / "manifest.json", "rb").read()
+    assert (
+        client.get_object(Bucket="data", Key="arr/train/manifest.json")["Body"].read()
+        == open(tree / "local" / "train" / "manifest.json", "rb").read()
+    )
     # a damaged object is found by --verify
     good = client.get_object(Bucket="data", Key="img/train/train-000001.tar")["Body"].read()
     client.put_object(Bucket="data", Key="img/train/train-000001.tar", Body=good[:-1] + b"x")
@@ -138,8 +150,12 @@ def test_a_flaky_network_gives_the_fault_free_epoch(s3, shards, via, caplog):
     server, proxy = s3
     local, remote = shards
     if via == "http":  # moto serves objects on plain path-style URLs too, once readable by anyone
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                                                          "Resource": "arn:aws:s3:::data/*"}]}
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::data/*"}
+            ],
+        }
         server.client().put_bucket_policy(Bucket="data", Policy=json.dumps(policy))
         remote = remote.replace("s3://", proxy.url + "/")
     reference = epoch(load_manifest(local), world=2, workers=2)
@@ -192,8 +208,12 @@ def test_429_is_retried_and_a_missing_object_is_not(s3, shards, via):
     server, proxy = s3
     local, remote = shards
     if via == "http":
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                                                          "Resource": "arn:aws:s3:::data/*"}]}
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::data/*"}
+            ],
+        }
         server.client().put_bucket_policy(Bucket="data", Policy=json.dumps(policy))
         remote = remote.replace("s3://", proxy.url + "/")
     name = "train-000001.tar"
@@ -228,7 +248,10 @@ def test_the_cache_serves_the_second_epoch_stays_under_its_limit_and_refetches_a
     first = epoch(manifest, epoch_=0)
     downloads = proxy.gets() - before
     assert downloads == len(manifest.urls)  # each shard once, whole
-    size = lambda: sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir) if f.endswith(".tar"))
+
+    def size():
+        return sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir) if f.endswith(".tar"))
+
     assert size() <= limit
     # a big enough cache: the second epoch downloads nothing
     manifest = load_manifest(remote, store=store.Store(FAST, store.ShardCache(cache_dir, total)))
@@ -267,8 +290,10 @@ def test_the_cache_downloads_a_shard_once_per_node_and_evicts_the_least_recently
     before = gets(path)
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_cache_get, args=(str(tmp_path / "node"), url, size, sha, barrier, results))
-             for _ in range(4)]  # four processes of one node, released at once
+    procs = [
+        ctx.Process(target=_cache_get, args=(str(tmp_path / "node"), url, size, sha, barrier, results))
+        for _ in range(4)
+    ]  # four processes of one node, released at once
     for p in procs:
         p.start()
     got = [results.get(timeout=60 * SLOWDOWN) for _ in procs]
@@ -338,15 +363,21 @@ def test_each_byte_is_read_once_per_epoch_and_a_resume_reads_only_the_rest(shard
     stream.start = len(full) // 4
     store.Stats.reset()
     rest = [k for b in stream.iter_worker(0, 1, main=True) for k in b["key"]]
-    assert rest == full[len(full) // 2:]
+    assert rest == full[len(full) // 2 :]
     assert store.Stats.bytes <= 0.65 * whole, (store.Stats.bytes, whole)
 
 
 def test_an_eval_stream_reads_the_store_like_local_disk(s3, shards):
     local, remote = shards
     val_local, val_remote = local.replace("/train", "/val"), remote.replace("/train", "/val")
-    keys = lambda m: [k for b in EvalStream(m, 3, world_size=1, augment=Augment.light(32)).iter_worker(0, 1, main=True)
-                      for k in b["key"]]
+
+    def keys(m):
+        return [
+            k
+            for b in EvalStream(m, 3, world_size=1, augment=Augment.light(32)).iter_worker(0, 1, main=True)
+            for k in b["key"]
+        ]
+
     assert keys(load_manifest(val_remote, store=store.Store(FAST))) == keys(load_manifest(val_local))
 
 
@@ -368,16 +399,34 @@ def test_store_errors_stop_the_trainer_in_one_line_with_exit_2(s3, shards, case,
         if strict is not None:
             env["AWS_ENDPOINT_URL_S3"] = env["AWS_ENDPOINT_URL"] = strict.url
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.train", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
-             f"train.out={tmp_path / 'run'}", f"data.train={data}", "data.val=", "data.retries=2", "data.backoff_s=0.01",
-             "data.read_timeout_s=2", "mlflow.register_as="],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                "--config",
+                os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+                f"train.out={tmp_path / 'run'}",
+                f"data.train={data}",
+                "data.val=",
+                "data.retries=2",
+                "data.backoff_s=0.01",
+                "data.read_timeout_s=2",
+                "mlflow.register_as=",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-2000:]
-    expected = {"missing bucket": "bucket no-such-bucket does not exist",
-                "wrong credentials": "access to s3://data/img/train/manifest.json denied",
-                "unreachable endpoint": "cannot reach s3://data/img/train/manifest.json after 2 attempts"}[case]
+    expected = {
+        "missing bucket": "bucket no-such-bucket does not exist",
+        "wrong credentials": "access to s3://data/img/train/manifest.json denied",
+        "unreachable endpoint": "cannot reach s3://data/img/train/manifest.json after 2 attempts",
+    }[case]
     assert expected in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
@@ -415,13 +464,21 @@ def test_two_ranks_train_from_the_store_exactly_as_from_local_disk(s3, demo_shar
         proxy.fault = lambda *a: None
     assert len(firsts) >= 4  # manifests and shards, each refused once, then read
     assert losses(str(tmp_path / "s3")) == losses(str(tmp_path / "local"))
-    top1 = lambda out: [m["val/top1"] for m in metrics(out) if "val/top1" in m]
+
+    def top1(out):
+        return [m["val/top1"] for m in metrics(out) if "val/top1" in m]
+
     assert top1(str(tmp_path / "s3")) == top1(str(tmp_path / "local"))
     # what is cached is whole shards (a prefetch cut short by a worker's exit leaves only a .tmp- file):
     # the val shards, the train shards the 4 steps used, maybe the next ones (prefetched)
-    digests = {store.sha256_file(str(tmp_path / "cache" / f)) for f in os.listdir(tmp_path / "cache") if f.endswith(".tar")}
-    shards = {s["sha256"] for split in ("train", "val")
-              for s in json.load(open(os.path.join(demo_shards[split], "manifest.json")))["shards"]}
+    digests = {
+        store.sha256_file(str(tmp_path / "cache" / f)) for f in os.listdir(tmp_path / "cache") if f.endswith(".tar")
+    }
+    shards = {
+        s["sha256"]
+        for split in ("train", "val")
+        for s in json.load(open(os.path.join(demo_shards[split], "manifest.json")))["shards"]
+    }
     assert len(digests) >= 3 and digests <= shards
 
 

@@ -46,10 +46,13 @@ def fx_model(model: torch.nn.Module) -> torch.nn.Module:
     from timm.layers import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    kw = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kw)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=kw)
+    return create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kw
+    )
 
 
 def only_output(out) -> torch.Tensor:
@@ -104,10 +107,12 @@ def test_forward_intermediates_match_feature_info(name):
 
         # NLC, normed, with the class token beside: LayerNorm is per token, so the normed
         # tokens are the norm of the unnormed ones
-        ((spatial, prefix),) = model.forward_intermediates(x, indices=[0], norm=True, output_fmt="NLC",
-                                                           return_prefix_tokens=True, intermediates_only=True)
-        ((_, raw_prefix),) = model.forward_intermediates(x, indices=[0], return_prefix_tokens=True,
-                                                         intermediates_only=True)
+        ((spatial, prefix),) = model.forward_intermediates(
+            x, indices=[0], norm=True, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
+        ((_, raw_prefix),) = model.forward_intermediates(
+            x, indices=[0], return_prefix_tokens=True, intermediates_only=True
+        )
         grid = size // info[0]["reduction"]
         assert spatial.shape == (2, grid * grid, info[0]["num_chs"])
         torch.testing.assert_close(spatial, model.norm(inter[0].flatten(2).transpose(1, 2)))
@@ -176,4 +181,3 @@ def test_fx_keeps_the_kernel_modules_as_leaves():
     graph = fx_model(model).graph
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     assert "blocks.0.attn_in" in called and "blocks.0.norm_in" in called and "blocks.0.mlp_in.fc1" in called
-

@@ -77,10 +77,21 @@ def test_timm_weights_load_and_outputs_match_both_ways(ours_name, timm_name):
 
 def test_official_checkpoint_key_names_load_through_timms_filter():
     ref = timm.create_model("tnt_s_patch16_224").eval()
-    renames = [("patch_pos", "outer_pos"), ("pixel_pos", "inner_pos"), ("pixel_embed", "patch_embed"),
-               ("norm1_proj", "proj_norm1"), ("norm2_proj", "proj_norm2"), ("norm_in", "inner_norm1"),
-               ("attn_in", "inner_attn"), ("norm_mlp_in", "inner_norm2"), ("mlp_in", "inner_mlp"),
-               ("norm_out", "outer_norm1"), ("attn_out", "outer_attn"), ("norm_mlp", "outer_norm2"), ("mlp.", "outer_mlp.")]
+    renames = [
+        ("patch_pos", "outer_pos"),
+        ("pixel_pos", "inner_pos"),
+        ("pixel_embed", "patch_embed"),
+        ("norm1_proj", "proj_norm1"),
+        ("norm2_proj", "proj_norm2"),
+        ("norm_in", "inner_norm1"),
+        ("attn_in", "inner_attn"),
+        ("norm_mlp_in", "inner_norm2"),
+        ("mlp_in", "inner_mlp"),
+        ("norm_out", "outer_norm1"),
+        ("attn_out", "outer_attn"),
+        ("norm_mlp", "outer_norm2"),
+        ("mlp.", "outer_mlp."),
+    ]
     official = {}
     for key, v in ref.state_dict().items():
         k = key
@@ -337,7 +348,12 @@ def test_model_gradients_equal_with_reference_kernels():
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, ops
 
     out, fast, ops = run()
-    assert {"tntp::inner_attention_fwd", "tntp::inner_attention_bwd", "tntp::layer_norm_fwd", "tntp::layer_norm_bwd"} <= ops
+    assert {
+        "tntp::inner_attention_fwd",
+        "tntp::inner_attention_bwd",
+        "tntp::layer_norm_fwd",
+        "tntp::layer_norm_bwd",
+    } <= ops
     with cpu.reference_kernels():
         out_ref, ref, ops = run()
     assert not any(name.startswith("tntp::") for name in ops)
@@ -400,8 +416,13 @@ def test_layer_norm_kernel_matches_float32_maths(width, dtype):
     assert {"tntp::layer_norm_fwd", "tntp::layer_norm_bwd"} <= {e.name for e in prof.events()}
     assert y.dtype == x.grad.dtype == ours.weight.grad.dtype == dtype
     # float32: another summation order; half precision: one rounding of the result
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
-    for got, want in ((y, ref(x32)), (x.grad, x32.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    for got, want in (
+        (y, ref(x32)),
+        (x.grad, x32.grad),
+        (ours.weight.grad, ref.weight.grad),
+        (ours.bias.grad, ref.bias.grad),
+    ):
         assert ((got.float() - want).abs() <= tol * want.abs().max() * 2).all()
 
 
@@ -423,7 +444,7 @@ def test_layer_norm_feeding_linear_layers_writes_the_autocast_dtype(dtype):
         y, y_plain = feeding(x), plain(x)
     assert y.dtype == dtype and y_plain.dtype == feeding(x).dtype == torch.float32
     # float32 maths in another order, then one rounding: at most one ulp of the dtype off
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     assert ((y.float() - want).abs() <= ulp * want.abs()).all()
     assert (y.float() == want.to(dtype).float()).float().mean() > 0.99  # nearly all exactly autocast's cast
     # and the backward pass takes the autocast dtype's gradient
@@ -469,7 +490,7 @@ def test_scaled_softmax_matches_torch(dtype, shape):
 
     assert cpu.cpu_kernels() is not None
     torch.manual_seed(0)
-    scale = 64 ** -0.5
+    scale = 64**-0.5
     x = (torch.randn(shape) * 20).to(dtype).requires_grad_()
     g = torch.randn(shape).to(dtype)
     with profile() as prof:
@@ -480,7 +501,7 @@ def test_scaled_softmax_matches_torch(dtype, shape):
     want = (x32 * scale).softmax(-1)
     want.backward(g.float())
     assert y.dtype == x.grad.dtype == dtype
-    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # one rounding of the result
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11  # one rounding of the result
     assert ((y.float() - want).abs() <= ulp * want + 1e-6).all()
     assert (x.grad.float() - x32.grad).abs().max() <= 4 * ulp * x32.grad.abs().max()
 
@@ -505,8 +526,14 @@ def test_kernel_build_failure_warns_once_and_falls_back(tmp_path):
         "print(msgs[0])\n"
     )
     env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "could not be built" in done.stdout and "using torch's ops" in done.stdout
 
@@ -554,7 +581,9 @@ def test_float64_model_keeps_torchs_ops():
         assert torch.equal(out, model(x))
     assert cpu.cpu_kernels() is not None
     with pytest.raises(RuntimeError, match="inner_attention"):
-        torch.ops.tntp.inner_attention_fwd(torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0)
+        torch.ops.tntp.inner_attention_fwd(
+            torch.zeros(1, 16, 48, dtype=torch.float64), torch.zeros(1, 16, 24, dtype=torch.float64), 4, 1.0
+        )
     with pytest.raises(RuntimeError, match="scaled_softmax"):
         torch.ops.tntp.scaled_softmax_fwd(torch.zeros(4, 24), 1.0)  # half precision only: float32 takes SDPA
     with pytest.raises(RuntimeError, match="layer_norm"):
@@ -579,17 +608,27 @@ def test_kernels_are_not_rebuilt_for_a_copy_of_the_code_elsewhere(tmp_path):
     for copy in ("downloaded_a", "downloaded_b"):
         root = tmp_path / copy
         shutil.copytree(os.path.join(here, "pipeline"), root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-        code = "import pipeline.kernels.cpu as c, sys; assert c.__file__.startswith(sys.argv[1]), c.__file__; " \
-               "assert c.cpu_kernels() is not None"
+        code = (
+            "import pipeline.kernels.cpu as c, sys; assert c.__file__.startswith(sys.argv[1]), c.__file__; "
+            "assert c.cpu_kernels() is not None"
+        )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert os.stat(so).st_mtime_ns == built, f"the kernels were rebuilt for {copy}"
 
 
-@pytest.mark.parametrize("switch,kernel", [("TNTP_ONEDNN_FP32", "onednn_fp32"), ("TNTP_FUSED_INNER", "fused_inner"),
-                                           ("TNTP_FUSED_NORM", "fused_norm"), ("TNTP_FUSED_SOFTMAX", "fused_softmax")])
+@pytest.mark.parametrize(
+    "switch,kernel",
+    [
+        ("TNTP_ONEDNN_FP32", "onednn_fp32"),
+        ("TNTP_FUSED_INNER", "fused_inner"),
+        ("TNTP_FUSED_NORM", "fused_norm"),
+        ("TNTP_FUSED_SOFTMAX", "fused_softmax"),
+    ],
+)
 def test_each_cpu_kernel_switch_turns_that_kernel_off_and_only_it(switch, kernel):
     """README: TNTP_ONEDNN_FP32=0, TNTP_FUSED_INNER=0, TNTP_FUSED_NORM=0 and
     TNTP_FUSED_SOFTMAX=0 each turn one kernel off; the model's output does not change
@@ -598,14 +637,25 @@ def test_each_cpu_kernel_switch_turns_that_kernel_off_and_only_it(switch, kernel
     import subprocess
     import sys
 
-    code = ("import json, torch; from pipeline import tnt; from pipeline.kernels import cpu; torch.manual_seed(0); "
-            "m = tnt.create('tntp_tiny_patch8_32', num_classes=10).eval(); x = torch.randn(2, 3, 32, 32); "
-            "y = m(x); ref = None\n"
-            "with cpu.reference_kernels(): ref = m(x)\n"
-            "print(json.dumps({'on': cpu.KERNELS, 'err': (y - ref).abs().max().item()}))")
+    code = (
+        "import json, torch; from pipeline import tnt; from pipeline.kernels import cpu; torch.manual_seed(0); "
+        "m = tnt.create('tntp_tiny_patch8_32', num_classes=10).eval(); x = torch.randn(2, 3, 32, 32); "
+        "y = m(x); ref = None\n"
+        "with cpu.reference_kernels(): ref = m(x)\n"
+        "print(json.dumps({'on': cpu.KERNELS, 'err': (y - ref).abs().max().item()}))"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    got = json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **{switch: "0"}),
-                                    capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()[-1])
+    got = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            env=dict(os.environ, **{switch: "0"}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout.splitlines()[-1]
+    )
     assert got["on"][kernel] is False
     assert all(on for name, on in got["on"].items() if name != kernel and name != "onednn_fp32")
     assert got["err"] < 1e-4

@@ -25,16 +25,31 @@ CONFIG = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 
 def command(out, shards, *overrides, nproc=2):
     return [
-        sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", str(nproc), "--",
-        "--config", CONFIG, f"train.out={out}", f"data.train={shards['train']}", f"data.val={shards['val']}",
-        "data.workers=1", "mlflow.register_as=", "mlflow.system_metrics=false", "train.log_every=1",
-        "optim.warmup_epochs=0.1", f"train.precision={FAST_PRECISION}", *overrides,
+        sys.executable,
+        os.path.join(ROOT, "launch", "local.py"),
+        "--nproc",
+        str(nproc),
+        "--",
+        "--config",
+        CONFIG,
+        f"train.out={out}",
+        f"data.train={shards['train']}",
+        f"data.val={shards['val']}",
+        "data.workers=1",
+        "mlflow.register_as=",
+        "mlflow.system_metrics=false",
+        "train.log_every=1",
+        "optim.warmup_epochs=0.1",
+        f"train.precision={FAST_PRECISION}",
+        *overrides,
     ]
 
 
 def train(out, shards, *overrides, nproc=2, env=None, timeout=300):
     env = dict(os.environ, MLFLOW_TRACKING_URI="", **(env or {}))
-    proc = subprocess.run(command(out, shards, *overrides, nproc=nproc), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        command(out, shards, *overrides, nproc=nproc), env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -45,8 +60,13 @@ def start_until_checkpoint(out, shards, steps, at_least: str, **popen):
     proc = subprocess.Popen(command(out, shards, *steps), env=dict(os.environ, MLFLOW_TRACKING_URI=""), **popen)
     latest = os.path.join(out, "checkpoints", "latest")
     try:
-        wait_for(f"a checkpoint at or past {at_least}",
-                 lambda: os.path.isfile(latest) and open(latest).read().strip() >= at_least, 240, 0.05, proc)
+        wait_for(
+            f"a checkpoint at or past {at_least}",
+            lambda: os.path.isfile(latest) and open(latest).read().strip() >= at_least,
+            240,
+            0.05,
+            proc,
+        )
     except BaseException:
         proc.kill()
         raise
@@ -96,12 +116,22 @@ def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
     if precision == "fp16" and not fp16_supported():
         # DeepSpeed's CPU accelerator has fp16 only on CPUs with oneDNN fp16 kernels
         # (AVX512-FP16/AMX-FP16). On others the trainer must refuse in one clear line.
-        proc = subprocess.run(command(out, demo_shards, f"train.zero_stage={stage}", "train.precision=fp16"),
-                              env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            command(out, demo_shards, f"train.zero_stage={stage}", "train.precision=fp16"),
+            env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2
-        assert "error: train.precision=fp16 is not supported by DeepSpeed on this device (cpu); use train.precision=bf16" in proc.stderr
+        assert (
+            "error: train.precision=fp16 is not supported by DeepSpeed on this device (cpu); use train.precision=bf16"
+            in proc.stderr
+        )
         pytest.skip("fp16 training needs a CPU with AVX512-FP16/AMX-FP16 (checked the refusal instead)")
-    proc = train(out, demo_shards, f"train.zero_stage={stage}", f"train.precision={precision}", ema, "train.max_steps=16")
+    proc = train(
+        out, demo_shards, f"train.zero_stage={stage}", f"train.precision={precision}", ema, "train.max_steps=16"
+    )
     if precision == "bf16" and stage >= 1:  # fp32 gradient accumulation (DeepSpeed's BF16_Optimizer at ZeRO-1)
         assert ("(BF16_Optimizer)" if stage == 1 else "(DeepSpeedZeroOptimizer") in proc.stderr
     if stage == 1:  # BF16_Optimizer's 18 lines of memory statistics: in train.log, not on the console
@@ -155,7 +185,9 @@ def test_zero_stages_train_and_export(stage, precision, demo_shards, tmp_path):
 def test_zero3_with_ema_is_refused(demo_shards, tmp_path):
     proc = subprocess.run(
         command(str(tmp_path / "run"), demo_shards, "train.zero_stage=3", "train.ema=true", nproc=1),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2 and "error: train.ema needs the full weights" in proc.stderr
 
@@ -185,14 +217,27 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_shards, tmp_path):
     best top-1 of the evaluation before the kill."""
     from mlflow import MlflowClient
 
-    steps = ("train.precision=bf16", "train.max_steps=40", "train.ckpt_every=4", "train.keep_last=2",
-             "train.eval_every=1", "data.eval_batch=500")
+    steps = (
+        "train.precision=bf16",
+        "train.max_steps=40",
+        "train.ckpt_every=4",
+        "train.keep_last=2",
+        "train.eval_every=1",
+        "data.eval_batch=500",
+    )
     ref = str(tmp_path / "ref")
     train(ref, demo_shards, *steps)
 
     out = str(tmp_path / "killed")
-    proc = start_until_checkpoint(out, demo_shards, steps, "step00000032", stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_until_checkpoint(
+        out,
+        demo_shards,
+        steps,
+        "step00000032",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = os.path.join(out, "checkpoints", "latest")
     os.killpg(proc.pid, signal.SIGKILL)  # launcher, ranks and their DataLoader workers
     proc.wait()
@@ -241,22 +286,41 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     train(ref, demo_shards, *opts, "train.max_steps=8")
     train(out, demo_shards, *opts, "train.max_steps=4")
     one = train(out, demo_shards, *opts, "train.max_steps=6", nproc=1)
-    assert "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2, global batch 128 (was 128)" in one.stderr
-    assert "epoch 0 goes on with 1 ranks x 1 workers x batch 64 (begun on 2 x 1 x 64, 4 batches per rank done)" \
+    assert (
+        "on another number of ranks: 2 ranks x accum 1 -> 1 ranks x accum 2, global batch 128 (was 128)" in one.stderr
+    )
+    assert (
+        "epoch 0 goes on with 1 ranks x 1 workers x batch 64 (begun on 2 x 1 x 64, 4 batches per rank done)"
         in one.stderr
+    )
     ref_loss, got = losses(ref), losses(out)
     assert all(got[s] == ref_loss[s] for s in range(1, 5))
-    assert got[5] == pytest.approx(ref_loss[5], rel=0.1) and got[6] == pytest.approx(ref_loss[6], rel=0.1), (got, ref_loss)
+    assert got[5] == pytest.approx(ref_loss[5], rel=0.1) and got[6] == pytest.approx(ref_loss[6], rel=0.1), (
+        got,
+        ref_loss,
+    )
     _, adam_step = reshard.read(os.path.join(out, "checkpoints", "step00000006", "optim.safetensors"))
     assert adam_step == 6  # 4 steps on 2 ranks, then 2 on 1: not restarted
-    proc = subprocess.run(command(out, demo_shards, *opts, "train.max_steps=8", nproc=3), capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, MLFLOW_TRACKING_URI=""))
+    proc = subprocess.run(
+        command(out, demo_shards, *opts, "train.max_steps=8", nproc=3),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "global batch of 128; 3 ranks x micro-batch 64 cannot make it" in errors[0]
     assert "resume on 1, 2 ranks, or pass train.allow_batch_change=true (global batch 192" in errors[0]
-    three = train(out, demo_shards, *opts, "train.max_steps=8", "train.allow_batch_change=true",
-                  "mlflow.register_as=tnt-elastic", nproc=3)
+    three = train(
+        out,
+        demo_shards,
+        *opts,
+        "train.max_steps=8",
+        "train.allow_batch_change=true",
+        "mlflow.register_as=tnt-elastic",
+        nproc=3,
+    )
     assert "1 ranks x accum 2 -> 3 ranks x accum 1, global batch 192 (was 128), lr scaled to it" in three.stderr
     got = losses(out)
     # a larger batch at a scaled lr, so not equal: within 10% of the 2-rank run at each step.
@@ -274,7 +338,11 @@ def test_resume_on_fewer_then_more_ranks_keeps_the_batch_and_the_optimizer_state
     # the registered version's lineage: three attempts trained (the refused one did not), on 2, 1 and 3 ranks
     from mlflow import MlflowClient
 
-    tags = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db")).get_model_version_by_alias("tnt-elastic", "last").tags
+    tags = (
+        MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
+        .get_model_version_by_alias("tnt-elastic", "last")
+        .tags
+    )
     assert (tags["attempts"], tags["world_sizes"], tags["requeues"], tags["step"]) == ("3", "2,1,3", "0", "8")
 
 
@@ -285,13 +353,22 @@ ON_DEVICE = ("data.finish=device", "aug.re_prob=0.5", "aug.mixup=0.8", "aug.cutm
 
 # fp16 (its loss scaler) is trained and exported above, not resumed here: the suite's
 # 30-minute budget (it cost 65 s)
-@pytest.mark.parametrize("stage,precision,extra", [(0, "bf16", ON_DEVICE), (2, "bf16", ()), (3, "bf16", ())],
-                         ids=["zero0-bf16-finish_on_device", "zero2-bf16", "zero3-bf16"])
+@pytest.mark.parametrize(
+    "stage,precision,extra",
+    [(0, "bf16", ON_DEVICE), (2, "bf16", ()), (3, "bf16", ())],
+    ids=["zero0-bf16-finish_on_device", "zero2-bf16", "zero3-bf16"],
+)
 def test_resume_at_each_zero_stage_matches_uninterrupted_run(stage, precision, extra, demo_shards, tmp_path):
     """Stop after 4 steps, go on to 7 (max_steps is a stopping point, not the schedule):
     the same losses and weights as 7 steps in one go. (ZeRO-1 bf16: the kill test.)"""
-    opts = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.ema=false", "train.ckpt_every=2",
-            "data.val=", *extra)
+    opts = (
+        f"train.zero_stage={stage}",
+        f"train.precision={precision}",
+        "train.ema=false",
+        "train.ckpt_every=2",
+        "data.val=",
+        *extra,
+    )
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     train(ref, demo_shards, *opts, "train.max_steps=7")
     train(out, demo_shards, *opts, "train.max_steps=4")
@@ -323,9 +400,22 @@ def test_nonfinite_losses_skip_together_then_stop_without_a_bad_checkpoint(demo_
     All ranks skip together (no hang), the run stops after train.max_nonfinite with
     exit 2 and one line, and no checkpoint comes from a skipped step."""
     out = str(tmp_path / "run")
-    proc = subprocess.run(command(out, demo_shards, "optim.lr=1e30", "optim.warmup_epochs=0", "train.ckpt_every=1",
-                                  "train.max_nonfinite=3", "train.max_steps=20", "data.val="),
-                          env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command(
+            out,
+            demo_shards,
+            "optim.lr=1e30",
+            "optim.warmup_epochs=0",
+            "train.ckpt_every=1",
+            "train.max_nonfinite=3",
+            "train.max_steps=20",
+            "data.val=",
+        ),
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "3 non-finite losses in a row at step 1" in errors[0]
@@ -358,7 +448,10 @@ def test_a_rank_killed_from_outside_is_recorded_and_the_run_resumes(demo_shards,
     stderr = (tmp_path / "launcher.log").read_text()
     assert proc.returncode != 0
     (line,) = [line for line in stderr.splitlines() if line.startswith("launch/local.py: rank 1")]
-    assert "was killed by SIGKILL (from outside, or the OOM killer)" in line and "the same command resumes from step" in line
+    assert (
+        "was killed by SIGKILL (from outside, or the OOM killer)" in line
+        and "the same command resumes from step" in line
+    )
     with open(os.path.join(out, "failures.jsonl")) as f:
         records = [json.loads(line) for line in f]
     killed = [r for r in records if r["rank"] == 1]
@@ -384,8 +477,11 @@ def test_a_stopped_rank_is_found_and_recorded(demo_shards, tmp_path, found_by):
     import psutil
 
     wait = 6 if found_by == "heartbeat" else 20
-    timeouts = ((f"train.heartbeat_timeout_s={wait}", "train.dist_timeout_s=600") if found_by == "heartbeat" else
-                ("train.heartbeat_timeout_s=0", f"train.dist_timeout_s={wait}"))
+    timeouts = (
+        (f"train.heartbeat_timeout_s={wait}", "train.dist_timeout_s=600")
+        if found_by == "heartbeat"
+        else ("train.heartbeat_timeout_s=0", f"train.dist_timeout_s={wait}")
+    )
     steps = ("train.max_steps=400", "train.ckpt_every=4", "data.val=", *timeouts)
     out = str(tmp_path / "run")
     with open(tmp_path / "launcher.log", "w") as log:  # a file: a pipe nobody reads can fill and block the ranks
@@ -411,8 +507,9 @@ def test_a_stopped_rank_is_found_and_recorded(demo_shards, tmp_path, found_by):
         assert proc.returncode == 5, stderr[-3000:]
         assert record["kind"].startswith("lost a peer rank"), record
         assert f"rank 1 ({socket.gethostname()}) sent no heartbeat" in record["error"]
-        assert any(line.startswith("error: rank 0: lost a peer rank: rank 1") for line in stderr.splitlines()), \
-            stderr[-2000:]
+        assert any(line.startswith("error: rank 0: lost a peer rank: rank 1") for line in stderr.splitlines()), stderr[
+            -2000:
+        ]
     else:
         assert record["kind"] == "collective timed out (a rank died or hung)", record
         assert elapsed >= wait - 1, f"{elapsed:.0f} s: before train.dist_timeout_s={wait}"
@@ -435,8 +532,15 @@ def test_bad_samples_on_another_rank_reach_the_metrics(demo_shards, tmp_path):
     manifest = load_manifest(split)
     seen = []
     for rank in (0, 1):
-        stream = TrainStream(manifest, 64, rank=rank, world_size=2, seed=cfg.train.seed, augment=cfg.aug,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
+        stream = TrainStream(
+            manifest,
+            64,
+            rank=rank,
+            world_size=2,
+            seed=cfg.train.seed,
+            augment=cfg.aug,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
         stream.num_workers = 1
         seen.append({k for b in stream.iter_worker(0, 1) for k in b["key"]})
     only_rank1 = seen[1] - seen[0]
@@ -471,8 +575,12 @@ def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path
 
     out, log = str(tmp_path / "run"), tmp_path / "launcher.log"
     with open(log, "w") as f:
-        launcher = subprocess.Popen(command(out, demo_shards, "train.max_steps=2000", "data.val=", "train.ckpt_every=0"),
-                                    env=dict(os.environ, MLFLOW_TRACKING_URI=""), stdout=f, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            command(out, demo_shards, "train.max_steps=2000", "data.val=", "train.ckpt_every=0"),
+            env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     family = []
     try:
         wait_for("the first training step in the log", lambda: " step 2/" in log.read_text(), 240, proc=launcher)
@@ -482,17 +590,32 @@ def test_the_launchers_ranks_and_workers_do_not_outlive_it(demo_shards, tmp_path
         if how == "sigkill":
             launcher.kill()
             launcher.wait(timeout=30)
-            wait_for("the ranks and workers to die with the launcher",
-                      lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 15)
+            wait_for(
+                "the ranks and workers to die with the launcher",
+                lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                15,
+            )
         else:
             # meanwhile a second job on the same train.out is refused (README: Faults), not run alongside
-            second = subprocess.run(command(out, demo_shards, "train.max_steps=2000", "data.val=", "train.ckpt_every=0",
-                                            "train.lock_wait_s=0", nproc=1),
-                                    env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True,
-                                    timeout=300)
+            second = subprocess.run(
+                command(
+                    out,
+                    demo_shards,
+                    "train.max_steps=2000",
+                    "data.val=",
+                    "train.ckpt_every=0",
+                    "train.lock_wait_s=0",
+                    nproc=1,
+                ),
+                env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-            assert second.returncode == 2 and len(errors) == 1 and "is in use by another live job" in errors[0], \
+            assert second.returncode == 2 and len(errors) == 1 and "is in use by another live job" in errors[0], (
                 second.stderr[-2000:]
+            )
             launcher.send_signal(signal.SIGUSR2)
             assert launcher.wait(timeout=180) == 3, log.read_text()[-3000:]
             text = log.read_text()

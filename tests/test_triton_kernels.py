@@ -158,7 +158,10 @@ def test_auto_falls_back_with_the_reason_when_the_kernel_fails(monkeypatch):
 
 def test_auto_keeps_the_cpu_path_on_cpu():
     model = tnt.create("tntp_tiny_patch8_32", num_classes=10)
-    assert tnt.select_inner_kernel("auto", torch.device("cpu"), model) == ("torch", "cpu: the Triton kernel is for CUDA")
+    assert tnt.select_inner_kernel("auto", torch.device("cpu"), model) == (
+        "torch",
+        "cpu: the Triton kernel is for CUDA",
+    )
     assert not any(getattr(m, "use_triton", False) for m in model.modules())
 
 
@@ -168,8 +171,11 @@ def test_compile_traces_through_the_custom_ops_without_a_graph_break():
     heads, d = 4, 6
     qk = torch.randn(37, 16, 2 * heads * d, requires_grad=True)
     v = torch.randn(37, 16, heads * d, requires_grad=True)
-    fn = torch.compile(lambda a, b: torch.ops.tntp_triton.inner_attention(a, b, heads, d**-0.5).sum(),
-                       backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda a, b: torch.ops.tntp_triton.inner_attention(a, b, heads, d**-0.5).sum(),
+        backend="aot_eager",
+        fullgraph=True,
+    )
     fn(qk, v).backward()
     ref_qk, ref_v = qk.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
     kernel.reference(ref_qk, ref_v, heads, d**-0.5).sum().backward()

@@ -16,11 +16,15 @@ if sys.prefix == sys.base_prefix:
 
 
 def run(tmp_path, code: str, **env_changes) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR")
+    }
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", **env_changes)
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_import_timm_first_in_a_plain_interpreter(tmp_path):
@@ -32,9 +36,11 @@ def test_import_timm_first_in_a_plain_interpreter(tmp_path):
 
 
 def test_venv_bin_is_on_path_and_compiled_ops_stay_in_the_venv(tmp_path):
-    code = ("import json, os, shutil, sys; print(json.dumps({'uvicorn': shutil.which('uvicorn'), "
-            "'path': os.environ['PATH'], 'ext': os.environ.get('TORCH_EXTENSIONS_DIR'), 'prefix': sys.prefix, "
-            "'inductor': os.environ.get('TORCHINDUCTOR_CACHE_DIR')}))")
+    code = (
+        "import json, os, shutil, sys; print(json.dumps({'uvicorn': shutil.which('uvicorn'), "
+        "'path': os.environ['PATH'], 'ext': os.environ.get('TORCH_EXTENSIONS_DIR'), 'prefix': sys.prefix, "
+        "'inductor': os.environ.get('TORCHINDUCTOR_CACHE_DIR')}))"
+    )
     got = json.loads(run(tmp_path, code).stdout)
     bin_dir = os.path.join(got["prefix"], "bin")
     assert got["uvicorn"] == os.path.join(bin_dir, "uvicorn")  # what `mlflow models serve` starts by name

@@ -145,7 +145,11 @@ def _cpu_description() -> str:
 
     try:
         with open("/proc/cpuinfo") as f:
-            lines = {k.strip(): v.strip() for k, _, v in (l.partition(":") for l in f) if k.strip() in ("model name", "flags")}
+            lines = {
+                k.strip(): v.strip()
+                for k, _, v in (line.partition(":") for line in f)
+                if k.strip() in ("model name", "flags")
+            }
     except OSError:
         lines = {}
     return "|".join((platform.machine(), lines.get("model name", ""), lines.get("flags", "")))
@@ -211,15 +215,24 @@ def cpu_kernels():
         name = kernel_build_name()
         clear_stale_build_lock(name)
         logging.getLogger(__name__).info("loading the CPU kernels (built once per machine type and source, ~13 s)")
-        load(name=name, sources=[f for f in _stable_sources(name, files) if f.endswith(".cpp")], is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"], extra_ldflags=["-fopenmp"])
+        load(
+            name=name,
+            sources=[f for f in _stable_sources(name, files) if f.endswith(".cpp")],
+            is_python_module=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"],
+            extra_ldflags=["-fopenmp"],
+        )
         return torch.ops.tntp
     except Exception as e:  # no compiler, no headers...: torch's ops do the same maths
         import warnings
 
         first = first_line(e, 1000) or type(e).__name__
-        warnings.warn(f"TNT: the CPU kernels (inner attention, LayerNorm, softmax) could not be built ({first}); "
-                      "using torch's ops (same results, slower on CPU)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"TNT: the CPU kernels (inner attention, LayerNorm, softmax) could not be built ({first}); "
+            "using torch's ops (same results, slower on CPU)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
 
 
@@ -250,7 +263,9 @@ class InnerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         qk, v, out, stats = ctx.saved_tensors
-        dqk, dv = torch.ops.tntp.inner_attention_bwd(grad, qk, v, out, stats, ctx.heads, ctx.scale)  # it makes grad contiguous
+        dqk, dv = torch.ops.tntp.inner_attention_bwd(
+            grad, qk, v, out, stats, ctx.heads, ctx.scale
+        )  # it makes grad contiguous
         return dqk, dv, None, None
 
 
@@ -275,8 +290,9 @@ class _LayerNorm(torch.autograd.Function):
     """LayerNorm through our C++ kernel: maths in float32, output in ``out_dtype``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                out_dtype: torch.dtype):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype
+    ):
         w = weight.float() if weight is not None else None
         b = bias.float() if bias is not None else None
         y, mean, rstd = torch.ops.tntp.layer_norm_fwd(x, w, b, eps, out_dtype)

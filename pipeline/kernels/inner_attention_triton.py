@@ -33,7 +33,6 @@ Speed is measured only on a GPU (``bench/tnt_gpu_bench.py``); the choice of
 import os
 
 import torch
-
 import triton
 import triton.language as tl
 
@@ -49,8 +48,19 @@ def _pad(n: int) -> int:
 
 
 @triton.jit
-def _load_qkv(QK, V, s0, h, n_seq, N: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-              N_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _load_qkv(
+    QK,
+    V,
+    s0,
+    h,
+    n_seq,
+    N: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """q, k, v of sequences s0.. s0+BLOCK_S, head h, as (BLOCK_S, N_PAD, D_PAD) blocks (zeros
     where padded), and the row offsets and mask to store results with."""
     C: tl.constexpr = H * D
@@ -77,8 +87,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _probabilities(q, k, scale, N: tl.constexpr, N_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr):
+def _probabilities(q, k, scale, N: tl.constexpr, N_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """softmax(q k^T * scale) over the keys, float32, padded keys at probability 0."""
     scores = _dot(q, tl.permute(k, (0, 2, 1)), PRECISION, UPCAST) * scale
     keys = tl.arange(0, N_PAD)
@@ -88,9 +97,21 @@ def _probabilities(q, k, scale, N: tl.constexpr, N_PAD: tl.constexpr, PRECISION:
 
 
 @triton.jit
-def _forward_kernel(QK, V, O, n_seq, scale, N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                    BLOCK_S: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):
+def _forward_kernel(
+    QK,
+    V,
+    O,
+    n_seq,
+    scale,
+    N: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     s0 = tl.program_id(0) * BLOCK_S
     h = tl.program_id(1)
     q, k, v, row, col, mask = _load_qkv(QK, V, s0, h, n_seq, N, H, D, BLOCK_S, N_PAD, D_PAD)
@@ -100,9 +121,23 @@ def _forward_kernel(QK, V, O, n_seq, scale, N: tl.constexpr, H: tl.constexpr, D:
 
 
 @triton.jit
-def _backward_kernel(GO, QK, V, DQK, DV, n_seq, scale, N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                     BLOCK_S: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _backward_kernel(
+    GO,
+    QK,
+    V,
+    DQK,
+    DV,
+    n_seq,
+    scale,
+    N: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     C: tl.constexpr = H * D
     s0 = tl.program_id(0) * BLOCK_S
     h = tl.program_id(1)
@@ -124,14 +159,27 @@ def _launch(kernel, tensors, qk: torch.Tensor, heads: int, scale: float, block_s
     n_seq, n, c2 = qk.shape
     d = c2 // 2 // heads
     if n > MAX_TOKENS or d > MAX_HEAD_DIM:
-        raise ValueError(f"inner attention kernel: at most {MAX_TOKENS} tokens and heads {MAX_HEAD_DIM} wide, "
-                         f"not {n} tokens of width {d}")
+        raise ValueError(
+            f"inner attention kernel: at most {MAX_TOKENS} tokens and heads {MAX_HEAD_DIM} wide, "
+            f"not {n} tokens of width {d}"
+        )
     # interpreter: fewer, larger programs (each is a Python-level loop iteration)
     block_s = block_s or (64 if _interpreted() else 16)
     precision = "ieee" if qk.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     grid = (triton.cdiv(n_seq, block_s), heads)
-    kernel[grid](*tensors, n_seq, scale, N=n, H=heads, D=d, BLOCK_S=block_s, N_PAD=_pad(n), D_PAD=_pad(d),
-                 PRECISION=precision, UPCAST=_interpreted())
+    kernel[grid](
+        *tensors,
+        n_seq,
+        scale,
+        N=n,
+        H=heads,
+        D=d,
+        BLOCK_S=block_s,
+        N_PAD=_pad(n),
+        D_PAD=_pad(d),
+        PRECISION=precision,
+        UPCAST=_interpreted(),
+    )
 
 
 @torch.library.custom_op("tntp_triton::inner_attention", mutates_args=())
@@ -149,8 +197,9 @@ def _(qk, v, heads, scale):
 
 
 @torch.library.custom_op("tntp_triton::inner_attention_backward", mutates_args=())
-def inner_attention_backward(grad: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, heads: int,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inner_attention_backward(
+    grad: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(d qk, d v) of :func:`inner_attention` for the output gradient ``grad``."""
     grad, qk, v = grad.contiguous(), qk.contiguous(), v.contiguous()
     dqk, dv = torch.empty_like(qk), torch.empty_like(v)
@@ -210,9 +259,14 @@ def self_check(device: torch.device, heads: int, head_dim: int, tokens: int) -> 
         v_k = v.to(device, dtype, copy=True).requires_grad_()
         out = inner_attention(qk_k, v_k, heads, scale)
         out.backward(grad.to(device, dtype))
-        for name, got, want in (("output", out, reference(qk, v, heads, scale)), ("d qk", qk_k.grad, qk_ref.grad),
-                                ("d v", v_k.grad, v_ref.grad)):
+        for name, got, want in (
+            ("output", out, reference(qk, v, heads, scale)),
+            ("d qk", qk_k.grad, qk_ref.grad),
+            ("d v", v_k.grad, v_ref.grad),
+        ):
             err = (got.detach().float().cpu() - want).abs().max().item()
             if not err <= tol:  # also catches NaN
-                return f"{name} in {str(dtype).removeprefix('torch.')} is {err:.3g} off the reference (tolerance {tol:g})"
+                return (
+                    f"{name} in {str(dtype).removeprefix('torch.')} is {err:.3g} off the reference (tolerance {tol:g})"
+                )
     return ""
