@@ -256,9 +256,9 @@ next steps:
                  model = mlflow.pyfunc.load_model("models:/{cfg.named(cfg.mlflow.register_as)}@best")
                  model.predict(pandas.DataFrame({{"image": [open("digit.jpg", "rb").read()]}}))
                  module = model.unwrap_python_model().model   # the torch nn.Module
-  serve it:      MLFLOW_TRACKING_URI={uri} {mlflow_cli} models serve \\
-                     -m models:/{cfg.named(cfg.mlflow.register_as)}@best --env-manager local -h 127.0.0.1 -p 5001
-                 (README.md: "Serving a registered model")
+  serve it:      MLFLOW_TRACKING_URI={uri} \\
+                     {mlflow_cli} models serve -m models:/{cfg.named(cfg.mlflow.register_as)}@best \\
+                     --env-manager local -h 127.0.0.1 -p 5001   (README.md: "Serving a registered model")
   weights:       {os.path.join(out, "export", "model.safetensors")} (safetensors, timm's TNT names)
                  pipeline.tnt.load_timm_state_dict(pipeline.tnt.create("{cfg.model.variant}", num_classes=10), ...)"""
     )

@@ -265,6 +265,26 @@ def _normalisation(aug: Augment, shape: tuple[int, ...]) -> tuple[torch.Tensor, 
     return (1 / (std * 255)).view(shape), (-mean / std).view(shape)
 
 
+def _erase_and_mix(aug: Augment, num_classes: int, train: bool, device: str) -> tuple:
+    """timm's ``RandomErasing`` and ``Mixup`` for the recipe (None where off or not training)."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    erase = mixup = None
+    if train and aug.re_prob > 0:
+        erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=device)
+    if train and (aug.mixup > 0 or aug.cutmix > 0):
+        mixup = Mixup(
+            mixup_alpha=aug.mixup,
+            cutmix_alpha=aug.cutmix,
+            prob=aug.mixup_prob,
+            switch_prob=aug.mixup_switch_prob,
+            label_smoothing=aug.label_smoothing,
+            num_classes=num_classes,
+        )
+    return erase, mixup
+
+
 class BatchFinish:
     """Normalisation and random erasing per image, Mixup/CutMix per batch (timm's).
 
@@ -278,24 +298,11 @@ class BatchFinish:
     """
 
     def __init__(self, aug: Augment, num_classes: int, train: bool):
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
 
         self.scale, self.shift = _normalisation(aug, (3, 1, 1))
-        self.erase = self.mixup = None
         self.num_classes = num_classes
         self.smoothing = aug.label_smoothing
-        if train and aug.re_prob > 0:
-            self.erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device="cpu")
-        if train and (aug.mixup > 0 or aug.cutmix > 0):
-            self.mixup = Mixup(
-                mixup_alpha=aug.mixup,
-                cutmix_alpha=aug.cutmix,
-                prob=aug.mixup_prob,
-                switch_prob=aug.mixup_switch_prob,
-                label_smoothing=aug.label_smoothing,
-                num_classes=num_classes,
-            )
+        self.erase, self.mixup = _erase_and_mix(aug, num_classes, train, "cpu")
 
     def image(self, out: torch.Tensor, array: np.ndarray) -> None:
         """uint8 HWC ``array`` -> normalised CHW float written into ``out``; erasing.
@@ -348,24 +355,11 @@ class DeviceFinish:
     the same up to float rounding (``test_data.py``)."""
 
     def __init__(self, aug: Augment, num_classes: int, train: bool, seed: int, rank: int, device: torch.device):
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
 
         self.train, self.seed, self.rank, self.device = train, seed, rank, device
         self.scale, self.shift = (t.to(device) for t in _normalisation(aug, (1, 3, 1, 1)))
         self.num_classes, self.smoothing = num_classes, aug.label_smoothing
-        self.erase = self.mixup = None
-        if train and aug.re_prob > 0:
-            self.erase = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=str(device))
-        if train and (aug.mixup > 0 or aug.cutmix > 0):
-            self.mixup = Mixup(
-                mixup_alpha=aug.mixup,
-                cutmix_alpha=aug.cutmix,
-                prob=aug.mixup_prob,
-                switch_prob=aug.mixup_switch_prob,
-                label_smoothing=aug.label_smoothing,
-                num_classes=num_classes,
-            )
+        self.erase, self.mixup = _erase_and_mix(aug, num_classes, train, str(device))
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised float32 images, targets) on the device: soft targets when
