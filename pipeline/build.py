@@ -348,6 +348,28 @@ def device_finishes(cfg: config_mod.Config, data: Data, rank: int, device: torch
     return (DeviceFinish(cfg.aug, n, True, t.seed, rank, device), DeviceFinish(cfg.aug, n, False, t.seed, rank, device))
 
 
+def figures(cfg: config_mod.Config, data: Data, parts: Engine, rank: int, device: torch.device, tracker: Tracker):
+    """The feature-map figures drawn at each evaluation (``mlflow.figures``), on rank 0.
+    Not under ZeRO-3, whose parameters are partitioned over the ranks: said once."""
+    from pipeline.visualize import EvalFigures
+
+    count, zero3 = cfg.mlflow.figures, cfg.train.zero_stage == 3
+    if count and zero3 and rank == 0 and data.val_manifest is not None:
+        log.info("figures: not drawn under ZeRO-3 (its parameters are partitioned over the ranks)")
+    return EvalFigures(
+        data.val_manifest,
+        cfg.aug,
+        data.train_manifest.num_classes,
+        count,
+        cfg.out_dir,
+        tracker,
+        rank == 0 and not zero3,
+        parts.dtype,
+        device,
+        cfg.train.seed,
+    )
+
+
 def describe(cfg: config_mod.Config, data: Data, parts: Engine, world: int, device: torch.device) -> str:
     """The run in one line, for the log."""
     t = cfg.train

@@ -151,6 +151,8 @@ class MlflowCfg:
     system_metrics: bool = True  # CPU/GPU/memory metrics of rank 0
     register_best: bool = True  # register a version at each new best evaluation, not only at the end
     register_weights: str = "auto"  # auto (the better top-1 of model and EMA at that evaluation), model or ema
+    # validation images in the feature-map figures drawn at each evaluation (pipeline/visualize.py), 0: none
+    figures: int = 4
 
     def __post_init__(self):
         if self.register_weights not in ("auto", "model", "ema"):

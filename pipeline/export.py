@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -138,11 +140,13 @@ def register(
     step: int | None = None,
     describe=None,
     model_description: str | None = None,
+    figures: str | None = None,
 ) -> str | None:
     """Log the exported ``weights`` (``"model"`` or ``"ema"``) as the served pyfunc model
     (``pipeline/served.py``, models from code: nothing pickled) with its ``metrics`` and
     register a new version of ``name`` with ``tags`` and the description
-    ``describe(version)``."""
+    ``describe(version)``; ``figures``: a folder of the run's latest feature-map figures
+    (``pipeline/visualize.py``), kept with the model as its ``figures`` artifact."""
     import pandas as pd
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -162,7 +166,10 @@ def register(
             "mlflow",
         ],
     }
-    version = tracker.register(model, name, tags, aliases, metrics, step, describe, model_description)
+    with tempfile.TemporaryDirectory() as tmp:
+        if figures:  # MLflow names a folder artifact by its basename: "figures", not "step00000250"
+            model["artifacts"]["figures"] = shutil.copytree(figures, os.path.join(tmp, "figures"))
+        version = tracker.register(model, name, tags, aliases, metrics, step, describe, model_description)
     if version:
         log.info(
             "registered %s version %s (%s weights); serve it: mlflow models serve -m models:/%s/%s --env-manager local "

@@ -37,6 +37,7 @@ import os
 import subprocess
 
 from pipeline import export as export_mod
+from pipeline import visualize
 from pipeline.checkpoint import tag_of
 from pipeline.failures import FILE as FAILURES_FILE
 
@@ -228,6 +229,7 @@ class Registrar:
             step,
             lambda version: self.describe(tags, version),
             self.describe_model(),
+            visualize.latest(self.out),
         )
         return version
 

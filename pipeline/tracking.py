@@ -133,6 +133,16 @@ class Tracker:
     def artifact(self, path: str, subdir: str | None = None) -> None:
         self._call("log artifact", lambda mlflow: mlflow.log_artifact(path, subdir))
 
+    def artifacts(self, folder: str, subdir: str | None = None) -> None:
+        """The files of ``folder`` into the run's ``subdir``. Through the client and the run's
+        id, not the fluent API: callable from another thread (MLflow's active run is the
+        calling thread's)."""
+        if self.run_id is None:
+            return
+        self._call(
+            "log artifacts", lambda mlflow: mlflow.MlflowClient(self.uri).log_artifacts(self.run_id, folder, subdir)
+        )
+
     def tags(self, tags: dict) -> None:
         self._call("set tags", lambda mlflow: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 

@@ -178,6 +178,7 @@ class Trainer:
         self.validator = None
         if self.val_loader:
             self.validator = Validator(self.val_loader, self.device, parts.dtype, eval_finish, t.eval_every)
+        self.figures = build.figures(cfg, data, parts, self.rank, self.device, self.tracker)
         sinks, peak = sinks_for(self.rank, self.out, self.tracker), build.peak_tflops(cfg, self.device)
         self.metrics = MetricsProcessor(
             sinks, self.world, self.device, parts.flops_per_image, peak, t.log_every, self.total_steps
@@ -250,6 +251,7 @@ class Trainer:
         distributed.close()
         if self.rank != 0:
             return {"step": self.step, "eval": last_eval, "export": None, "run_id": self.run_id}
+        self.figures.close()  # every set written and logged before the end's registration
         return self._finish(state, last_eval)
 
     def _start_tracking(self, changed: list[str] | None) -> None:
@@ -335,8 +337,10 @@ class Trainer:
         models = {"val": (self.engine, True)}
         if self.ema is not None:
             models["val_ema"] = (self.ema.module, False)
+        started = time.perf_counter()
         with self.metrics.paused():
             res = self.validator.validate(models)
+        took = time.perf_counter() - started
         main = res["val"]
         epoch = self.loader.completed_epochs
         line = (
@@ -351,6 +355,9 @@ class Trainer:
             | {"val/epoch": epoch},
             self.step,
         )
+        with self.metrics.paused():
+            figures_s = self.figures.draw(self.engine.module, self.step)  # rank 0; drawn in a thread
+        log.debug("evaluation %.3f s; figures' forward pass %.4f s", took, figures_s)
         self.best_top1 = max(self.best_top1, main["top1"])
         self.last_res = res
         if self.registrar.is_new_best(res):
@@ -367,6 +374,7 @@ class Trainer:
         version = None
         if self.rank == 0:
             with self.metrics.paused():
+                self.figures.wait()  # the version carries this evaluation's figures
                 version = self.registrar.export_and_register(
                     "best", state, self.ema.module if self.ema else None, res, self.step, self.loader.completed_epochs
                 )
