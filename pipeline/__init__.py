@@ -39,6 +39,7 @@ Registry
     export      -- consolidated fp32 weights in timm's layout, and the registered pyfunc.
     served      -- the registered model: images in, top-k classes out.
     pretrained  -- model.init_from: start from registered, logged or saved weights.
+    visualize   -- the paper's feature-map figures of a model, from the command line and at each evaluation.
 
 Shared
     errors      -- the exceptions that cross modules, and one exception-summary helper.
