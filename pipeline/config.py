@@ -276,6 +276,7 @@ LIMITS: dict[str, Limit] = {
     "train.max_steps": Limit(0, 2**53),
     "train.log_every": COUNT,
     "train.eval_every": NON_NEGATIVE,
+    "mlflow.figures": Limit(0, 64),  # images per set of figures (0: none)
     "train.ckpt_every": NON_NEGATIVE,
     "train.ckpt_every_min": NON_NEGATIVE,
     "train.keep_last": Limit(1, 10**4),

@@ -187,6 +187,7 @@ ZERO_OK = {
     "train.seed",
     "train.max_steps",
     "train.eval_every",
+    "mlflow.figures",
     "train.ckpt_every",
     "train.ckpt_every_min",
     "train.device_peak_tflops",
