@@ -31,3 +31,22 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
         assert f"| {step} | ok |" in summary, summary
     assert "ZeRO-1 bf16 tiny TNT" in summary and "ZeRO-3 bf16 tiny TNT" in summary
     assert "timm-eager" in summary and "ours-eager" in summary and "ours-triton-eager" in summary
+
+
+def test_scale_bench_dry_run_prints_every_row():
+    """bench/scale_bench.py at tiny sizes: every row of every data set, measured or
+    projected (and said to be), with the machine named."""
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "scale_bench.py"), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("machine: ")
+    assert out.count("manifest ") == 3 and out.count("plan of one slot") == 3 and out.count("elastic re-plan") == 3
+    assert out.count("(projected from") == 2  # the largest set's load and re-plan: not run, and said so
