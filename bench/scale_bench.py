@@ -1,12 +1,13 @@
 """What a process pays at start-up and at an elastic resume for the data set's size
-(issue: data sets past ImageNet-1k), measured on today's code, simulated: manifests of
+(issue: data sets past ImageNet-1k), measured on the code of this checkout, simulated: manifests of
 synthetic shards (no image bytes are needed for what is measured).
 
     .venv/bin/python bench/scale_bench.py              # ImageNet-1k and -21k sizes measured, 2B projected
     .venv/bin/python bench/scale_bench.py --dry-run    # tiny sizes, every row (the test suite runs this)
 
 Rows, per data set, for one rank's DataLoader worker at --ranks x --workers slots:
-- manifest bytes (JSON with every sample's offset, as pipeline/shard.py writes it);
+- manifest bytes, with every sample's offset inline (the format before 2026-12-07) and
+  with the offsets in the split's offsets file (pipeline/shard.py's format now);
 - the manifest's load time and the peak RSS it adds to one process (a fresh process,
   against a baseline process that imports the same modules and loads nothing);
 - the epoch plan of one slot (its positions and their shuffle order);
@@ -50,20 +51,27 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def write_manifest(folder: str, shards: int, per_shard: int, sample_bytes: int = 110_000) -> str:
-    """Today's manifest format (pipeline/shard.py) for ``shards`` synthetic shards."""
+def write_manifest(folder: str, shards: int, per_shard: int, inline: bool, sample_bytes: int = 110_000) -> str:
+    """A manifest for ``shards`` synthetic shards: every sample's offset inline (the format
+    before 2026-12-07) or in the offsets file (``pipeline/shard.py``'s now). The offsets
+    file itself is not written: loading a manifest does not read it (a shard's offsets are
+    read when that shard is opened)."""
     path = os.path.join(folder, "manifest.json")
     offsets = [i * sample_bytes for i in range(per_shard + 1)]
+    head = {"split": "train", "num_classes": 21841, "classes": []}
+    if not inline:
+        head["offsets"] = {"file": "offsets.bin", "bytes": 8 * shards * (per_shard + 1), "sha256": "0" * 64}
     with open(path, "w") as f:
-        f.write('{"split": "train", "num_classes": 21841, "classes": [], "shards": [')
+        f.write(json.dumps(head)[:-1] + ', "shards": [')
         for s in range(shards):
             entry = {
                 "name": f"train-{s:07d}.tar",
                 "samples": per_shard,
                 "bytes": offsets[-1] + 1024,
                 "sha256": f"{s:064x}",
-                "offsets": offsets,
             }
+            if inline:
+                entry["offsets"] = offsets
             f.write(("," if s else "") + json.dumps(entry, separators=(",", ":")))
         f.write("]}")
     return path
@@ -136,33 +144,42 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, every row")
     args = p.parse_args(argv)
     sets = [("ImageNet-1k", 1_281), ("ImageNet-21k", 14_200), ("web, 2B samples", 2_000_000)]
-    write_max = 20_000  # shards: the 2B manifest (~20 GB of JSON) is projected, not written
+    # shards written per format: the inline 2B manifest (~20 GB of JSON) is projected, not written
+    write_max = {"inline offsets (before)": 20_000, "offsets file (now)": 2_000_000}
     if args.dry_run:
         args.ranks, args.workers, args.elastic_ranks, args.batch, args.per_shard = 4, 2, 3, 8, 50
-        sets, write_max, args.replan_max = [("tiny", 20), ("small", 60), ("projected", 600)], 100, 5_000
+        sets, args.replan_max = [("tiny", 20), ("small", 60), ("projected", 600)], 5_000
+        write_max = {"inline offsets (before)": 100, "offsets file (now)": 600}
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores; {args.ranks} ranks x {args.workers} workers, "
-        f"batch {args.batch}, {args.per_shard} samples per shard; today's code"
+        f"batch {args.batch}, {args.per_shard} samples per shard"
     )
     measured: dict[str, tuple[int, float]] = {}  # row -> (samples, value) of the largest measured set
     for name, shards in sets:
         samples = shards * args.per_shard
         print(f"{name}: {samples:,} samples in {shards:,} shards")
-        if shards <= write_max:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = write_manifest(tmp, shards, args.per_shard)
-                size = os.path.getsize(path)
-                seconds, rss = load_in_fresh_process(path)
-            for row, value in (("bytes", size), ("load_s", seconds), ("load_mb", rss)):
-                measured[row] = (samples, value)
-            print(f"  manifest {size / 1e6:,.1f} MB | load {seconds:.2f} s, +{rss:,.0f} MB peak RSS in one process")
-        else:
-            scale = {row: v / n * samples for row, (n, v) in measured.items()}
-            print(
-                f"  manifest {scale['bytes'] / 1e9:,.1f} GB | load {scale['load_s']:,.0f} s, "
-                f"+{scale['load_mb'] / 1e3:,.1f} GB peak RSS in one process "
-                f"(projected from {measured['bytes'][0]:,} samples)"
-            )
+        for form, most in write_max.items():
+            if shards <= most:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = write_manifest(tmp, shards, args.per_shard, inline=form.startswith("inline"))
+                    size = os.path.getsize(path)
+                    seconds, rss = load_in_fresh_process(path)
+                for row, value in (("bytes", size), ("load_s", seconds), ("load_mb", rss)):
+                    measured[form + row] = (samples, value)
+                print(
+                    f"  {form}: manifest {size / 1e6:,.1f} MB | load {seconds:.2f} s, "
+                    f"+{rss:,.0f} MB peak RSS in one process"
+                )
+            else:
+                scale = {
+                    row: measured[form + row][1] / measured[form + row][0] * samples
+                    for row in ("bytes", "load_s", "load_mb")
+                }
+                print(
+                    f"  {form}: manifest {scale['bytes'] / 1e9:,.1f} GB | load {scale['load_s']:,.0f} s, "
+                    f"+{scale['load_mb'] / 1e3:,.1f} GB peak RSS in one process "
+                    f"(projected from {measured[form + 'bytes'][0]:,} samples)"
+                )
         plan_ms = plan_seconds(samples, args.ranks, args.workers, args.batch, args.buffer) * 1e3
         print(f"  plan of one slot: {plan_ms:.1f} ms")
         if samples <= args.replan_max:

@@ -6,8 +6,11 @@
         ...
 
 A position counts samples from the start of the (cyclic) sequence of shards. Every
-sample's byte offset in its tar is in the manifest (``shard.py`` records them), so a
-run of wanted samples is one byte range: a seek on local disk, a ranged GET on a store
+sample's byte offset in its tar is recorded by ``shard.py``: in the split's offsets file
+beside the manifest (``offsets.bin``; a shard's offsets are read with one ranged read
+when a process first opens that shard, so the manifest grows with the shards, not the
+samples), or inline in manifests written before 2026-12-07. A run of wanted samples is
+one byte range: a seek on local disk, a ranged GET on a store
 (:mod:`pipeline.store`: retries that resume from the byte reached, the shard cache).
 What is not wanted is not read, apart from gaps of at most :attr:`_Sequence.gap_bytes`.
 A shard that still fails after the store's retries ends there for this read: the
@@ -48,10 +51,10 @@ class Manifest:
     path: str
     shard_bytes: tuple[int | None, ...]  # per shard (None where the manifest does not say)
     sha256: tuple[str | None, ...]
-    # per shard: each sample's byte offset in the tar, then the end of the last one
-    # (int64 array), or None (older builds): a slot then reads the shard from its first
-    # byte and skips undecoded
-    offsets: tuple
+    # per shard (``offsets[i]``): each sample's byte offset in the tar, then the end of the
+    # last one (int64 array), or None (older builds): a slot then reads the shard from its
+    # first byte and skips undecoded. A tuple (inline in the manifest) or an OffsetsFile.
+    offsets: tuple | OffsetsFile
     store: Store = Store()  # retries and cache for remote shards
     digest: str = ""  # sha256 of the manifest file (lineage of registered models)
 
@@ -97,11 +100,19 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         raise InputError(f"shard manifest {file} lists no samples")
     base = url_base or (file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file)))
     storage.check_url(base)
-    if "{shard}" in base:
-        urls = [base.format(shard=s["name"]) for s in shards]
-    else:
-        urls = [base.rstrip("/") + "/" + s["name"] for s in shards]
+    urls = [_url(base, s["name"]) for s in shards]
     classes = tuple(c["id"] for c in sorted(m.get("classes", []), key=lambda c: c["index"]))
+    if m.get("offsets"):  # the offsets file: where each kept shard's run starts in it
+        starts = np.cumsum([0] + [s["samples"] + 1 for s in m["shards"]])[:-1]
+        kept = [int(st) for st, s in zip(starts, m["shards"]) if s.get("samples", 0) > 0]
+        beside = file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file))  # not url_base's
+        counts = tuple(s["samples"] for s in shards)
+        offsets = OffsetsFile(_url(beside, m["offsets"]["file"]), tuple(kept), counts, store)
+    else:
+        offsets = tuple(
+            np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
+            for s in shards
+        )
     return Manifest(
         split=m.get("split", "?"),
         num_samples=sum(s["samples"] for s in shards),
@@ -112,13 +123,48 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         path=file,
         shard_bytes=tuple(s.get("bytes") for s in shards),
         sha256=tuple(s.get("sha256") for s in shards),
-        offsets=tuple(
-            np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
-            for s in shards
-        ),
+        offsets=offsets,
         store=store,
         digest=hashlib.sha256(text).hexdigest(),
     )
+
+
+def _url(base: str, name: str) -> str:
+    """A file of the split: ``base`` joined with ``name``, or ``base`` formatted with it."""
+    return base.format(shard=name) if "{shard}" in base else base.rstrip("/") + "/" + name
+
+
+class OffsetsFile:
+    """The shards' sample offsets in the split's offsets file (``pipeline/shard.py``:
+    int64 little-endian, shard after shard): ``offsets[i]`` reads shard ``i``'s with one
+    ranged read the first time, then keeps the last :attr:`keep` shards' (a slot reads
+    its shards in order). Pickled into DataLoader workers without what it holds."""
+
+    keep = 64
+
+    def __init__(self, url: str, starts: tuple[int, ...], counts: tuple[int, ...], store: Store):
+        self.url, self.starts, self.counts, self.store = url, starts, counts, store
+        self._held: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, shard: int) -> np.ndarray | None:
+        if shard not in self._held:
+            if storage.scheme(self.url) == "pipe":  # such shards are read from their first byte anyway
+                return None
+            a, n = self.starts[shard], self.counts[shard] + 1
+            with self.store.open(self.url, 8 * a, 8 * (a + n)) as f:
+                data = f.read()
+            if len(data) != 8 * n:
+                raise DataError(f"{self.url}: {len(data)} bytes of offsets for shard {shard}, not {8 * n}")
+            if len(self._held) >= self.keep:
+                self._held.pop(next(iter(self._held)))
+            self._held[shard] = np.frombuffer(data, dtype="<i8").astype(np.int64)
+        return self._held[shard]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_held": {}}
 
 
 # ---------------------------------------------------------------- reading shards
@@ -207,12 +253,11 @@ class _Sequence:
         m = self.manifest
         return None if storage.scheme(m.urls[shard]) == "pipe" else m.offsets[shard]
 
-    def _open(self, shard: int, a: int, b: int):
+    def _open(self, shard: int, a: int, b: int, offsets: np.ndarray | None):
         """A byte stream from sample ``a`` of ``shard`` to sample ``b`` (or its end), and
         the index of its first sample."""
         m = self.manifest
         url, size, sha = m.urls[shard], m.shard_bytes[shard], m.sha256[shard]
-        offsets = self._offsets(shard)
         if storage.scheme(url) == "pipe":
             from webdataset.gopen import gopen  # (the package's attribute `gopen` is this function, not the module)
 
@@ -225,13 +270,17 @@ class _Sequence:
         """(index in the shard, sample) for the sorted ``idxs`` of ``shard``; a shard that
         fails (after the store's retries) yields nothing more, counted and logged."""
         m = self.manifest
-        offsets = self._offsets(shard)
+        try:
+            offsets = self._offsets(shard)  # an offsets file: one ranged read, the first time
+        except Exception as exc:  # noqa: BLE001 - offsets that cannot be read: a bad shard
+            report.shard(m.urls[shard], exc)
+            return
         runs = _runs(idxs, offsets, self.gap_bytes) if offsets is not None else [(idxs[0], idxs[-1] + 1)]
         wanted = idxs if isinstance(idxs, range) else set(idxs)
         for a, b in runs:
             failed: list = []
             try:
-                stream, first = self._open(shard, a, b)
+                stream, first = self._open(shard, a, b, offsets)
             except Exception as exc:  # noqa: BLE001 - an unopenable shard is a bad shard
                 report.shard(m.urls[shard], exc)
                 return

@@ -29,10 +29,12 @@ def run(*args):
 
 
 def digests(directory) -> dict[str, str]:
-    """sha256 of every shard and manifest under ``directory`` (relative names)."""
+    """sha256 of every shard, manifest and offsets file under ``directory`` (relative names)."""
     out = {}
     for path in sorted(
-        glob.glob(os.path.join(directory, "*", "*.tar")) + glob.glob(os.path.join(directory, "*", "manifest.json"))
+        glob.glob(os.path.join(directory, "*", "*.tar"))
+        + glob.glob(os.path.join(directory, "*", "manifest.json"))
+        + glob.glob(os.path.join(directory, "*", shard.OFFSETS))
     ):
         with open(path, "rb") as f:
             out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
@@ -358,3 +360,68 @@ def test_a_tree_without_split_folders_is_one_split_named_by_split_name(tmp_path)
     assert load_manifest(tmp_path / "a", "train")["num_samples"] == 6
     assert run(tmp_path / "src", "--out", tmp_path / "b", "--split-name", "val", "--quiet") == 0
     assert os.listdir(tmp_path / "b") == ["val"] and load_manifest(tmp_path / "b", "val")["num_samples"] == 6
+
+
+def test_sample_offsets_live_in_one_binary_file_beside_the_manifest(imagenet_tree, tmp_path):
+    """The manifest grows with the shards, not the samples: every shard's offsets are in
+    offsets.bin (int64, shard after shard, samples + 1 each), exactly what the tars hold;
+    the loader reads them from there, one shard at a time."""
+    from pipeline.manifest import OffsetsFile
+    from pipeline.manifest import load_manifest as load
+
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 4) == 0
+    m = load_manifest(out)
+    assert all("offsets" not in s for s in m["shards"]) and m["offsets"]["file"] == shard.OFFSETS
+    data = (out / "train" / shard.OFFSETS).read_bytes()
+    assert len(data) == m["offsets"]["bytes"] and hashlib.sha256(data).hexdigest() == m["offsets"]["sha256"]
+    expected = [o for url in urls(out) for o in shard.sample_offsets(url)]
+    assert np.frombuffer(data, dtype="<i8").tolist() == expected
+    loaded = load(str(out / "train"))
+    assert isinstance(loaded.offsets, OffsetsFile)
+    for i, url in enumerate(loaded.urls):
+        assert loaded.offsets[i].tolist() == shard.sample_offsets(url)
+
+
+def test_a_manifest_with_inline_offsets_still_loads_and_reads_the_same_samples(imagenet_tree, tmp_path):
+    """Manifests written before the offsets file (each shard's offsets inline) load as they
+    did, and a stream reads the same samples from either."""
+    from pipeline.data import TrainStream
+    from pipeline.manifest import load_manifest as load
+    from pipeline.transforms import Augment
+
+    def keys(manifest):
+        stream = TrainStream(manifest, 2, augment=Augment.light(32), shuffle_buffer=3)
+        return [k for b in stream.iter_worker(0, 1, main=True) for k in b["key"]]
+
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 4) == 0
+    from_file = keys(load(str(out / "train")))
+    m = load_manifest(out)
+    for s, url in zip(m["shards"], urls(out)):
+        s["offsets"] = shard.sample_offsets(url)
+    del m["offsets"]
+    (out / "train" / shard.OFFSETS).unlink()
+    (out / "train" / "manifest.json").write_text(json.dumps(m))
+    old = load(str(out / "train"))
+    assert isinstance(old.offsets, tuple)
+    assert keys(old) == from_file and len(from_file) >= 10
+
+
+def test_verify_checks_the_offsets_file_and_each_shards_offsets(imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run(imagenet_tree["root"], "--out", out, "--shard-size", 4) == 0
+    assert run("--verify", out) == 0
+    path = out / "train" / shard.OFFSETS
+    good = path.read_bytes()
+    path.write_bytes(good[:-8] + (123).to_bytes(8, "little"))  # damaged: no longer the manifest's sha256
+    assert run("--verify", out) == 1
+    assert "offsets.bin: size or sha256 does not match the manifest" in capsys.readouterr().err
+    # consistent with the manifest, but not what the tar holds: a shard's own check finds it
+    m = load_manifest(out)
+    bad = good[:8] + (int.from_bytes(good[8:16], "little") + 512).to_bytes(8, "little") + good[16:]
+    path.write_bytes(bad)
+    m["offsets"]["sha256"] = hashlib.sha256(bad).hexdigest()
+    (out / "train" / "manifest.json").write_text(json.dumps(m))
+    assert run("--verify", out) == 1
+    assert "sample offsets differ from the manifest's" in capsys.readouterr().err

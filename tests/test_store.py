@@ -105,7 +105,7 @@ def test_shards_built_into_the_store_are_the_local_bytes_and_a_rerun_uploads_onl
     local, remote = shards
     client = server.client()
     for split in ("train", "val"):
-        names = sorted(n for n in os.listdir(tree / "local" / split) if n.endswith((".tar", ".json")))
+        names = sorted(n for n in os.listdir(tree / "local" / split) if n.endswith((".tar", ".json", ".bin")))
         for name in names:  # same shards, same manifest (offsets included), byte for byte
             body = client.get_object(Bucket="data", Key=f"img/{split}/{name}")["Body"].read()
             assert body == open(tree / "local" / split / name, "rb").read(), name
