@@ -307,6 +307,21 @@ def find_splits(src: str, wanted: list[str] | None, single_name: str) -> list[tu
     return [(single_name, src)]
 
 
+def cut_validation(entries: list[Entry], fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
+    """(train, val): per class, ``round(fraction x n)`` of its images drawn with ``seed``
+    (at least one of a class with two or more, never all of it), each part in listing
+    order. For trees that ship no validation split, such as ImageNet-21k's fall11."""
+    by_class: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_class.setdefault(e.cls, []).append(e)
+    val: set[str] = set()
+    for cls in sorted(by_class):
+        items = sorted(by_class[cls], key=lambda e: e.rel)
+        k = min(len(items) - 1, max(1 if len(items) >= 2 else 0, round(fraction * len(items))))
+        val.update(e.rel for e in random.Random(f"{seed}:{cls}").sample(items, k))  # a str seed: stable (sha512)
+    return [e for e in entries if e.rel not in val], [e for e in entries if e.rel in val]
+
+
 def class_list(splits: list[tuple[str, str]], listings: dict[str, list[Entry]]) -> list[str]:
     """Sorted class folder names of the training split (WNID order for ImageNet)."""
     for name, directory in sorted(splits, key=lambda s: s[0] != "train"):
@@ -418,9 +433,9 @@ def check_build_dir(out_dir: str, build: dict, overwrite: bool) -> None:
             for name in store.list_names(out_dir) + [
                 f".records/{n}" for n in store.list_names(store.join(out_dir, ".records"))
             ]:
-                if name.endswith((".tar", ".json")) and name != "build.json":
+                if name.endswith((".tar", ".json", ".bin")) and name != "build.json":
                     store.delete(store.join(out_dir, name))
-        for pattern in ("*.tar", "*.tar.tmp-*", ".records/*.json", "manifest.json"):
+        for pattern in ("*.tar", "*.tar.tmp-*", ".records/*.json", "manifest.json", OFFSETS):
             for p in glob.glob(os.path.join(out_dir, pattern)):
                 os.remove(p)
     _write_text(path, json.dumps(build, indent=1, sort_keys=True))
@@ -565,6 +580,17 @@ def shard_dataset(args) -> list[dict]:
         if not listing.entries:
             raise InputError(f"no images found in {directory}")
         listings[split], ignored[split] = listing.entries, listing.ignored
+    if args.val_fraction:
+        if not 0 < args.val_fraction < 1:
+            raise InputError(f"--val-fraction must be in (0, 1), not {args.val_fraction}")
+        if "train" not in listings or any(s in listings for s in ("val", "validation")):
+            raise InputError(
+                "--val-fraction cuts a val split from train: it needs a train split and no val split "
+                f"(found: {', '.join(sorted(listings))}; --splits train ignores a val folder)"
+            )
+        listings["train"], listings["val"] = cut_validation(listings["train"], args.val_fraction, args.seed)
+        ignored["val"] = []
+        splits.append(("val", dict(splits)["train"]))
     classes = class_list(splits, listings)
     names = {**synset_names(), **synset_mapping_names(src)}
     summaries = []
@@ -758,6 +784,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated split folders to convert (default: those of train,val,validation,test present)",
     )
     p.add_argument("--split-name", default="train", help="split name when src itself is a class-per-folder tree")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="cut a val split from train when the tree has none (ImageNet-21k's fall11 layout): this fraction "
+        "of each class's images, at least one of a class with two or more, drawn with --seed (0: no cut)",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard")
     p.add_argument("--shard-bytes", type=_size, default=1 << 30, help="maximum source bytes per shard (e.g. 500M, 1G)")
     p.add_argument(

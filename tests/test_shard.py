@@ -425,3 +425,33 @@ def test_verify_checks_the_offsets_file_and_each_shards_offsets(imagenet_tree, t
     (out / "train" / "manifest.json").write_text(json.dumps(m))
     assert run("--verify", out) == 1
     assert "sample offsets differ from the manifest's" in capsys.readouterr().err
+
+
+def test_val_fraction_cuts_a_seeded_stratified_val_split_from_train(imagenet_tree, tmp_path, capsys):
+    """A tree with no val split (ImageNet-21k's fall11): --val-fraction takes that share of
+    each class's train images (at least one), disjoint from train, the same on a re-run,
+    another draw with another --seed."""
+    out, again, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    args = ("--splits", "train", "--val-fraction", "0.25", "--shard-size", 4)
+    assert run(imagenet_tree["root"], "--out", out, *args) == 0
+    train, val = read_samples(out, "train"), read_samples(out, "val")
+    per_class = {}
+    for s in train + val:
+        per_class[s["cls"]] = per_class.get(s["cls"], 0) + 1
+    taken = {}
+    for s in val:
+        taken[s["cls"]] = taken.get(s["cls"], 0) + 1
+    assert set(taken) == set(per_class)  # every class in val
+    for cls, n in per_class.items():
+        assert taken[cls] == min(n - 1, max(1, round(0.25 * n))), (cls, n, taken[cls])
+    paths = lambda samples: {s["json"]["path"] for s in samples}  # noqa: E731
+    assert not paths(train) & paths(val)
+    ids = lambda split: [c["id"] for c in load_manifest(out, split)["classes"]]  # noqa: E731
+    assert ids("val") == ids("train")
+    assert run(imagenet_tree["root"], "--out", again, *args) == 0
+    assert digests(out) == digests(again)
+    assert run(imagenet_tree["root"], "--out", other, *args, "--seed", 1) == 0
+    assert paths(read_samples(other, "val")) != paths(val)
+    capsys.readouterr()
+    assert run(imagenet_tree["root"], "--out", tmp_path / "d", "--val-fraction", "0.25") == 2  # a val folder exists
+    assert "needs a train split and no val split" in capsys.readouterr().err
