@@ -11,8 +11,10 @@ Rows, per data set, for one rank's DataLoader worker at --ranks x --workers slot
 - the manifest's load time and the peak RSS it adds to one process (a fresh process,
   against a baseline process that imports the same modules and loads nothing);
 - the epoch plan of one slot (its positions and their shuffle order);
-- the re-plan after an elastic change (--ranks to --elastic-ranks at mid-epoch):
-  ``pipeline.data._remaining``, a pass over every position of the epoch in every process.
+- the re-plan after an elastic change (--ranks to --elastic-ranks at mid-epoch), for one
+  new slot: before 2026-12-07 a pass over every position of the epoch in every process
+  (``pipeline.data._remaining_eager``, kept as the reference), now the slot's own share
+  (``pipeline.data._Left``).
 Sizes too large to run here are projected linearly from the largest measured size,
 and printed as such ("projected"), never as measurements.
 """
@@ -102,26 +104,33 @@ def plan_seconds(samples: int, ranks: int, workers: int, batch: int, buffer: int
 REPLAN = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from pipeline.data import _remaining
-samples, ranks, workers, batch, buffer = map(int, sys.argv[2:7])
+from pipeline.data import _phase_layout, _remaining, _remaining_eager
+mode = sys.argv[2]
+samples, ranks, new_ranks, workers, batch, buffer = map(int, sys.argv[3:9])
+history = ((ranks, workers, batch, samples // (ranks * batch) // 2),)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-if samples:
-    _remaining(0, 0, samples, buffer, ((ranks, workers, batch, samples // (ranks * batch) // 2),))
+if mode == "eager":  # the code before 2026-12-07: the whole epoch's leftovers, in every process
+    _remaining_eager(0, 0, samples, buffer, history)
+elif mode == "lazy":  # now: one new slot's share
+    left = _remaining(0, 0, samples, buffer, history)
+    lo, hi = _phase_layout(len(left), new_ranks, workers, batch)[1][0]
+    sorted(left[lo:hi])
 took = time.perf_counter() - t
 print(json.dumps({"seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def replan(samples: int, ranks: int, workers: int, batch: int, buffer: int) -> tuple[float, float]:
-    """(seconds, MB of peak RSS added) of the elastic re-plan after half an epoch on
-    ``ranks`` (``pipeline.data._remaining``), in a fresh process against one that skips it."""
+def replan(mode: str, samples: int, ranks: int, new_ranks: int, workers: int, batch: int, buffer: int):
+    """(seconds, MB of peak RSS added) of the elastic re-plan for one slot after half an
+    epoch on ``ranks``, in a fresh process against one that skips it: ``eager`` (the whole
+    epoch's leftovers, the code before 2026-12-07) or ``lazy`` (``pipeline.data._Left``)."""
 
-    def probe(n: int) -> dict:
-        argv = [sys.executable, "-c", REPLAN, ROOT, *map(str, (n, ranks, workers, batch, buffer))]
+    def probe(m: str) -> dict:
+        argv = [sys.executable, "-c", REPLAN, ROOT, m, *map(str, (samples, ranks, new_ranks, workers, batch, buffer))]
         return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
-    base, got = probe(0), probe(samples)
+    base, got = probe("none"), probe(mode)
     return got["seconds"], (got["rss_kb"] - base["rss_kb"]) / 1024
 
 
@@ -182,19 +191,21 @@ def main(argv=None) -> int:
                 )
         plan_ms = plan_seconds(samples, args.ranks, args.workers, args.batch, args.buffer) * 1e3
         print(f"  plan of one slot: {plan_ms:.1f} ms")
+        change = f"elastic re-plan {args.ranks} -> {args.elastic_ranks} ranks at mid-epoch"
         if samples <= args.replan_max:
-            took, grown = replan(samples, args.ranks, args.workers, args.batch, args.buffer)
-            measured["replan_s"], measured["replan_mb"] = (samples, took), (samples, grown)
-            print(
-                f"  elastic re-plan {args.ranks} -> {args.elastic_ranks} ranks at mid-epoch: {took:.2f} s, "
-                f"+{grown:,.0f} MB peak RSS, in every rank and worker"
+            took, grown = replan(
+                "eager", samples, args.ranks, args.elastic_ranks, args.workers, args.batch, args.buffer
             )
+            measured["replan_s"] = (samples, took)
+            print(f"  {change}, before (the whole epoch): {took:.2f} s, +{grown:,.0f} MB peak RSS, in every process")
         else:
             n, took = measured["replan_s"]
             print(
-                f"  elastic re-plan {args.ranks} -> {args.elastic_ranks} ranks at mid-epoch: "
-                f"{took / n * samples / 3600:,.1f} h (projected from {n:,} samples), in every rank and worker"
+                f"  {change}, before (the whole epoch): {took / n * samples / 3600:,.1f} h "
+                f"(projected from {n:,} samples), in every process"
             )
+        took, grown = replan("lazy", samples, args.ranks, args.elastic_ranks, args.workers, args.batch, args.buffer)
+        print(f"  {change}, now (one new slot's share): {took:.2f} s, +{grown:,.0f} MB peak RSS")
     return 0
 
 

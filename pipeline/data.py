@@ -43,8 +43,10 @@ next one: the batches after a resume equal those of an uninterrupted run.
 epoch resumed mid-way on another layout goes on over exactly the positions the
 earlier layouts had not used (the state keeps each earlier layout and how far it
 got, a few integers, so any number of changes compose): they are recomputed without
-reading any data (:func:`_remaining`), split over the new slots as above, and each
-slot reads its own in order, skipping the rest undecoded. Every sample is used at
+reading any data, split over the new slots as above, and each slot reads its own in
+order, skipping the rest undecoded. The recomputation is lazy (:class:`_Left`): a new
+slot replays the shuffle buffers of only the old slots whose leftovers it inherits, so
+its cost grows with its share of the epoch, not with the data set. Every sample is used at
 most once per epoch; what is left out is the usual remainder (fewer than ``ranks x
 batch``) of each layout the epoch ran on. Later epochs are the new layout's own.
 
@@ -79,9 +81,11 @@ and skipped; counts travel with each batch into :attr:`Loader.counters`.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import multiprocessing
@@ -138,14 +142,10 @@ def _buffer_rng(seed: int, epoch: int, rank: int, logical: int, phase: int) -> r
     return random.Random(seed_of(*parts))
 
 
-@functools.lru_cache(maxsize=4)
-def _remaining(seed: int, epoch: int, samples: int, shuffle_buffer: int, history: tuple) -> tuple[int, ...]:
-    """The epoch's positions not yet used after the phases of ``history`` (each
-    ``(world, workers, batch, batches done per rank)``: a layout the epoch ran on, then
-    left), in a canonical order: per slot, what its shuffle buffer had not yet handed
-    out, then the phase's remainder. A pure function of its arguments, so every rank
-    and worker of the next layout derives the same list (a second or so per million
-    samples, once per resume)."""
+def _remaining_eager(seed: int, epoch: int, samples: int, shuffle_buffer: int, history: tuple) -> tuple[int, ...]:
+    """The reference for :class:`_Left`: the epoch's positions not yet used after the
+    phases of ``history``, built whole (a pass over every position of the epoch: about
+    a second per million). Kept for the tests that check :class:`_Left` against it."""
     positions: Sequence[int] = range(samples)
     for phase, (world, workers, batch, done) in enumerate(history):
         per_rank, slots = _phase_layout(len(positions), world, workers, batch)
@@ -159,6 +159,71 @@ def _remaining(seed: int, epoch: int, samples: int, shuffle_buffer: int, history
         rest.extend(positions[per_rank * world * batch :])  # the phase's remainder: not seen yet either
         positions = rest
     return tuple(positions)
+
+
+class _Left:
+    """The epoch's positions not yet used after the phases of ``history`` (each
+    ``(world, workers, batch, batches done per rank)``: a layout the epoch ran on, then
+    left), in a canonical order: per old slot, what its shuffle buffer had not yet
+    handed out, then the phase's remainder. A pure function of its arguments, so every
+    rank and worker of the next layout derives the same sequence.
+
+    Lazy: its length costs O(old slots) per phase, and a slice replays the shuffle
+    buffers of only the old slots it overlaps (on positions alone, recursively through
+    earlier phases), so a new slot pays for its own share of the epoch, not for the
+    whole epoch (:func:`_remaining_eager` is the same sequence built whole)."""
+
+    def __init__(self, seed: int, epoch: int, samples: int, shuffle_buffer: int, history: tuple):
+        self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
+        self.prev = range(samples) if len(history) == 1 else _Left(seed, epoch, samples, shuffle_buffer, history[:-1])
+        self.phase = len(history) - 1
+        self.world, self.workers, self.batch, done = history[-1]
+        per_rank, self.slots = _phase_layout(len(self.prev), self.world, self.workers, self.batch)
+        # per old slot, how many it handed out; then the leftovers' and the remainder's lengths
+        self.used = [
+            min(hi - lo, _worker_batches(done, i % self.workers, self.workers) * self.batch)
+            for i, (lo, hi) in enumerate(self.slots)
+        ]
+        self.tail = per_rank * self.world * self.batch
+        lengths = [hi - lo - used for (lo, hi), used in zip(self.slots, self.used)] + [len(self.prev) - self.tail]
+        self.ends = list(itertools.accumulate(lengths))
+        self._held: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def _order(self, i: int) -> list[int]:
+        """Old slot ``i``'s positions in the order its shuffle buffer handed them out."""
+        if i not in self._held:
+            lo, hi = self.slots[i]
+            r, w = divmod(i, self.workers)
+            rng = _buffer_rng(self.seed, self.epoch, r, w, self.phase)
+            if len(self._held) >= 4:
+                self._held.pop(next(iter(self._held)))
+            self._held[i] = list(_shuffled(iter(sorted(self.prev[lo:hi])), self.buffer, rng))
+        return self._held[i]
+
+    def __getitem__(self, key: slice) -> list[int]:
+        start, stop, step = key.indices(len(self))
+        assert step == 1, "only contiguous slices"
+        out: list[int] = []
+        k = bisect.bisect_right(self.ends, start)
+        while start < stop:
+            begin = self.ends[k - 1] if k else 0
+            a, b = start - begin, min(stop, self.ends[k]) - begin
+            if k < len(self.slots):
+                out.extend(self._order(k)[self.used[k] + a : self.used[k] + b])
+            else:  # the phase's remainder: not seen yet either
+                out.extend(self.prev[self.tail + a : self.tail + b])
+            start, k = begin + b, k + 1
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _remaining(seed: int, epoch: int, samples: int, shuffle_buffer: int, history: tuple) -> _Left:
+    """The positions left after ``history`` (non-empty): :class:`_Left`, kept for the
+    stream's length and its slot's slice."""
+    return _Left(seed, epoch, samples, shuffle_buffer, history)
 
 
 def _worker() -> tuple[int, int, bool]:

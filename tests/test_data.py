@@ -534,3 +534,40 @@ def test_close_stops_the_workers_at_once_mid_epoch(photo_shards):
     loader.close()  # twice is harmless
     assert len(list(loader.epoch(1))) > 0  # and the loader starts workers again when asked
     loader.close()
+
+
+def test_the_lazy_replan_is_the_whole_epochs_replan_sliced():
+    """data._Left (what an elastic resume uses: each slot replays only the old slots it
+    inherits from) equals the plan built over the whole epoch, for random chains of
+    layouts, sliced anywhere; and a slot's slice touches only the old slots it overlaps."""
+    import random as rnd
+
+    from pipeline.data import _Left, _remaining_eager
+
+    rng = rnd.Random(0)
+    for trial in range(40):
+        samples = rng.randrange(50, 3000)
+        history = []
+        n = samples
+        for _ in range(rng.randrange(1, 4)):
+            world, workers, batch = rng.randrange(1, 5), rng.randrange(1, 4), rng.randrange(1, 9)
+            per_rank = n // (world * batch)
+            if per_rank == 0:
+                break
+            history.append((world, workers, batch, rng.randrange(0, per_rank + 1)))
+            n = len(_remaining_eager(7, trial, samples, 5, tuple(history)))
+        if not history:
+            continue
+        history = tuple(history)
+        whole = _remaining_eager(7, trial, samples, 5, history)
+        lazy = _Left(7, trial, samples, 5, history)
+        assert len(lazy) == len(whole), (samples, history)
+        assert lazy[:] == list(whole)
+        for _ in range(5):
+            a = rng.randrange(0, len(whole) + 1)
+            b = rng.randrange(a, len(whole) + 1)
+            assert lazy[a:b] == list(whole[a:b]), (samples, history, a, b)
+    # a new slot's share: replayed old slots only where it overlaps them
+    lazy = _Left(0, 0, 1_000_000, 1000, ((64, 8, 32, 100),))
+    _ = lazy[:500]
+    assert len(lazy._held) <= 2
