@@ -72,6 +72,7 @@ def test_run_lifecycle_with_the_default_store(demo_shards, tmp_path):
     files = os.listdir(os.path.join(mlflow.artifacts.download_artifacts("models:/tnt-tiny-digits@last"), "artifacts"))
     assert sorted(files) == [
         "config.yaml",
+        "figures",  # the latest feature-map figures (pipeline/visualize.py)
         f"model{'_ema' if version.tags['weights'] == 'ema' else ''}.safetensors",
         "pretrained_cfg.json",
     ]
