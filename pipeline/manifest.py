@@ -75,7 +75,7 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
     if remote:
         file = path if path.endswith(".json") else storage.join(path, "manifest.json")
         try:
-            text = storage.read_bytes(file, store.policy)
+            text = _node_copy(file, store)
         except storage.NotFound:
             raise InputError(
                 f"no shard manifest at {file} (build shards first: python pipeline/shard.py SRC --out ...)"
@@ -127,6 +127,40 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
         store=store,
         digest=hashlib.sha256(text).hexdigest(),
     )
+
+
+def _node_copy(url: str, store: Store) -> bytes:
+    """A remote manifest read once per node: each process asks the store for its size and
+    ETag (a HEAD), and the first one to need that version fetches it into the node's copy,
+    under a lock, in the shard cache's directory (else the node's temporary directory),
+    where the node's other ranks and workers read it. At 1,024 ranks on 128 nodes: 128
+    GETs of the manifest instead of 1,024 (and 8,192 with the workers' own loads)."""
+    import tempfile
+
+    from pipeline.atomic import replacing
+
+    try:
+        found = storage.stat(url, store.policy)
+    except storage.NotFound:
+        raise
+    except storage.StoreError:  # a server that refuses HEAD (some HTTP hosts, signed URLs): each its own GET
+        return storage.read_bytes(url, store.policy)
+    if found is None:
+        raise storage.NotFound(url)
+    size, etag = found
+    root = store.cache.root if store.cache is not None else os.path.join(tempfile.gettempdir(), "tntpipe")
+    folder = os.path.join(root, "manifests")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, hashlib.sha256(f"{url}\n{size}\n{etag}".encode()).hexdigest()[:32] + ".json")
+    with storage._locked(path + ".lock"):
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            data = storage.read_bytes(url, store.policy)
+            if len(data) != size:  # replaced between the HEAD and the GET: this process's read stands
+                return data
+            with replacing(path, durable=False) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def _url(base: str, name: str) -> str:

@@ -384,10 +384,18 @@ def _retrying(what: str, url: str, fn: Callable, policy: Policy):
 
 def stat_size(url: str, policy: Policy = Policy()) -> int | None:
     """The object's size in bytes, or None if it does not exist."""
+    found = stat(url, policy)
+    return None if found is None else found[0]
+
+
+def stat(url: str, policy: Policy = Policy()) -> tuple[int, str] | None:
+    """The object's (size in bytes, ETag; for a local file its mtime in ns), or None if it
+    does not exist: what identifies a version of it."""
     s = scheme(url)
     if not s:
         try:
-            return os.path.getsize(local_path(url))
+            st = os.stat(local_path(url))
+            return st.st_size, str(st.st_mtime_ns)
         except FileNotFoundError:
             return None
 
@@ -396,10 +404,11 @@ def stat_size(url: str, policy: Policy = Policy()) -> int | None:
             Stats.requests += 1
             if s == "s3":
                 bucket, key = _split_s3(url)
-                return int(_s3(policy).head_object(Bucket=bucket, Key=key)["ContentLength"])
+                got = _s3(policy).head_object(Bucket=bucket, Key=key)
+                return int(got["ContentLength"]), str(got.get("ETag", ""))
             req = urllib.request.Request(url, method="HEAD")
             with urllib.request.urlopen(req, timeout=policy.read_timeout) as resp:
-                return int(resp.headers["Content-Length"])
+                return int(resp.headers["Content-Length"]), str(resp.headers.get("ETag", ""))
         except Exception as exc:  # noqa: BLE001
             if isinstance(_classify(exc, url), NotFound):
                 if s == "s3":  # a missing key, or a missing bucket (HEAD cannot tell): ask the bucket
@@ -599,6 +608,8 @@ class ShardCache:
             try:
                 st = os.stat(p)
             except FileNotFoundError:
+                continue
+            if os.path.isdir(p):  # manifests/: the node's copies of manifests (pipeline/manifest.py)
                 continue
             files.append((st.st_atime_ns, st.st_size, p))
         total = sum(f[1] for f in files)

@@ -487,3 +487,51 @@ def test_without_boto3_an_s3_url_names_the_extra(monkeypatch):
     monkeypatch.setattr(store, "_clients", {})
     with pytest.raises(InputError, match=r"s3:// URLs need boto3: pip install 'tntpipe\[s3\]'"):
         load_manifest("s3://bucket/x/train")
+
+
+def _load_in_child(node, remote, barrier, results):
+    barrier.wait()
+    cache = store.ShardCache(node) if node else None
+    results.put(load_manifest(remote, store=store.Store(FAST, cache=cache)).num_samples)
+
+
+@pytest.mark.parametrize("where", ["shard cache", "temporary directory"])
+def test_a_node_fetches_the_manifest_once_for_all_its_processes(s3, shards, tmp_path, monkeypatch, where):
+    """README: the ranks and workers of a node share one download of the manifest (in the
+    shard cache's directory, else the node's temporary directory), checked against the
+    store's size and ETag: four processes, one GET; a new version of it, one more."""
+    import multiprocessing as mp
+    import tempfile
+
+    server, proxy = s3
+    _, remote = shards
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    (tmp_path / "tmp").mkdir()
+    node = str(tmp_path / "node") if where == "shard cache" else ""
+    path = "/" + remote.split("//", 1)[1] + "/manifest.json"  # the proxy's request path
+    before = proxy.gets_of(path)
+    ctx = mp.get_context("fork")
+
+    def four() -> list:
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_load_in_child, args=(node, remote, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60 * SLOWDOWN) for _ in procs]
+        for p in procs:
+            p.join(timeout=60 * SLOWDOWN)
+        return got
+
+    got = four()
+    assert len(set(got)) == 1 and got[0] > 0
+    assert proxy.gets_of(path) == before + 1
+    four()
+    assert proxy.gets_of(path) == before + 1  # the node's copy, still the store's version
+    client = server.client()
+    key = path.split("/", 2)[2]
+    body = client.get_object(Bucket="data", Key=key)["Body"].read()
+    client.put_object(Bucket="data", Key=key, Body=body + b"\n")  # a new version: another ETag and size
+    four()
+    assert proxy.gets_of(path) == before + 2
+    client.put_object(Bucket="data", Key=key, Body=body)
