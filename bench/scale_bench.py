@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,24 +32,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from reshard_bench import cpu_name  # noqa: E402
+
 PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.manifest import load_manifest
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 m = load_manifest(sys.argv[2]) if sys.argv[2] != "-" else None
 took = time.perf_counter() - t
-print(json.dumps({"seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kb": before}))
+print(json.dumps({"seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def write_manifest(folder: str, shards: int, per_shard: int, inline: bool, sample_bytes: int = 110_000) -> str:
@@ -79,14 +71,15 @@ def write_manifest(folder: str, shards: int, per_shard: int, inline: bool, sampl
     return path
 
 
-def load_in_fresh_process(path: str) -> tuple[float, float]:
-    """(seconds, MB of peak RSS the load adds) in a fresh process."""
+def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[float, float]:
+    """(seconds, MB of peak RSS added) of ``script`` given ``work`` in a fresh process,
+    against the same script given ``idle`` (its imports alone)."""
 
-    def probe(arg: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", PROBE, ROOT, arg], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.splitlines()[-1])
+    def probe(args: list[str]) -> dict:
+        argv = [sys.executable, "-c", script, ROOT, *args]
+        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
-    base, got = probe("-"), probe(path)
+    base, got = probe(idle), probe(work)
     return got["seconds"], (got["rss_kb"] - base["rss_kb"]) / 1024
 
 
@@ -108,7 +101,6 @@ from pipeline.data import _phase_layout, _remaining, _remaining_eager
 mode = sys.argv[2]
 samples, ranks, new_ranks, workers, batch, buffer = map(int, sys.argv[3:9])
 history = ((ranks, workers, batch, samples // (ranks * batch) // 2),)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 if mode == "eager":  # the code before 2026-12-07: the whole epoch's leftovers, in every process
     _remaining_eager(0, 0, samples, buffer, history)
@@ -125,13 +117,8 @@ def replan(mode: str, samples: int, ranks: int, new_ranks: int, workers: int, ba
     """(seconds, MB of peak RSS added) of the elastic re-plan for one slot after half an
     epoch on ``ranks``, in a fresh process against one that skips it: ``eager`` (the whole
     epoch's leftovers, the code before 2026-12-07) or ``lazy`` (``pipeline.data._Left``)."""
-
-    def probe(m: str) -> dict:
-        argv = [sys.executable, "-c", REPLAN, ROOT, m, *map(str, (samples, ranks, new_ranks, workers, batch, buffer))]
-        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-
-    base, got = probe("none"), probe(mode)
-    return got["seconds"], (got["rss_kb"] - base["rss_kb"]) / 1024
+    numbers = [str(n) for n in (samples, ranks, new_ranks, workers, batch, buffer)]
+    return in_fresh_process(REPLAN, ["none", *numbers], [mode, *numbers])
 
 
 def main(argv=None) -> int:
@@ -172,7 +159,7 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = write_manifest(tmp, shards, args.per_shard, inline=form.startswith("inline"))
                     size = os.path.getsize(path)
-                    seconds, rss = load_in_fresh_process(path)
+                    seconds, rss = in_fresh_process(PROBE, ["-"], [path])
                 for row, value in (("bytes", size), ("load_s", seconds), ("load_mb", rss)):
                     measured[form + row] = (samples, value)
                 print(

@@ -69,9 +69,10 @@ def _registered_version(uri: str, tracking_uri: str) -> dict:
     return {"parent.model": mv.name, "parent.version": mv.version, "parent.run_id": mv.run_id}
 
 
-def resolve(uri: str, tracking_uri: str) -> tuple[str, dict | None, dict]:
+def resolve(uri: str, tracking_uri: str, name: str = "model.init_from=") -> tuple[str, dict | None, dict]:
     """``(weights file, pretrained_cfg or None, lineage tags)`` of an ``init_from`` value.
-    Raises :class:`InputError` in one line when it cannot be found or read."""
+    Raises :class:`InputError` in one line when it cannot be found or read, the line
+    naming the value as ``{name}{uri}`` (``python -m pipeline.visualize``: ``model ...``)."""
     lineage = {"parent.init_from": uri}
     if uri.startswith(("models:/", "runs:/")):
         import mlflow
@@ -96,16 +97,16 @@ def resolve(uri: str, tracking_uri: str) -> tuple[str, dict | None, dict]:
         except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors...
             first = first_line(exc) or type(exc).__name__
             raise InputError(
-                f"model.init_from={uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "
+                f"{name}{uri}: cannot be read from the MLflow store {tracking_uri} ({first}); "
                 f"set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds it"
             ) from None
     else:
         local = uri
         if not os.path.exists(local):
-            raise InputError(f"model.init_from={uri}: no such file or directory")
+            raise InputError(f"{name}{uri}: no such file or directory")
     weights = _find_weights(local) if os.path.isdir(local) else local
     if weights is None:
-        raise InputError(f"model.init_from={uri}: no model.safetensors in {local}")
+        raise InputError(f"{name}{uri}: no model.safetensors in {local}")
     lineage["parent.sha256"] = sha256_file(weights)
     return weights, _cfg_next_to(weights), lineage
 

@@ -100,27 +100,28 @@ def pixel_mosaic(pixel: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 # ------------------------------------------------------------------------ drawing
 
 
+def _unit(a: np.ndarray) -> np.ndarray:
+    """``a`` min-max scaled to [0, 1] (all zeros when constant)."""
+    a = np.asarray(a, dtype=np.float64)
+    span = a.max() - a.min()
+    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+
 def _colour(a: np.ndarray, size: int) -> np.ndarray:
     """A 2-D map min-max scaled, coloured (viridis) and enlarged to ``size`` x ``size``."""
     from matplotlib import colormaps
     from PIL import Image
 
-    a = np.asarray(a, dtype=np.float64)
-    span = a.max() - a.min()
-    a = (a - a.min()) / span if span > 0 else np.zeros_like(a)
-    rgb = (colormaps["viridis"](a)[..., :3] * 255).astype(np.uint8)
+    rgb = (colormaps["viridis"](_unit(a))[..., :3] * 255).astype(np.uint8)
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.NEAREST))
 
 
 def _overlay(image: np.ndarray, a: np.ndarray, size: int) -> np.ndarray:
     """The map ``a`` (smoothly enlarged) over the image, half and half."""
+    from matplotlib import colormaps
     from PIL import Image
 
-    span = a.max() - a.min()
-    a = (a - a.min()) / span if span > 0 else np.zeros_like(a)
-    heat = Image.fromarray((a * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-    from matplotlib import colormaps
-
+    heat = Image.fromarray((_unit(a) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
     heat = (colormaps["inferno"](np.asarray(heat) / 255.0)[..., :3] * 255).astype(np.uint8)
     base = np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR))
     return ((base.astype(np.uint16) + heat) // 2).astype(np.uint8)
@@ -156,10 +157,11 @@ def draw(
     {file name: PNG bytes}; ``compare``: another model's ``capture`` at the same blocks."""
     rng = np.random.default_rng(seed)
     figures = {}
-    inputs = [_colour_image(img) for img in images]
+    inputs = [_resize(np.ascontiguousarray(img), CELL) for img in images]
     for b, maps, pixel in zip(blocks, seen["patch"], seen["pixel"]):
         channels = np.sort(rng.choice(maps.shape[1], min(MAPS_PER_BLOCK, maps.shape[1]), replace=False))
-        rows = [[inputs[i]] + [_colour(maps[i, c].cpu().numpy(), CELL) for c in channels] for i in range(len(images))]
+        ours = [[_colour(maps[i, c].cpu().numpy(), CELL) for c in channels] for i in range(len(images))]
+        rows = [[inputs[i]] + ours[i] for i in range(len(images))]
         figures[f"patch-block{b + 1:02d}.png"] = _sheet(
             rows, f"{name}block {b + 1}/{depth}: patch embedding, {len(channels)} of {maps.shape[1]} channels"
         )
@@ -174,7 +176,7 @@ def draw(
             pick = np.sort(rng.choice(theirs.shape[1], min(MAPS_PER_BLOCK, theirs.shape[1]), replace=False))
             rows = []
             for i in range(len(images)):
-                rows.append([inputs[i]] + [_colour(maps[i, c].cpu().numpy(), CELL) for c in channels])
+                rows.append([inputs[i]] + ours[i])
                 rows.append([inputs[i]] + [_colour(theirs[i, c].cpu().numpy(), CELL) for c in pick])
             figures[f"compare-block{b + 1:02d}.png"] = _sheet(
                 rows, f"block {b + 1}: {name or 'TNT'} (odd rows) vs {compare['name']} (even rows)"
@@ -192,10 +194,6 @@ def _resize(tile: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
-
-
-def _colour_image(img: np.ndarray) -> np.ndarray:
-    return _resize(np.ascontiguousarray(img), CELL)
 
 
 # ------------------------------------------------------------------------ inputs
@@ -253,12 +251,8 @@ def load(uri: str, tracking_uri: str | None = None):
     from pipeline.served import TNTClassifier
     from pipeline.tracking import default_uri
 
-    try:
-        weights, _, _ = pretrained.resolve(
-            uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(".")
-        )
-    except InputError as exc:
-        raise InputError(str(exc).replace("model.init_from=", "model ", 1).replace("model.init_from: ", "")) from None
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(".")
+    weights, _, _ = pretrained.resolve(uri, store, name="model ")
     cfg = os.path.join(os.path.dirname(weights), "pretrained_cfg.json")
     if not os.path.isfile(cfg):
         raise InputError(f"{uri}: no pretrained_cfg.json beside {weights} (an export folder of pipeline.train has one)")
@@ -320,7 +314,6 @@ class EvalFigures:
     ):
         self.out, self.tracker, self.dtype, self.device = out, tracker, dtype, device
         self.active = active and count > 0 and manifest is not None
-        self.seconds: list[float] = []  # the evaluation's wait per call: the forward pass
         self._jobs: queue.Queue = queue.Queue()
         self._thread = None
         if not self.active:
@@ -339,12 +332,12 @@ class EvalFigures:
         depth = len(model.blocks)
         blocks = default_blocks(depth)
         seen = capture(model, self.x.to(self.device, self.dtype), blocks)
-        self.seconds.append(time.perf_counter() - t)
+        waited = time.perf_counter() - t
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="figures", daemon=True)
             self._thread.start()
         self._jobs.put((seen, blocks, depth, step))
-        return self.seconds[-1]
+        return waited
 
     def _work(self) -> None:
         while True:

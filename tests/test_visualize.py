@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline import tnt, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 # tntp_tiny_patch8_32: 4 blocks -> blocks 1, 2 (the middle) and 4; a patch and a pixel
 # figure for each, and the last block's attention
 FIGURES_PER_SET = 7
@@ -100,31 +99,10 @@ def _check_figures(found: dict[str, Image.Image], count: int) -> None:
 
 
 def _train(out, shards, *overrides):
-    from conftest import FAST_PRECISION
+    """A 6-step 2-rank run of the tiny config that registers as ``tnt-vis`` (test_train's command)."""
+    from test_train import train
 
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "launch", "local.py"),
-        "--nproc",
-        "2",
-        "--",
-        "--config",
-        CONFIG,
-        f"train.out={out}",
-        f"data.train={shards['train']}",
-        f"data.val={shards['val']}",
-        "data.workers=1",
-        "mlflow.system_metrics=false",
-        "mlflow.register_as=tnt-vis",
-        "train.max_steps=6",
-        "optim.epochs=1",
-        f"train.precision={FAST_PRECISION}",
-        *overrides,
-    ]
-    proc = subprocess.run(
-        cmd, env=dict(os.environ, MLFLOW_TRACKING_URI=""), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train(out, shards, "mlflow.register_as=tnt-vis", "train.max_steps=6", "optim.epochs=1", *overrides, timeout=600)
 
 
 @pytest.mark.slow
