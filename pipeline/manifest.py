@@ -189,10 +189,15 @@ class OffsetsFile:
             with self.store.open(self.url, 8 * a, 8 * (a + n)) as f:
                 data = f.read()
             if len(data) != 8 * n:
-                raise DataError(f"{self.url}: {len(data)} bytes of offsets for shard {shard}, not {8 * n}")
+                raise DataError(f"{self.url}: {len(data)} bytes of offsets for shard {shard}, not {8 * n} (truncated)")
+            offsets = np.frombuffer(data, dtype="<i8").astype(np.int64)
+            # tar members start on 512-byte blocks, in order: anything else is damage, and
+            # reading from it would hand the tar reader the middle of a file
+            if offsets[0] < 0 or np.any(offsets % 512) or np.any(np.diff(offsets) <= 0):
+                raise DataError(f"{self.url}: the offsets of shard {shard} are damaged (not increasing tar blocks)")
             if len(self._held) >= self.keep:
                 self._held.pop(next(iter(self._held)))
-            self._held[shard] = np.frombuffer(data, dtype="<i8").astype(np.int64)
+            self._held[shard] = offsets
         return self._held[shard]
 
     def __getstate__(self) -> dict:
