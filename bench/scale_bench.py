@@ -7,9 +7,11 @@ synthetic shards (no image bytes are needed for what is measured).
 
 Rows, per data set, for one rank's DataLoader worker at --ranks x --workers slots:
 - manifest bytes, with every sample's offset inline (the format before 2026-12-07) and
-  with the offsets in the split's offsets file (pipeline/shard.py's format now);
-- the manifest's load time and the peak RSS it adds to one process (a fresh process,
-  against a baseline process that imports the same modules and loads nothing);
+  with the offsets in the split's offsets file (pipeline/shard.py's format now; past
+  shard.TABLE_ABOVE shards the list of shards is its binary shard table, counted in);
+- the manifest's load time, and a process's start-up (the load and one slot's plan, as
+  ``TrainStream._positions`` makes it before its first read) with the peak RSS it adds
+  (a fresh process, against a baseline process that imports the same modules);
 - the epoch plan of one slot (its positions and their shuffle order);
 - the re-plan after an elastic change (--ranks to --elastic-ranks at mid-epoch), for one
   new slot: before 2026-12-07 a pass over every position of the epoch in every process
@@ -37,29 +39,57 @@ from reshard_bench import cpu_name  # noqa: E402
 PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from pipeline.manifest import load_manifest
+from pipeline.data import TrainStream, _buffer_rng, _phase_layout, _shuffled
+from pipeline.manifest import _Sequence, load_manifest
+ranks, workers, batch, buffer = map(int, sys.argv[3:7])
 t = time.perf_counter()
 m = load_manifest(sys.argv[2]) if sys.argv[2] != "-" else None
+loaded = time.perf_counter()
+if m is not None:  # the last rank's last worker, as TrainStream._positions plans it before its first read
+    stream = TrainStream(m, batch, rank=ranks - 1, world_size=ranks, shuffle_buffer=buffer)
+    _, slots = _phase_layout(len(stream.positions_left(0, ())), ranks, workers, batch)
+    lo, hi = slots[-1]
+    order = list(_shuffled(iter(range(lo, hi)), buffer, _buffer_rng(0, 0, ranks - 1, workers - 1, 0)))
+    seq = _Sequence(m, stream._order())
 took = time.perf_counter() - t
-print(json.dumps({"seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+out = {"load_s": loaded - t, "seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+print(json.dumps(out))
 """
 
 
-def write_manifest(folder: str, shards: int, per_shard: int, inline: bool, sample_bytes: int = 110_000) -> str:
+def write_manifest(
+    folder: str, shards: int, per_shard: int, inline: bool, sample_bytes: int = 110_000, table_above: int | None = None
+) -> str:
     """A manifest for ``shards`` synthetic shards: every sample's offset inline (the format
-    before 2026-12-07) or in the offsets file (``pipeline/shard.py``'s now). The offsets
-    file itself is not written: loading a manifest does not read it (a shard's offsets are
-    read when that shard is opened)."""
+    before 2026-12-07) or in the offsets file (``pipeline/shard.py``'s now), its shards
+    listed in JSON or, past ``table_above`` shards (``shard.TABLE_ABOVE``), in the binary
+    shard table (written: a process maps it). The offsets file itself is not written:
+    loading a manifest and planning do not read it (a shard's offsets are read when that
+    shard is opened)."""
+    import numpy as np
+
+    from pipeline import shard
+
+    table_above = shard.TABLE_ABOVE if table_above is None else table_above
     path = os.path.join(folder, "manifest.json")
     offsets = [i * sample_bytes for i in range(per_shard + 1)]
     head = {"split": "train", "num_classes": 21841, "classes": []}
     if not inline:
         head["offsets"] = {"file": "offsets.bin", "bytes": 8 * shards * (per_shard + 1), "sha256": "0" * 64}
+    if not inline and shards > table_above:  # shard.write_table's layout, made from columns
+        digests = np.zeros((shards, 32), np.uint8)
+        digests[:, 24:] = np.arange(shards, dtype=">u8").view(np.uint8).reshape(shards, 8)
+        columns = (np.full(shards, per_shard, "<i8"), np.full(shards, offsets[-1] + 1024, "<i8"), digests)
+        entry = shard._write_binary(os.path.join(folder, shard.SHARD_TABLE), b"".join(c.tobytes() for c in columns))
+        head["shard_table"] = {**entry, "file": shard.SHARD_TABLE, "count": shards, "names": "train-{:06d}.tar"}
+        with open(path, "w") as f:
+            json.dump(head, f)
+        return path
     with open(path, "w") as f:
         f.write(json.dumps(head)[:-1] + ', "shards": [')
         for s in range(shards):
             entry = {
-                "name": f"train-{s:07d}.tar",
+                "name": shard.shard_name("train", s),
                 "samples": per_shard,
                 "bytes": offsets[-1] + 1024,
                 "sha256": f"{s:064x}",
@@ -71,8 +101,8 @@ def write_manifest(folder: str, shards: int, per_shard: int, inline: bool, sampl
     return path
 
 
-def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[float, float]:
-    """(seconds, MB of peak RSS added) of ``script`` given ``work`` in a fresh process,
+def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[dict, float]:
+    """(what ``script`` printed, MB of peak RSS added) given ``work`` in a fresh process,
     against the same script given ``idle`` (its imports alone)."""
 
     def probe(args: list[str]) -> dict:
@@ -80,7 +110,7 @@ def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[flo
         return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
     base, got = probe(idle), probe(work)
-    return got["seconds"], (got["rss_kb"] - base["rss_kb"]) / 1024
+    return got, (got["rss_kb"] - base["rss_kb"]) / 1024
 
 
 def plan_seconds(samples: int, ranks: int, workers: int, batch: int, buffer: int) -> float:
@@ -118,7 +148,8 @@ def replan(mode: str, samples: int, ranks: int, new_ranks: int, workers: int, ba
     epoch on ``ranks``, in a fresh process against one that skips it: ``eager`` (the whole
     epoch's leftovers, the code before 2026-12-07) or ``lazy`` (``pipeline.data._Left``)."""
     numbers = [str(n) for n in (samples, ranks, new_ranks, workers, batch, buffer)]
-    return in_fresh_process(REPLAN, ["none", *numbers], [mode, *numbers])
+    got, grown = in_fresh_process(REPLAN, ["none", *numbers], [mode, *numbers])
+    return got["seconds"], grown
 
 
 def main(argv=None) -> int:
@@ -142,10 +173,12 @@ def main(argv=None) -> int:
     sets = [("ImageNet-1k", 1_281), ("ImageNet-21k", 14_200), ("web, 2B samples", 2_000_000)]
     # shards written per format: the inline 2B manifest (~20 GB of JSON) is projected, not written
     write_max = {"inline offsets (before)": 20_000, "offsets file (now)": 2_000_000}
+    table_above = None  # shard.TABLE_ABOVE: past it, shard.py lists the shards in its binary table
     if args.dry_run:
         args.ranks, args.workers, args.elastic_ranks, args.batch, args.per_shard = 4, 2, 3, 8, 50
         sets, args.replan_max = [("tiny", 20), ("small", 60), ("projected", 600)], 5_000
         write_max = {"inline offsets (before)": 100, "offsets file (now)": 600}
+        table_above = 100  # the largest tiny set in the shard table, as 2B samples are
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores; {args.ranks} ranks x {args.workers} workers, "
         f"batch {args.batch}, {args.per_shard} samples per shard"
@@ -157,24 +190,27 @@ def main(argv=None) -> int:
         for form, most in write_max.items():
             if shards <= most:
                 with tempfile.TemporaryDirectory() as tmp:
-                    path = write_manifest(tmp, shards, args.per_shard, inline=form.startswith("inline"))
-                    size = os.path.getsize(path)
-                    seconds, rss = in_fresh_process(PROBE, ["-"], [path])
-                for row, value in (("bytes", size), ("load_s", seconds), ("load_mb", rss)):
+                    path = write_manifest(
+                        tmp, shards, args.per_shard, inline=form.startswith("inline"), table_above=table_above
+                    )
+                    size = sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp))
+                    layout = [str(n) for n in (args.ranks, args.workers, args.batch, args.buffer)]
+                    got, rss = in_fresh_process(PROBE, ["-", *layout], [path, *layout])
+                rows = {"bytes": size, "load_s": got["load_s"], "start_s": got["seconds"], "mb": rss}
+                for row, value in rows.items():
                     measured[form + row] = (samples, value)
+                kind = " (JSON list)" if form.startswith("inline") or shards <= table_above else " (shard table)"
                 print(
-                    f"  {form}: manifest {size / 1e6:,.1f} MB | load {seconds:.2f} s, "
-                    f"+{rss:,.0f} MB peak RSS in one process"
+                    f"  {form}: manifest{kind} {size / 1e6:,.1f} MB | load {got['load_s']:.2f} s; start-up "
+                    f"(load and one slot's plan) {got['seconds']:.2f} s, +{rss:,.0f} MB peak RSS in one process"
                 )
             else:
-                scale = {
-                    row: measured[form + row][1] / measured[form + row][0] * samples
-                    for row in ("bytes", "load_s", "load_mb")
-                }
+                n = measured[form + "bytes"][0]
+                rows = {row: measured[form + row][1] / n * samples for row in ("bytes", "load_s", "start_s", "mb")}
                 print(
-                    f"  {form}: manifest {scale['bytes'] / 1e9:,.1f} GB | load {scale['load_s']:,.0f} s, "
-                    f"+{scale['load_mb'] / 1e3:,.1f} GB peak RSS in one process "
-                    f"(projected from {measured[form + 'bytes'][0]:,} samples)"
+                    f"  {form}: manifest {rows['bytes'] / 1e9:,.1f} GB | load {rows['load_s']:,.0f} s; start-up "
+                    f"{rows['start_s']:,.0f} s, +{rows['mb'] / 1e3:,.1f} GB peak RSS in one process "
+                    f"(projected from {n:,} samples)"
                 )
         plan_ms = plan_seconds(samples, args.ranks, args.workers, args.batch, args.buffer) * 1e3
         print(f"  plan of one slot: {plan_ms:.1f} ms")

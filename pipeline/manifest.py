@@ -45,12 +45,13 @@ class Manifest:
     split: str
     num_samples: int
     num_classes: int
-    urls: tuple[str, ...]
-    sizes: tuple[int, ...]  # samples per shard
+    # per shard: tuples, or (a split listed in a shard table) arrays and lazy sequences
+    urls: Sequence[str]
+    sizes: Sequence[int]  # samples per shard
     classes: tuple[str, ...]  # class ids by index
     path: str
-    shard_bytes: tuple[int | None, ...]  # per shard (None where the manifest does not say)
-    sha256: tuple[str | None, ...]
+    shard_bytes: Sequence[int | None]  # per shard (None where the manifest does not say)
+    sha256: Sequence[str | None]
     # per shard (``offsets[i]``): each sample's byte offset in the tar, then the end of the
     # last one (int64 array), or None (older builds): a slot then reads the shard from its
     # first byte and skips undecoded. A tuple (inline in the manifest) or an OffsetsFile.
@@ -92,37 +93,49 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
             raise InputError(f"unreadable shard manifest {file}: {exc}") from exc
     try:
         m = json.loads(text)
-        shards = m["shards"]
+        table = m.get("shard_table")
+        shards = m["shards"] if table is None else None
     except (ValueError, KeyError) as exc:
         raise InputError(f"unreadable shard manifest {file}: {exc}") from exc
-    shards = [s for s in shards if s.get("samples", 0) > 0]
-    if not shards:
-        raise InputError(f"shard manifest {file} lists no samples")
-    base = url_base or (file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file)))
+    beside = file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file))  # not url_base's
+    base = url_base or beside
     storage.check_url(base)
-    urls = [_url(base, s["name"]) for s in shards]
-    classes = tuple(c["id"] for c in sorted(m.get("classes", []), key=lambda c: c["index"]))
+    if table is None:
+        every = np.array([s.get("samples", 0) for s in shards], dtype=np.int64)
+    else:
+        every, nbytes, digests = _shard_table(_url(beside, table["file"]), table, store)
+    kept = np.flatnonzero(every > 0)
+    if not len(kept):
+        raise InputError(f"shard manifest {file} lists no samples")
+    if table is None:
+        shards = [shards[i] for i in kept]
+        urls, sizes = tuple(_url(base, s["name"]) for s in shards), tuple(int(s["samples"]) for s in shards)
+        shard_bytes, sha256 = tuple(s.get("bytes") for s in shards), tuple(s.get("sha256") for s in shards)
+    else:  # arrays (mapped), and names and digests made one at a time: nothing per shard in Python objects
+        whole = len(kept) == len(every)
+        urls, sizes = _Names(base, table["names"], kept), every if whole else every[kept]
+        shard_bytes, sha256 = (nbytes, _Hex(digests)) if whole else (nbytes[kept], _Hex(digests[kept]))
     if m.get("offsets"):  # the offsets file: where each kept shard's run starts in it
-        starts = np.cumsum([0] + [s["samples"] + 1 for s in m["shards"]])[:-1]
-        kept = [int(st) for st, s in zip(starts, m["shards"]) if s.get("samples", 0) > 0]
-        beside = file.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(file))  # not url_base's
-        counts = tuple(s["samples"] for s in shards)
-        offsets = OffsetsFile(_url(beside, m["offsets"]["file"]), tuple(kept), counts, store)
+        starts = (np.cumsum(every + 1) - (every + 1))[kept]
+        offsets = OffsetsFile(_url(beside, m["offsets"]["file"]), starts, sizes, store)
+    elif table is not None:  # (a table without an offsets file: shards read from their first byte)
+        offsets = (None,) * len(kept)
     else:
         offsets = tuple(
             np.asarray(s["offsets"], dtype=np.int64) if len(s.get("offsets") or ()) == s["samples"] + 1 else None
             for s in shards
         )
+    classes = tuple(c["id"] for c in sorted(m.get("classes", []), key=lambda c: c["index"]))
     return Manifest(
         split=m.get("split", "?"),
-        num_samples=sum(s["samples"] for s in shards),
+        num_samples=int(np.sum(sizes)),
         num_classes=int(m.get("num_classes", len(classes))),
-        urls=tuple(urls),
-        sizes=tuple(int(s["samples"]) for s in shards),
+        urls=urls,
+        sizes=sizes,
         classes=classes,
         path=file,
-        shard_bytes=tuple(s.get("bytes") for s in shards),
-        sha256=tuple(s.get("sha256") for s in shards),
+        shard_bytes=shard_bytes,
+        sha256=sha256,
         offsets=offsets,
         store=store,
         digest=hashlib.sha256(text).hexdigest(),
@@ -130,11 +143,23 @@ def load_manifest(path: str, url_base: str | None = None, store: Store = Store()
 
 
 def _node_copy(url: str, store: Store) -> bytes:
-    """A remote manifest read once per node: each process asks the store for its size and
-    ETag (a HEAD), and the first one to need that version fetches it into the node's copy,
-    under a lock, in the shard cache's directory (else the node's temporary directory),
-    where the node's other ranks and workers read it. At 1,024 ranks on 128 nodes: 128
-    GETs of the manifest instead of 1,024 (and 8,192 with the workers' own loads)."""
+    """A remote manifest read once per node (:func:`_node_file`)."""
+    got = _node_file(url, store)
+    if isinstance(got, bytes):
+        return got
+    with open(got, "rb") as f:
+        return f.read()
+
+
+def _node_file(url: str, store: Store, sha256: str | None = None) -> str | bytes:
+    """A remote file of the split (the manifest, its shard table) fetched once per node:
+    each process asks the store for its size and ETag (a HEAD), and the first one to need
+    that version fetches it into the node's copy, under a lock, in the shard cache's
+    directory (else the node's temporary directory), where the node's other ranks and
+    workers read it. At 1,024 ranks on 128 nodes: 128 GETs of the manifest instead of
+    1,024 (and 8,192 with the workers' own loads). Returns the copy's path, or the bytes
+    read where no copy could be made (a server that refuses HEAD, a file replaced between
+    the HEAD and the GET). ``sha256``: checked once, when the copy is made."""
     import tempfile
 
     from pipeline.atomic import replacing
@@ -151,16 +176,67 @@ def _node_copy(url: str, store: Store) -> bytes:
     root = store.cache.root if store.cache is not None else os.path.join(tempfile.gettempdir(), "tntpipe")
     folder = os.path.join(root, "manifests")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, hashlib.sha256(f"{url}\n{size}\n{etag}".encode()).hexdigest()[:32] + ".json")
+    name = hashlib.sha256(f"{url}\n{size}\n{etag}".encode()).hexdigest()[:32] + os.path.splitext(url)[1]
+    path = os.path.join(folder, name)
     with storage._locked(path + ".lock"):
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             data = storage.read_bytes(url, store.policy)
             if len(data) != size:  # replaced between the HEAD and the GET: this process's read stands
                 return data
+            if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+                raise InputError(f"{url}: its sha256 differs from the manifest's (damaged or from another build)")
             with replacing(path, durable=False) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-        with open(path, "rb") as f:
-            return f.read()
+    return path
+
+
+class _Names(Sequence):
+    """Shard URLs of a split listed in a shard table: the builder's name pattern, by index."""
+
+    def __init__(self, base: str, pattern: str, index: np.ndarray):
+        self.base, self.pattern, self.index = base, pattern, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return _url(self.base, self.pattern.format(int(self.index[i])))
+
+
+class _Hex(Sequence):
+    """The shard table's sha256 digests (32 bytes each) as hex strings, one at a time."""
+
+    def __init__(self, digests: np.ndarray):
+        self.digests = digests
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return bytes(self.digests[i]).hex()
+
+
+def _shard_table(url: str, entry: dict, store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(samples, bytes, sha256 digests) per shard from the split's shard table
+    (``pipeline/shard.py``): mapped, not read, so a process holds only the pages it
+    touches (the sample counts; a shard's size and digest when it opens that shard).
+    A remote table is fetched once per node and checked against its sha256 then."""
+    n = entry["count"]
+    got = _node_file(url, store, entry["sha256"]) if storage.scheme(url) else storage.local_path(url)
+    size = len(got) if isinstance(got, bytes) else os.path.getsize(got) if os.path.isfile(got) else None
+    if size != entry["bytes"] or size != 48 * n:
+        raise InputError(f"{url}: the shard table is missing or truncated ({size} bytes, not {entry['bytes']})")
+    if isinstance(got, bytes):
+        return np.frombuffer(got, "<i8", n), np.frombuffer(got, "<i8", n, 8 * n), np.frombuffer(got, "S32", n, 16 * n)
+    return (
+        np.memmap(got, "<i8", "r", 0, (n,)),
+        np.memmap(got, "<i8", "r", 8 * n, (n,)),
+        np.memmap(got, "S32", "r", 16 * n, (n,)),
+    )
 
 
 def _url(base: str, name: str) -> str:
@@ -176,7 +252,7 @@ class OffsetsFile:
 
     keep = 64
 
-    def __init__(self, url: str, starts: tuple[int, ...], counts: tuple[int, ...], store: Store):
+    def __init__(self, url: str, starts: Sequence[int], counts: Sequence[int], store: Store):
         self.url, self.starts, self.counts, self.store = url, starts, counts, store
         self._held: dict[int, np.ndarray] = {}
 
@@ -185,7 +261,7 @@ class OffsetsFile:
 
     def __getitem__(self, shard: int) -> np.ndarray:
         if shard not in self._held:
-            a, n = self.starts[shard], self.counts[shard] + 1
+            a, n = int(self.starts[shard]), int(self.counts[shard]) + 1
             with self.store.open(self.url, 8 * a, 8 * (a + n)) as f:
                 data = f.read()
             if len(data) != 8 * n:
@@ -237,17 +313,84 @@ class _Reporter:
         return out
 
 
-def _tar_samples(stream, url: str, report: _Reporter, failed: list) -> Iterator[dict]:
-    """Samples of a tar byte stream (webdataset's reader). An error ends the stream and
-    is counted as a bad shard: by then :mod:`pipeline.store` has retried what can be."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+class _TarError(DataError):
+    """A tar stream that is not what ``pipeline/shard.py`` writes, or is damaged."""
 
-    def handler(exc: BaseException) -> bool:
-        failed.append(exc)
-        return False  # stop this shard; the caller moves on to the next one
 
+_ZERO_BLOCK = bytes(512)
+
+
+def _octal(field: bytes, what: str) -> int:
     try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _TarError(f"damaged tar header ({what} {field!r})") from None
+
+
+def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar byte stream, in order, to its end or
+    the end-of-archive blocks.
+
+    Our own reader, not ``tarfile`` through webdataset's ``tar_file_iterator``: those
+    spend ~90 us of Python per member, ~5x what the rest of raw delivery costs, and the
+    loader read 2.0x fewer samples per second than LitData through them
+    (``bench/peer_bench.py``, row 1). This one reads a 512-byte header, checks its
+    checksum, and reads the member: ustar headers (what ``shard.py`` writes), plus pax
+    and GNU long names so that a shard with long keys still reads."""
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) < 512:
+            raise _TarError(f"truncated tar header ({len(header)} of 512 bytes)")
+        chksum = header[148:156]
+        if _octal(chksum, "checksum") != sum(header) - sum(chksum) + 256:  # the field counts as 8 spaces
+            raise _TarError("damaged tar header (checksum)")
+        size, kind = _octal(header[124:136], "size"), header[156:157]
+        padded = size + (-size % 512)
+        data = stream.read(padded)  # the member and its padding: one read
+        if len(data) < padded:
+            raise _TarError(f"truncated tar member ({len(data)} of {padded} bytes)")
+        if padded != size:
+            data = data[:size]
+        if kind in (b"0", b"\0", b"7"):
+            if long_name is None:
+                name, prefix = header[:100].split(b"\0", 1)[0], header[345:500].split(b"\0", 1)[0]
+                long_name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+            yield long_name, data
+            long_name = None
+        elif kind == b"L":  # GNU long name: the next member's
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind == b"x":  # pax header: its path, if any, is the next member's name
+            for record in data.decode("utf-8", "surrogateescape").split("\n"):
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    long_name = value
+        # directories, links, global pax headers: nothing to read
+
+
+def _tar_samples(stream, url: str, report: _Reporter, failed: list) -> Iterator[dict]:
+    """Samples of a tar byte stream: consecutive members sharing a key (the name up to
+    the first dot of its last part), as webdataset groups them (``__key__``, ``__url__``,
+    one entry per lower-cased extension). An error ends the stream and is counted as a
+    bad shard: by then :mod:`pipeline.store` has retried what can be."""
+    sample: dict | None = None
+    try:
+        for name, data in _tar_members(stream):
+            dot = name.find(".", name.rfind("/") + 1)
+            if dot < 0:
+                continue  # no extension: not part of a sample (webdataset skips it too)
+            key, ext = name[:dot], name[dot + 1 :].lower()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if ext in sample:
+                raise _TarError(f"{name}: a second {ext} for sample {key}")
+            sample[ext] = data
+        if sample is not None:
+            yield sample
     except Exception as exc:  # noqa: BLE001 - anything a stream can raise ends the shard, not the run
         failed.append(exc)
     finally:
@@ -282,7 +425,8 @@ class _Sequence:
     def __init__(self, manifest: Manifest, order: list[int]):
         self.manifest = manifest
         self.order = order
-        self.starts = np.cumsum([0] + [manifest.sizes[i] for i in order])
+        sizes = np.asarray(manifest.sizes, dtype=np.int64)[np.asarray(order, dtype=np.int64)]
+        self.starts = np.concatenate(([0], np.cumsum(sizes)))
 
     def _offsets(self, shard: int) -> np.ndarray | None:
         """The shard's sample offsets, or None: an older build, or a ``pipe:`` URL (it

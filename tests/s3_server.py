@@ -102,6 +102,14 @@ class S3Server:
         return f"s3://{name}"
 
 
+class _Quiet(http.server.ThreadingHTTPServer):
+    """A client that hangs up (a process killed mid-read) is not an error of the proxy."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """A threaded HTTP proxy to ``127.0.0.1:upstream`` that injects ``fault``s."""
 
@@ -109,6 +117,7 @@ class FaultProxy:
         self.upstream, self.stall_s = upstream, stall_s
         self.fault = lambda method, path, n: None
         self.counts: Counter = Counter()
+        self.served = 0  # bytes of GET responses forwarded (bench/peer_bench.py: bytes read per epoch)
         self.injected: Counter = Counter()
         self.lock = threading.Lock()
         proxy = self
@@ -154,6 +163,9 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if self.command == "GET":
+                    with proxy.lock:
+                        proxy.served += len(data)
                 if kind in ("reset", "short", "stall") and len(data) > 1:
                     with proxy.lock:
                         proxy.injected[kind] += 1
@@ -182,7 +194,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Quiet(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 

@@ -50,4 +50,38 @@ def test_scale_bench_dry_run_prints_every_row():
     assert out.startswith("machine: ")
     assert out.count("manifest ") == 6 and out.count("plan of one slot") == 3 and out.count("elastic re-plan") == 6
     assert out.count("offsets file (now): manifest") == 3 and out.count("now (one new slot's share)") == 3
+    assert out.count("manifest (shard table)") == 1  # the largest set, as shard.py lists 2B samples' shards
+    assert out.count("start-up (load and one slot's plan)") == 5
     assert out.count("(projected from") == 2  # the largest set: the inline load and the re-plan, said so
+
+
+def test_peer_bench_dry_run_prints_every_row_and_names_the_peers_it_skips():
+    """bench/peer_bench.py at tiny sizes: every row for ours and plain WebDataset (both
+    always installed), and for each optional peer (the [bench] extra) either its rows or
+    its name in the line of skipped peers, never both."""
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "peer_bench.py"), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("machine: ")
+    for row in (
+        "1. raw delivery",
+        "4. bytes read",
+        "2. the DeiT recipe",
+        "3. time to the first batch",
+        "5. resume",
+        "6.",
+    ):
+        assert row in out, row
+    assert out.count("| ours |") == 4 and out.count("| webdataset |") == 4  # rows 1, 2 (twice), 3
+    assert "ours: 0 re-read, 0 skipped" in out and "webdataset: no resume" in out
+    skipped = next((line for line in out.splitlines() if line.startswith("skipped (not installed")), "")
+    for peer in ("streaming", "litdata"):
+        assert (f"| {peer} |" in out) != (peer in skipped), peer

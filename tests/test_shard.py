@@ -427,6 +427,43 @@ def test_verify_checks_the_offsets_file_and_each_shards_offsets(imagenet_tree, t
     assert "sample offsets differ from the manifest's" in capsys.readouterr().err
 
 
+def test_a_split_past_table_above_lists_its_shards_in_a_binary_table_that_reads_the_same(
+    imagenet_tree, tmp_path, monkeypatch, capsys
+):
+    """Past shard.TABLE_ABOVE shards (100,000; here 0) the manifest names its shards by
+    pattern and keeps samples, bytes and sha256 in shards.bin: the loader gives the same
+    shards and a stream the same samples as from the JSON list; --verify checks the table;
+    a truncated table is one line at load, and a --verify problem."""
+    from pipeline.data import TrainStream
+    from pipeline.errors import InputError
+    from pipeline.manifest import load_manifest as load
+    from pipeline.transforms import Augment
+
+    def keys(manifest):
+        stream = TrainStream(manifest, 2, augment=Augment.light(32), shuffle_buffer=3)
+        return [k for b in stream.iter_worker(0, 1, main=True) for k in b["key"]]
+
+    listed, table = tmp_path / "listed", tmp_path / "table"
+    assert run(imagenet_tree["root"], "--out", listed, "--shard-size", 4, "--quiet") == 0
+    monkeypatch.setattr(shard, "TABLE_ABOVE", 0)
+    assert run(imagenet_tree["root"], "--out", table, "--shard-size", 4, "--quiet") == 0
+    m = load_manifest(table)
+    assert "shards" not in m and m["shard_table"]["names"] == "train-{:06d}.tar"
+    path = table / "train" / shard.SHARD_TABLE
+    assert path.stat().st_size == 48 * m["shard_table"]["count"] == 48 * len(load_manifest(listed)["shards"])
+    a, b = load(str(listed / "train")), load(str(table / "train"))
+    assert [os.path.basename(u) for u in a.urls] == [os.path.basename(u) for u in b.urls]
+    assert list(a.sizes) == list(b.sizes) and list(a.shard_bytes) == list(b.shard_bytes)
+    assert list(a.sha256) == list(b.sha256) and a.num_samples == b.num_samples
+    assert keys(a) == keys(b) and len(keys(b)) >= 10
+    assert run("--verify", table) == 0
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(InputError, match="the shard table is missing or truncated"):
+        load(str(table / "train"))
+    assert run("--verify", table) == 1
+    assert "the shard table" in capsys.readouterr().err
+
+
 def test_val_fraction_cuts_a_seeded_stratified_val_split_from_train(imagenet_tree, tmp_path, capsys):
     """A tree with no val split (ImageNet-21k's fall11): --val-fraction takes that share of
     each class's train images (at least one), disjoint from train, the same on a re-run,

@@ -535,3 +535,41 @@ def test_a_node_fetches_the_manifest_once_for_all_its_processes(s3, shards, tmp_
     four()
     assert proxy.gets_of(path) == before + 2
     client.put_object(Bucket="data", Key=key, Body=body)
+
+
+def _table_in_child(node, remote, barrier, results):
+    barrier.wait()
+    m = load_manifest(remote, store=store.Store(FAST, cache=store.ShardCache(node)))
+    results.put((m.num_samples, list(m.sha256)))
+
+
+def test_a_shard_table_in_the_store_is_fetched_once_per_node_and_reads_like_the_json_list(
+    s3, shards, tree, tmp_path, monkeypatch
+):
+    """A split listed in a binary shard table (shard.TABLE_ABOVE, here 0), built into the
+    store: four processes of a node fetch shards.bin once (into the node's shard cache),
+    and an epoch read from the store is the local JSON-listed split's epoch."""
+    import multiprocessing as mp
+
+    server, proxy = s3
+    local, _ = shards
+    monkeypatch.setattr(shard, "TABLE_ABOVE", 0)
+    assert build(str(tree / "src"), "s3://data/tabled") == 0
+    remote = "s3://data/tabled/train"
+    path = "/data/tabled/train/" + shard.SHARD_TABLE
+    before = proxy.gets_of(path)
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [
+        ctx.Process(target=_table_in_child, args=(str(tmp_path / "node"), remote, barrier, results)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60 * SLOWDOWN) for _ in procs]
+    for p in procs:
+        p.join(timeout=60 * SLOWDOWN)
+    listed = load_manifest(local)
+    assert all(g == (listed.num_samples, list(listed.sha256)) for g in got)
+    assert proxy.gets_of(path) == before + 1
+    m = load_manifest(remote, store=store.Store(FAST, cache=store.ShardCache(str(tmp_path / "node"))))
+    assert epoch(m, world=2, workers=2) == epoch(listed, world=2, workers=2)
