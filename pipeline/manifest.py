@@ -411,6 +411,21 @@ def _runs(idxs: Sequence[int], offsets: np.ndarray, gap_bytes: int) -> list[tupl
     return [(a, b) for a, b in runs]
 
 
+_POOL = None
+
+
+def _ahead_pool():
+    """One thread per process that makes the next shard's requests (:meth:`_Sequence.fetch`);
+    made on first use, so in each DataLoader worker, never pickled."""
+    global _POOL
+    if _POOL is None or _POOL._pid != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="shard-ahead")
+        _POOL._pid = os.getpid()
+    return _POOL
+
+
 class _Sequence:
     """The epoch's shards in some order, concatenated, repeated without end.
 
@@ -447,24 +462,33 @@ class _Sequence:
             return m.store.open(url, 0, size, size, sha), 0
         return m.store.open(url, int(offsets[a]), int(offsets[b]), size, sha), a
 
-    def _samples(self, shard: int, idxs: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
+    def _ready(self, shard: int, idxs: Sequence[int]) -> tuple:
+        """(offsets, runs, the first run's (stream, first index)) of ``shard``'s sorted
+        ``idxs``: its requests, made before a byte of it is read (ahead, for a store)."""
+        offsets = self._offsets(shard)  # an offsets file: one ranged read, the first time
+        runs = _runs(idxs, offsets, self.gap_bytes) if offsets is not None else [(idxs[0], idxs[-1] + 1)]
+        return offsets, runs, self._open(shard, *runs[0], offsets)
+
+    def _samples(self, shard: int, idxs: Sequence[int], report: _Reporter, ahead=None) -> Iterator[tuple[int, dict]]:
         """(index in the shard, sample) for the sorted ``idxs`` of ``shard``; a shard that
-        fails (after the store's retries) yields nothing more, counted and logged."""
+        fails (after the store's retries) yields nothing more, counted and logged.
+        ``ahead``: a future of :meth:`_ready` for it, already under way."""
         m = self.manifest
         try:
-            offsets = self._offsets(shard)  # an offsets file: one ranged read, the first time
-        except Exception as exc:  # noqa: BLE001 - offsets that cannot be read: a bad shard
+            offsets, runs, opened = ahead.result() if ahead is not None else self._ready(shard, idxs)
+        except Exception as exc:  # noqa: BLE001 - unreadable offsets or an unopenable shard: a bad shard
             report.shard(m.urls[shard], exc)
             return
-        runs = _runs(idxs, offsets, self.gap_bytes) if offsets is not None else [(idxs[0], idxs[-1] + 1)]
         wanted = idxs if isinstance(idxs, range) else set(idxs)
-        for a, b in runs:
+        for n, (a, b) in enumerate(runs):
             failed: list = []
-            try:
-                stream, first = self._open(shard, a, b, offsets)
-            except Exception as exc:  # noqa: BLE001 - an unopenable shard is a bad shard
-                report.shard(m.urls[shard], exc)
-                return
+            if n:
+                try:
+                    opened = self._open(shard, a, b, offsets)
+                except Exception as exc:  # noqa: BLE001 - an unopenable shard is a bad shard
+                    report.shard(m.urls[shard], exc)
+                    return
+            stream, first = opened
             for idx, sample in enumerate(_tar_samples(stream, m.urls[shard], report, failed), first):
                 if idx >= b:
                     break
@@ -494,13 +518,30 @@ class _Sequence:
             j = bisect.bisect_left(positions, base + self.manifest.sizes[self.order[k]], i)
             groups.append((self.order[k], base, i, j))
             i = j
-        for g, (shard, base, i, j) in enumerate(groups):
-            if g + 1 < len(groups):
-                self._prefetch(groups[g + 1][0])
+
+        def idxs_of(group: tuple) -> Sequence[int]:
+            _, base, i, j = group
             idxs = positions[i:j]
-            idxs = range(idxs.start - base, idxs.stop - base) if isinstance(idxs, range) else [p - base for p in idxs]
-            for idx, sample in self._samples(shard, idxs, report):
-                yield base + idx, sample
+            return range(idxs.start - base, idxs.stop - base) if isinstance(idxs, range) else [p - base for p in idxs]
+
+        # From a store, the next shard's requests (its offsets, its GET up to the first
+        # byte) are made while this one is read: two round trips a shard off the critical
+        # path (measured: bench/peer_bench.py, S3 rows). Local files gain nothing from it.
+        ahead = None
+        pool = _ahead_pool() if groups and storage.scheme(self.manifest.urls[groups[0][0]]) else None
+        try:
+            for g, group in enumerate(groups):
+                shard, base = group[:2]
+                if g + 1 < len(groups):
+                    self._prefetch(groups[g + 1][0])
+                now, ahead = ahead, None
+                if pool is not None and g + 1 < len(groups):
+                    ahead = pool.submit(self._ready, groups[g + 1][0], idxs_of(groups[g + 1]))
+                for idx, sample in self._samples(shard, idxs_of(group), report, now):
+                    yield base + idx, sample
+        finally:  # closed early: the stream opened ahead is not read
+            if ahead is not None and not ahead.cancel() and ahead.exception() is None:
+                ahead.result()[2][0].close()
 
     def read(self, start: int, report: _Reporter) -> Iterator[tuple[int, dict]]:
         """(position, sample) from ``start`` on, without end; positions count from the
