@@ -317,6 +317,7 @@ def recipe(lib: str, where: Where, batch: int, workers: int, ours_aug: bool, cla
         from pipeline.transforms import Augment
 
         loader = Loader(TrainStream(manifest(where), batch, augment=Augment()), workers=workers)
+        loader.stream._setup()  # its transforms made now, as the peers' are: outside the measured epoch
         return ((b["image"], b.get("target")) for b in loader.epoch(0))
     fn = OursOnBytes("jpg", classes) if ours_aug else Natural("jpg")
     data = dataset(lib, where, batch, fn=fn)

@@ -152,6 +152,38 @@ def replan(mode: str, samples: int, ranks: int, new_ranks: int, workers: int, ba
     return got["seconds"], grown
 
 
+def first_batch_from_store(images: int, per_shard: int, scale: float) -> tuple[list[float], int]:
+    """([seconds from a fresh process to its first batch, for two ranks of one node in
+    turn], GETs of the manifest by both) for a rank of 2 DataLoader workers reading a
+    real set of ``images`` synthetic JPEGs (``pipeline/shard.py``) from the moto server
+    through the fault proxy, with the node's shard cache. What the data set's size adds
+    to it is the manifest's load (the rows above)."""
+    import argparse as _argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import peer_bench as peers
+    from s3_server import FaultProxy, S3Server
+
+    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3, FaultProxy(s3.port) as proxy:
+        os.environ.update(s3.env(proxy.url))
+        s3.bucket(peers.BUCKET)
+        src = peers.make_synthetic(os.path.join(tmp, "src"), images, scale)
+        folder = peers.write("ours", src, os.path.join(tmp, "ours"), per_shard)
+        remote = peers.upload(os.path.dirname(folder), s3, "ours")
+        where = peers.Where(folder, remote, proxy.url, os.path.join(tmp, "node-cache"))
+        args = _argparse.Namespace(batch=32, workers=2)
+        seconds = []
+        for _ in range(2):
+            got = peers.first_batch_s("ours", where, args)
+            if "failed" in got:
+                raise RuntimeError(f"the first batch from the store failed: {got['failed']}")
+            seconds.append(got["seconds"])
+        gets = sum(
+            n for (method, path), n in proxy.counts.items() if method == "GET" and path.endswith("manifest.json")
+        )
+        return seconds, gets
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python bench/scale_bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -229,6 +261,13 @@ def main(argv=None) -> int:
             )
         took, grown = replan("lazy", samples, args.ranks, args.elastic_ranks, args.workers, args.batch, args.buffer)
         print(f"  {change}, now (one new slot's share): {took:.2f} s, +{grown:,.0f} MB peak RSS")
+    images, per_shard, scale = (48, 12, 0.3) if args.dry_run else (1000, 100, 1.0)
+    (first, second), gets = first_batch_from_store(images, per_shard, scale)
+    print(
+        f"time to the first batch (batch 32, 2 workers) from the moto server through the fault proxy, node cache on, "
+        f"{images:,} real JPEGs: {first:.2f} s for the node's first rank, {second:.2f} s for its second; "
+        f"manifest GETs by the two: {gets}"
+    )
     return 0
 
 

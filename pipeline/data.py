@@ -713,6 +713,9 @@ class Loader:
         through the stream's shared memory, read when an epoch's iteration starts."""
         if self._dl is None:
             if self.workers:
+                # The transforms made here, before the workers fork, not in each of them: their
+                # imports (timm, ~1.3 CPU-s) were paid per worker (bench/peer_bench.py, row 2).
+                self.stream._setup()
                 ctx = multiprocessing.get_context()
                 self.stream.shared = ctx.Array("q", 2, lock=False)
                 # Per worker, the ids of its batch buffers that nobody here reads any more (_Buffers).

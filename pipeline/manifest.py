@@ -21,6 +21,7 @@ out; the streams in :mod:`pipeline.data` make up the count from later positions.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline import store as storage
+from pipeline.atomic import replacing
 from pipeline.errors import DataError, InputError, summary
 from pipeline.store import Store
 
@@ -162,8 +164,6 @@ def _node_file(url: str, store: Store, sha256: str | None = None) -> str | bytes
     the HEAD and the GET). ``sha256``: checked once, when the copy is made."""
     import tempfile
 
-    from pipeline.atomic import replacing
-
     try:
         found = storage.stat(url, store.policy)
     except storage.NotFound:
@@ -244,6 +244,18 @@ def _url(base: str, name: str) -> str:
     return base.format(shard=name) if "{shard}" in base else base.rstrip("/") + "/" + name
 
 
+def _checked_offsets(data: bytes, n: int, where: str, shard: int) -> np.ndarray:
+    """``n`` int64 offsets of ``shard`` from ``data``; DataError if short or damaged."""
+    if len(data) != 8 * n:
+        raise DataError(f"{where}: {len(data)} bytes of offsets for shard {shard}, not {8 * n} (truncated)")
+    offsets = np.frombuffer(data, dtype="<i8").astype(np.int64)
+    # tar members start on 512-byte blocks, in order: anything else is damage, and
+    # reading from it would hand the tar reader the middle of a file
+    if offsets[0] < 0 or np.any(offsets % 512) or np.any(np.diff(offsets) <= 0):
+        raise DataError(f"{where}: the offsets of shard {shard} are damaged (not increasing tar blocks)")
+    return offsets
+
+
 class OffsetsFile:
     """The shards' sample offsets in the split's offsets file (``pipeline/shard.py``:
     int64 little-endian, shard after shard): ``offsets[i]`` reads shard ``i``'s with one
@@ -263,14 +275,7 @@ class OffsetsFile:
         if shard not in self._held:
             a, n = int(self.starts[shard]), int(self.counts[shard]) + 1
             with self.store.open(self.url, 8 * a, 8 * (a + n)) as f:
-                data = f.read()
-            if len(data) != 8 * n:
-                raise DataError(f"{self.url}: {len(data)} bytes of offsets for shard {shard}, not {8 * n} (truncated)")
-            offsets = np.frombuffer(data, dtype="<i8").astype(np.int64)
-            # tar members start on 512-byte blocks, in order: anything else is damage, and
-            # reading from it would hand the tar reader the middle of a file
-            if offsets[0] < 0 or np.any(offsets % 512) or np.any(np.diff(offsets) <= 0):
-                raise DataError(f"{self.url}: the offsets of shard {shard} are damaged (not increasing tar blocks)")
+                offsets = _checked_offsets(f.read(), n, self.url, shard)
             if len(self._held) >= self.keep:
                 self._held.pop(next(iter(self._held)))
             self._held[shard] = offsets
@@ -445,9 +450,25 @@ class _Sequence:
 
     def _offsets(self, shard: int) -> np.ndarray | None:
         """The shard's sample offsets, or None: an older build, or a ``pipe:`` URL (it
-        can only be read from its first byte)."""
+        can only be read from its first byte). With a shard cache, an offsets file's run
+        is kept beside the cached shard (``<shard>.offsets``, evicted with it): a warm
+        node reads a shard without a request."""
         m = self.manifest
-        return None if storage.scheme(m.urls[shard]) == "pipe" else m.offsets[shard]
+        if storage.scheme(m.urls[shard]) == "pipe":
+            return None
+        if not isinstance(m.offsets, OffsetsFile):
+            return m.offsets[shard]
+        beside = m.store.cached_path(m.urls[shard], m.shard_bytes[shard], m.sha256[shard])
+        if beside is not None:
+            with contextlib.suppress(OSError, DataError):
+                with open(beside + ".offsets", "rb") as f:
+                    return _checked_offsets(f.read(), int(m.sizes[shard]) + 1, beside + ".offsets", shard)
+        offsets = m.offsets[shard]
+        if beside is not None:
+            with contextlib.suppress(OSError):  # (a cache that cannot take it: read again next time)
+                with replacing(beside + ".offsets", durable=False) as tmp, open(tmp, "wb") as f:
+                    f.write(offsets.astype("<i8").tobytes())
+        return offsets
 
     def _open(self, shard: int, a: int, b: int, offsets: np.ndarray | None):
         """A byte stream from sample ``a`` of ``shard`` to sample ``b`` (or its end), and

@@ -55,6 +55,11 @@ from typing import Callable
 from pipeline.atomic import replacing, write_atomic
 from pipeline.errors import InputError
 
+# The retries' jitter draws from its own generator: a request made in a background thread
+# (the shard read ahead, pipeline/manifest.py) must not move the global `random` state
+# that seeds each sample's augmentation in the thread decoding it.
+_JITTER = random.Random()
+os.register_at_fork(after_in_child=_JITTER.seed)  # workers forked together do not retry in step
 log = logging.getLogger("tntpipe.store")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -137,7 +142,7 @@ class Policy:
     read_timeout: float = 60.0
 
     def delay(self, k: int) -> float:
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2**k))
+        return _JITTER.uniform(0, min(self.max_backoff, self.backoff * 2**k))
 
 
 # ---------------------------------------------------------------- backends
@@ -603,7 +608,7 @@ class ShardCache:
         files = []
         for name in os.listdir(self.root):
             p = os.path.join(self.root, name)
-            if name.endswith((".lock", ".ok")) or ".tmp-" in name:
+            if name.endswith((".lock", ".ok", ".offsets")) or ".tmp-" in name:
                 continue
             try:
                 st = os.stat(p)
@@ -621,8 +626,9 @@ class ShardCache:
             try:
                 os.remove(p)  # a reader that has it open keeps reading (POSIX)
                 total -= size
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(p + ".ok")
+                for side in (".ok", ".offsets"):  # its stamp, its sample offsets (pipeline/manifest.py)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(p + side)
             except FileNotFoundError:
                 pass
 
@@ -646,6 +652,11 @@ class Store:
     def _cacheable(self, url: str, size: int | None, sha256: str | None) -> bool:
         """A cache, and a remote shard whose size and sha256 the manifest gives."""
         return self.cache is not None and scheme(url) in REMOTE and size is not None and bool(sha256)
+
+    def cached_path(self, url: str, size: int | None, sha256: str | None) -> str | None:
+        """Where the cache keeps the shard (whether there yet or not); None without a cache.
+        Small files about the shard live beside it (``<path>.offsets``) and go with it."""
+        return self.cache.path(url, sha256) if self._cacheable(url, size, sha256) else None
 
     def prefetch(self, url: str, size: int | None, sha256: str | None) -> threading.Thread | None:
         """With a cache: fetch a shard into it in a background thread (the next one,

@@ -52,6 +52,7 @@ def test_scale_bench_dry_run_prints_every_row():
     assert out.count("offsets file (now): manifest") == 3 and out.count("now (one new slot's share)") == 3
     assert out.count("manifest (shard table)") == 1  # the largest set, as shard.py lists 2B samples' shards
     assert out.count("start-up (load and one slot's plan)") == 5
+    assert "manifest GETs by the two: 1\n" in out  # one per node: the second rank reads the node's copy
     assert out.count("(projected from") == 2  # the largest set: the inline load and the re-plan, said so
 
 

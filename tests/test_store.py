@@ -256,9 +256,11 @@ def test_the_cache_serves_the_second_epoch_stays_under_its_limit_and_refetches_a
     # a big enough cache: the second epoch downloads nothing
     manifest = load_manifest(remote, store=store.Store(FAST, store.ShardCache(cache_dir, total)))
     epoch(manifest, epoch_=1)
-    before = proxy.gets()
+    before, offsets_before = proxy.gets(), proxy.gets("offsets.bin")
+    manifest = load_manifest(remote, store=store.Store(FAST, store.ShardCache(cache_dir, total)))  # a new process's
     again = epoch(manifest, epoch_=0)
     assert again == first and proxy.gets() == before
+    assert proxy.gets("offsets.bin") == offsets_before  # each shard's offsets are cached beside it
     # a corrupted cached file: found by its checksum and fetched again
     victim = sorted(f for f in os.listdir(cache_dir) if f.endswith(".tar"))[0]
     with open(os.path.join(cache_dir, victim), "r+b") as f:
