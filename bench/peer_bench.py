@@ -242,7 +242,10 @@ def raw_epoch(lib: str, where: Where, batch: int) -> list[str]:
 
         stream = TrainStream(manifest(where), batch, augment=Augment.light(32))
         n = stream.worker_batches(0, 1) * batch
-        return [s["__key__"] for _, (_, s) in zip(range(n), stream._positions(0, 1, _Reporter("bench")))]
+        t = time.perf_counter()  # (the manifest's load is row 3's, as a peer's set-up is)
+        keys = [s["__key__"] for _, (_, s) in zip(range(n), stream._positions(0, 1, _Reporter("bench")))]
+        raw_epoch.seconds = time.perf_counter() - t
+        return keys
     data = dataset(lib, where, batch)
     t = time.perf_counter()  # (set-up is row 3's)
     keys = [s["__key__"] if "__key__" in s else s["key"] for s in data]
@@ -554,6 +557,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the recipe rows")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is printed")
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS, help="libraries to measure")
+    p.add_argument(
+        "--rows", default="123456", help="the rows to measure, e.g. 14 (raw delivery and bytes read: one S3 epoch)"
+    )
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, every row")
     p.add_argument("--first-batch", help=argparse.SUPPRESS)  # the cold process of row 3
     p.add_argument("--resume-phase", help=argparse.SUPPRESS)  # a process of row 5
@@ -618,91 +624,96 @@ def main(argv=None) -> int:
             return Where(folders[lib], remote[lib], proxy.url, cache, urls)
 
         places = ("local warm", "local cold", "S3 cold", "S3 warm")
-        raw = Cells()
-        served: dict = {}
-        for lib in libs:  # fill the warm caches
-            in_child("raw", lib, where(lib, "S3 warm"), args)
-        for _ in range(args.repeats):
+        if "1" in args.rows or "4" in args.rows:
+            raw = Cells()
+            served: dict = {}
+            for lib in libs:  # fill the warm caches
+                in_child("raw", lib, where(lib, "S3 warm"), args)
+            for _ in range(args.repeats):
+                for lib in libs:
+                    for place in places:
+                        before = proxy.served
+                        got = in_child("raw", lib, where(lib, place), args)
+                        raw.add((lib, place), got, lambda g: (g["samples"] / g["seconds"], g["samples"]))
+                        if place == "S3 cold" and "failed" not in got:
+                            served[lib] = proxy.served - before
+            print("\n1. raw delivery, one process, no decode: samples/s (best of {})".format(args.repeats))
+            print(_table(libs, places, lambda lib, place: raw.show((lib, place), lambda v: f"{best(v)[0]:,.0f}")))
+            raw.print_failures()
+            print("\n4. bytes read from S3 in one cold epoch / the data set's bytes (samples delivered)")
             for lib in libs:
-                for place in places:
-                    before = proxy.served
-                    got = in_child("raw", lib, where(lib, place), args)
-                    raw.add((lib, place), got, lambda g: (g["samples"] / g["seconds"], g["samples"]))
-                    if place == "S3 cold" and "failed" not in got:
-                        served[lib] = proxy.served - before
-        print("\n1. raw delivery, one process, no decode: samples/s (best of {})".format(args.repeats))
-        print(_table(libs, places, lambda lib, place: raw.show((lib, place), lambda v: f"{best(v)[0]:,.0f}")))
-        raw.print_failures()
-        print("\n4. bytes read from S3 in one cold epoch / the data set's bytes (samples delivered)")
-        for lib in libs:
-            if lib not in served:
-                print(f"  {lib}: failed")
-                continue
-            n = best(raw.values[lib, "S3 cold"])[1]
-            print(
-                f"  {lib}: {served[lib] / 1e6:.1f} MB / {data_bytes / 1e6:.1f} MB = {served[lib] / data_bytes:.2f}x "
-                f"({n} of {files} samples)"
-            )
+                if lib not in served:
+                    print(f"  {lib}: failed")
+                    continue
+                n = best(raw.values[lib, "S3 cold"])[1]
+                print(
+                    f"  {lib}: {served[lib] / 1e6:.1f} MB / {data_bytes / 1e6:.1f} MB = "
+                    f"{served[lib] / data_bytes:.2f}x ({n} of {files} samples)"
+                )
 
-        recipe_places = ("local warm", "S3 cold")
-        rows = Cells()
-        for _ in range(args.repeats):
-            for lib in libs:
-                for place in recipe_places:
-                    for ours_aug in (False, True) if lib != "ours" else (False,):
-                        got = in_child("recipe", lib, where(lib, place), args, ours_aug=ours_aug)
-                        rows.add((lib, place, ours_aug), got, lambda g: (g["wall"], g["per_cpu"], g["worker_mb"]))
-        print(
-            f"\n2. the DeiT recipe at 224 px, {args.workers} workers: images per CPU-second (images/s), best of "
-            f"{args.repeats}"
-        )
-        for ours_aug, name in ((False, "natural path"), (True, "our decode-and-augment on its bytes")):
-            print(f"  {name}:")
+        if "2" in args.rows or "6" in args.rows:
+            recipe_places = ("local warm", "S3 cold")
+            rows = Cells()
+            for _ in range(args.repeats):
+                for lib in libs:
+                    for place in recipe_places:
+                        for ours_aug in (False, True) if lib != "ours" else (False,):
+                            got = in_child("recipe", lib, where(lib, place), args, ours_aug=ours_aug)
+                            rows.add((lib, place, ours_aug), got, lambda g: (g["wall"], g["per_cpu"], g["worker_mb"]))
+            print(
+                f"\n2. the DeiT recipe at 224 px, {args.workers} workers: images per CPU-second (images/s), best of "
+                f"{args.repeats}"
+            )
+            for ours_aug, name in ((False, "natural path"), (True, "our decode-and-augment on its bytes")):
+                print(f"  {name}:")
+                print(
+                    _table(
+                        libs,
+                        recipe_places,
+                        lambda lib, place: rows.show(
+                            (lib, place, ours_aug and lib != "ours"),
+                            lambda v: "{1:,.1f} ({0:,.1f}/s)".format(*best(v, key=lambda r: r[1])),
+                        ),
+                    )
+                )
+            rows.print_failures()
+
+        if "3" in args.rows:
+            print(
+                f"\n3. time to the first batch from a cold process (natural recipe, {args.workers} workers), best of "
+                f"{args.repeats}"
+            )
+            firsts = Cells()
+            for _ in range(args.repeats):
+                for lib in libs:
+                    for place in ("local warm", "local cold", "S3 cold"):
+                        firsts.add((lib, place), first_batch_s(lib, where(lib, place), args), lambda g: g["seconds"])
             print(
                 _table(
                     libs,
-                    recipe_places,
-                    lambda lib, place: rows.show(
-                        (lib, place, ours_aug and lib != "ours"),
-                        lambda v: "{1:,.1f} ({0:,.1f}/s)".format(*best(v, key=lambda r: r[1])),
-                    ),
+                    ("local warm", "local cold", "S3 cold"),
+                    lambda lib, place: firsts.show((lib, place), lambda v: f"{min(v):.2f} s"),
                 )
             )
-        rows.print_failures()
+            firsts.print_failures()
 
-        print(
-            f"\n3. time to the first batch from a cold process (natural recipe, {args.workers} workers), best of "
-            f"{args.repeats}"
-        )
-        firsts = Cells()
-        for _ in range(args.repeats):
+        if "5" in args.rows:
+            print(f"\n5. resume at mid-epoch (batch {args.batch}, local disk): samples re-read / skipped")
             for lib in libs:
-                for place in ("local warm", "local cold", "S3 cold"):
-                    firsts.add((lib, place), first_batch_s(lib, where(lib, place), args), lambda g: g["seconds"])
-        print(
-            _table(
-                libs,
-                ("local warm", "local cold", "S3 cold"),
-                lambda lib, place: firsts.show((lib, place), lambda v: f"{min(v):.2f} s"),
-            )
-        )
-        firsts.print_failures()
+                got = resumed(lib, where(lib, "local warm"), args.batch, tmp)
+                if got is None:
+                    print(f"  {lib}: no resume (an epoch restarts from its first sample)")
+                elif isinstance(got, str):
+                    print(f"  {lib}: failed ({got})")
+                else:
+                    n, again, skipped = got
+                    exact = "exact" if again == skipped == 0 else "not exact"
+                    print(f"  {lib}: {again} re-read, {skipped} skipped of {n} ({exact})")
 
-        print(f"\n5. resume at mid-epoch (batch {args.batch}, local disk): samples re-read / skipped")
-        for lib in libs:
-            got = resumed(lib, where(lib, "local warm"), args.batch, tmp)
-            if got is None:
-                print(f"  {lib}: no resume (an epoch restarts from its first sample)")
-            elif isinstance(got, str):
-                print(f"  {lib}: failed ({got})")
-            else:
-                n, again, skipped = got
-                exact = "exact" if again == skipped == 0 else "not exact"
-                print(f"  {lib}: {again} re-read, {skipped} skipped of {n} ({exact})")
-
-        print("\n6. peak RSS of one DataLoader worker, natural recipe, local disk")
-        for lib in libs:
-            print(f"  {lib}: " + rows.show((lib, "local warm", False), lambda v: f"{max(r[2] for r in v):,.0f} MB"))
+        if "6" in args.rows:
+            print("\n6. peak RSS of one DataLoader worker, natural recipe, local disk")
+            for lib in libs:
+                print(f"  {lib}: " + rows.show((lib, "local warm", False), lambda v: f"{max(r[2] for r in v):,.0f} MB"))
     return 0
 
 

@@ -36,11 +36,26 @@ sys.path.insert(0, ROOT)
 
 from reshard_bench import cpu_name  # noqa: E402
 
+PEAK = """
+def _kb(field):
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+try:  # reset the peak (VmHWM) after the imports: their transient peak hid what the work adds
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    _AT = _kb("VmRSS:")
+except OSError:
+    _AT = 0
+def peak_kb():
+    return _kb("VmHWM:") - _AT
+"""
+
 PROBE = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.data import TrainStream, _buffer_rng, _phase_layout, _shuffled
 from pipeline.manifest import _Sequence, load_manifest
+exec(sys.argv[7])
 ranks, workers, batch, buffer = map(int, sys.argv[3:7])
 t = time.perf_counter()
 m = load_manifest(sys.argv[2]) if sys.argv[2] != "-" else None
@@ -52,7 +67,7 @@ if m is not None:  # the last rank's last worker, as TrainStream._positions plan
     order = list(_shuffled(iter(range(lo, hi)), buffer, _buffer_rng(0, 0, ranks - 1, workers - 1, 0)))
     seq = _Sequence(m, stream._order())
 took = time.perf_counter() - t
-out = {"load_s": loaded - t, "seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+out = {"load_s": loaded - t, "seconds": took, "rss_kb": peak_kb()}
 print(json.dumps(out))
 """
 
@@ -106,7 +121,7 @@ def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[dic
     against the same script given ``idle`` (its imports alone)."""
 
     def probe(args: list[str]) -> dict:
-        argv = [sys.executable, "-c", script, ROOT, *args]
+        argv = [sys.executable, "-c", script, ROOT, *args, PEAK]
         return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
     base, got = probe(idle), probe(work)
@@ -125,9 +140,10 @@ def plan_seconds(samples: int, ranks: int, workers: int, batch: int, buffer: int
 
 
 REPLAN = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.data import _phase_layout, _remaining, _remaining_eager
+exec(sys.argv[9])
 mode = sys.argv[2]
 samples, ranks, new_ranks, workers, batch, buffer = map(int, sys.argv[3:9])
 history = ((ranks, workers, batch, samples // (ranks * batch) // 2),)
@@ -139,7 +155,7 @@ elif mode == "lazy":  # now: one new slot's share
     lo, hi = _phase_layout(len(left), new_ranks, workers, batch)[1][0]
     sorted(left[lo:hi])
 took = time.perf_counter() - t
-print(json.dumps({"seconds": took, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"seconds": took, "rss_kb": peak_kb()}))
 """
 
 
@@ -205,7 +221,9 @@ def main(argv=None) -> int:
     sets = [("ImageNet-1k", 1_281), ("ImageNet-21k", 14_200), ("web, 2B samples", 2_000_000)]
     # shards written per format: the inline 2B manifest (~20 GB of JSON) is projected, not written
     write_max = {"inline offsets (before)": 20_000, "offsets file (now)": 2_000_000}
-    table_above = None  # shard.TABLE_ABOVE: past it, shard.py lists the shards in its binary table
+    from pipeline import shard
+
+    table_above = shard.TABLE_ABOVE  # past it, shard.py lists the shards in its binary table
     if args.dry_run:
         args.ranks, args.workers, args.elastic_ranks, args.batch, args.per_shard = 4, 2, 3, 8, 50
         sets, args.replan_max = [("tiny", 20), ("small", 60), ("projected", 600)], 5_000

@@ -48,7 +48,7 @@ def test_scale_bench_dry_run_prints_every_row():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.startswith("machine: ")
-    assert out.count("manifest ") == 6 and out.count("plan of one slot") == 3 and out.count("elastic re-plan") == 6
+    assert out.count(": manifest ") == 6 and out.count("plan of one slot") == 3 and out.count("elastic re-plan") == 6
     assert out.count("offsets file (now): manifest") == 3 and out.count("now (one new slot's share)") == 3
     assert out.count("manifest (shard table)") == 1  # the largest set, as shard.py lists 2B samples' shards
     assert out.count("start-up (load and one slot's plan)") == 5
