@@ -85,6 +85,21 @@ def ours(split_dir: str, batch: int, workers: int, augment: Augment = Augment(),
         yield ((b["image"], b.get("target", b["label"])) for b in loader.epoch(epoch))
 
 
+# The DeiT/TNT recipe in timm's words (create_transform / create_loader arguments, and Mixup's):
+# what a timm user, or a peer library's user with timm's transforms, runs.
+TIMM_RECIPE = dict(
+    re_prob=0.25,
+    re_mode="pixel",
+    re_count=1,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    color_jitter=0.4,
+    interpolation="bicubic",
+    mean=TNT_MEAN,
+    std=TNT_STD,
+)
+TIMM_MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+
+
 def timm_folder(root: str, batch: int, workers: int):
     from timm.data import Mixup, create_dataset, create_loader
 
@@ -95,18 +110,11 @@ def timm_folder(root: str, batch: int, workers: int):
         batch_size=batch,
         is_training=True,
         use_prefetcher=False,
-        re_prob=0.25,
-        re_mode="pixel",
-        re_count=1,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        color_jitter=0.4,
-        interpolation="bicubic",
-        mean=TNT_MEAN,
-        std=TNT_STD,
         num_workers=workers,
         pin_memory=False,
+        **TIMM_RECIPE,
     )
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(dataset.reader.class_to_idx))
+    mixup = Mixup(**TIMM_MIXUP, num_classes=len(dataset.reader.class_to_idx))
     for _ in range(2):
         yield (mixup(x, y) for x, y in loader)
 

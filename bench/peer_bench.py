@@ -47,7 +47,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
-from loader_bench import rate  # noqa: E402
+from loader_bench import TIMM_MIXUP, TIMM_RECIPE, rate  # noqa: E402
 from reshard_bench import cpu_name  # noqa: E402
 from shard_bench import make_synthetic, warm  # noqa: E402
 
@@ -263,22 +263,11 @@ class Natural:
         from timm.data import create_transform
 
         from pipeline.compat import fix_timm_posterize
-        from pipeline.transforms import TNT_MEAN, TNT_STD
 
         fix_timm_posterize()  # timm's RandAugment posterize fails on Pillow >= 11 (bits 0): every user needs it
 
         self.key = key
-        self.transform = create_transform(
-            224,
-            is_training=True,
-            auto_augment="rand-m9-mstd0.5-inc1",
-            re_prob=0.25,
-            re_mode="pixel",
-            color_jitter=0.4,
-            interpolation="bicubic",
-            mean=TNT_MEAN,
-            std=TNT_STD,
-        )
+        self.transform = create_transform(224, is_training=True, **TIMM_RECIPE)
 
     def __call__(self, sample: dict):
         from PIL import Image
@@ -337,7 +326,7 @@ def recipe(lib: str, where: Where, batch: int, workers: int, ours_aug: bool, cla
         return iter(loader)
     from timm.data import Mixup
 
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
+    mixup = Mixup(**TIMM_MIXUP, num_classes=classes)
     return (mixup(x, y) for x, y in loader)
 
 

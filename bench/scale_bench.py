@@ -36,26 +36,32 @@ sys.path.insert(0, ROOT)
 
 from reshard_bench import cpu_name  # noqa: E402
 
+# The probes' peak RSS: reset_peak() after their imports (whose transient peak hid what the
+# work adds), then peak_kb(): the peak since, over the RSS at the reset.
 PEAK = """
 def _kb(field):
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field)).split()[1])
-try:  # reset the peak (VmHWM) after the imports: their transient peak hid what the work adds
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    _AT = _kb("VmRSS:")
-except OSError:
-    _AT = 0
+def reset_peak():
+    global _AT
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _AT = _kb("VmRSS:")
+    except OSError:  # (no reset allowed: the peak since the start)
+        _AT = 0
 def peak_kb():
     return _kb("VmHWM:") - _AT
 """
 
-PROBE = """
+PROBE = (
+    PEAK
+    + """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.data import TrainStream, _buffer_rng, _phase_layout, _shuffled
 from pipeline.manifest import _Sequence, load_manifest
-exec(sys.argv[7])
+reset_peak()
 ranks, workers, batch, buffer = map(int, sys.argv[3:7])
 t = time.perf_counter()
 m = load_manifest(sys.argv[2]) if sys.argv[2] != "-" else None
@@ -70,6 +76,7 @@ took = time.perf_counter() - t
 out = {"load_s": loaded - t, "seconds": took, "rss_kb": peak_kb()}
 print(json.dumps(out))
 """
+)
 
 
 def write_manifest(
@@ -91,12 +98,16 @@ def write_manifest(
     head = {"split": "train", "num_classes": 21841, "classes": []}
     if not inline:
         head["offsets"] = {"file": "offsets.bin", "bytes": 8 * shards * (per_shard + 1), "sha256": "0" * 64}
-    if not inline and shards > table_above:  # shard.write_table's layout, made from columns
+    if not inline and shards > table_above:  # the binary shard table, from columns
         digests = np.zeros((shards, 32), np.uint8)
         digests[:, 24:] = np.arange(shards, dtype=">u8").view(np.uint8).reshape(shards, 8)
-        columns = (np.full(shards, per_shard, "<i8"), np.full(shards, offsets[-1] + 1024, "<i8"), digests)
-        entry = shard._write_binary(os.path.join(folder, shard.SHARD_TABLE), b"".join(c.tobytes() for c in columns))
-        head["shard_table"] = {**entry, "file": shard.SHARD_TABLE, "count": shards, "names": "train-{:06d}.tar"}
+        head["shard_table"] = shard.write_table(
+            os.path.join(folder, shard.SHARD_TABLE),
+            "train",
+            np.full(shards, per_shard),
+            np.full(shards, offsets[-1] + 1024),
+            digests.view("S32").ravel(),
+        )
         with open(path, "w") as f:
             json.dump(head, f)
         return path
@@ -121,7 +132,7 @@ def in_fresh_process(script: str, idle: list[str], work: list[str]) -> tuple[dic
     against the same script given ``idle`` (its imports alone)."""
 
     def probe(args: list[str]) -> dict:
-        argv = [sys.executable, "-c", script, ROOT, *args, PEAK]
+        argv = [sys.executable, "-c", script, ROOT, *args]
         return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
     base, got = probe(idle), probe(work)
@@ -139,11 +150,13 @@ def plan_seconds(samples: int, ranks: int, workers: int, batch: int, buffer: int
     return time.perf_counter() - t
 
 
-REPLAN = """
+REPLAN = (
+    PEAK
+    + """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.data import _phase_layout, _remaining, _remaining_eager
-exec(sys.argv[9])
+reset_peak()
 mode = sys.argv[2]
 samples, ranks, new_ranks, workers, batch, buffer = map(int, sys.argv[3:9])
 history = ((ranks, workers, batch, samples // (ranks * batch) // 2),)
@@ -157,6 +170,7 @@ elif mode == "lazy":  # now: one new slot's share
 took = time.perf_counter() - t
 print(json.dumps({"seconds": took, "rss_kb": peak_kb()}))
 """
+)
 
 
 def replan(mode: str, samples: int, ranks: int, new_ranks: int, workers: int, batch: int, buffer: int):

@@ -230,13 +230,14 @@ def _shard_table(url: str, entry: dict, store: Store) -> tuple[np.ndarray, np.nd
     size = len(got) if isinstance(got, bytes) else os.path.getsize(got) if os.path.isfile(got) else None
     if size != entry["bytes"] or size != 48 * n:
         raise InputError(f"{url}: the shard table is missing or truncated ({size} bytes, not {entry['bytes']})")
-    if isinstance(got, bytes):
-        return np.frombuffer(got, "<i8", n), np.frombuffer(got, "<i8", n, 8 * n), np.frombuffer(got, "S32", n, 16 * n)
-    return (
-        np.memmap(got, "<i8", "r", 0, (n,)),
-        np.memmap(got, "<i8", "r", 8 * n, (n,)),
-        np.memmap(got, "S32", "r", 16 * n, (n,)),
-    )
+    return table_columns(got if isinstance(got, bytes) else np.memmap(got, np.uint8, "r"), n)
+
+
+def table_columns(data, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shard table's columns (samples, bytes, sha256 digests) of ``n`` shards, as
+    views of ``data`` (bytes, or a mapped file): ``pipeline/shard.py``'s layout."""
+    buf = np.frombuffer(data, np.uint8)
+    return buf[: 8 * n].view("<i8"), buf[8 * n : 16 * n].view("<i8"), buf[16 * n : 48 * n].view("S32")
 
 
 def _url(base: str, name: str) -> str:
@@ -419,15 +420,22 @@ def _runs(idxs: Sequence[int], offsets: np.ndarray, gap_bytes: int) -> list[tupl
 _POOL = None
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has the object but not its thread
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _ahead_pool():
     """One thread per process that makes the next shard's requests (:meth:`_Sequence.fetch`);
     made on first use, so in each DataLoader worker, never pickled."""
     global _POOL
-    if _POOL is None or _POOL._pid != os.getpid():
+    if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="shard-ahead")
-        _POOL._pid = os.getpid()
     return _POOL
 
 
@@ -533,32 +541,27 @@ class _Sequence:
     def fetch(self, positions: Sequence[int], report: _Reporter) -> Iterator[tuple[int, dict]]:
         """(position, sample) for the sorted ``positions``, in order; unreadable ones are
         left out (counted by ``report``)."""
-        groups, i = [], 0  # (shard, first position of the shard, [i, j) in positions)
+        groups, i = [], 0  # (shard, first position of the shard, its sorted indices in the shard)
         while i < len(positions):
             k, base = self._shard_at(positions[i])
             j = bisect.bisect_left(positions, base + self.manifest.sizes[self.order[k]], i)
-            groups.append((self.order[k], base, i, j))
-            i = j
-
-        def idxs_of(group: tuple) -> Sequence[int]:
-            _, base, i, j = group
             idxs = positions[i:j]
-            return range(idxs.start - base, idxs.stop - base) if isinstance(idxs, range) else [p - base for p in idxs]
-
+            idxs = range(idxs.start - base, idxs.stop - base) if isinstance(idxs, range) else [p - base for p in idxs]
+            groups.append((self.order[k], base, idxs))
+            i = j
         # From a store, the next shard's requests (its offsets, its GET up to the first
         # byte) are made while this one is read: two round trips a shard off the critical
         # path (measured: bench/peer_bench.py, S3 rows). Local files gain nothing from it.
         ahead = None
         pool = _ahead_pool() if groups and storage.scheme(self.manifest.urls[groups[0][0]]) else None
         try:
-            for g, group in enumerate(groups):
-                shard, base = group[:2]
+            for g, (shard, base, idxs) in enumerate(groups):
+                now, ahead = ahead, None
                 if g + 1 < len(groups):
                     self._prefetch(groups[g + 1][0])
-                now, ahead = ahead, None
-                if pool is not None and g + 1 < len(groups):
-                    ahead = pool.submit(self._ready, groups[g + 1][0], idxs_of(groups[g + 1]))
-                for idx, sample in self._samples(shard, idxs_of(group), report, now):
+                    if pool is not None:
+                        ahead = pool.submit(self._ready, groups[g + 1][0], groups[g + 1][2])
+                for idx, sample in self._samples(shard, idxs, report, now):
                     yield base + idx, sample
         finally:  # closed early: the stream opened ahead is not read
             if ahead is not None and not ahead.cancel() and ahead.exception() is None:

@@ -465,8 +465,13 @@ def ensure_writable(out_dir: str) -> None:
         raise InputError(f"cannot write to output directory {out_dir}: {e.strerror or e}") from None
 
 
+def shard_names(split: str) -> str:
+    """The split's shard name pattern (``str.format`` with the shard's index)."""
+    return split + "-{:06d}.tar"
+
+
 def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+    return shard_names(split).format(index)
 
 
 def write_manifest(out_dir: str, split: str, jobs, records, classes, names, options, source, extra_skipped) -> dict:
@@ -490,7 +495,14 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
         "skipped": extra_skipped + [s for r in records for s in r["skipped"]],
     }
     if len(records) > TABLE_ABOVE and all(r["name"] == shard_name(split, i) for i, r in enumerate(records)):
-        manifest["shard_table"] = write_table(store.join(out_dir, SHARD_TABLE), split, manifest.pop("shards"))
+        shards = manifest.pop("shards")
+        manifest["shard_table"] = write_table(
+            store.join(out_dir, SHARD_TABLE),
+            split,
+            [s["samples"] for s in shards],
+            [s["bytes"] for s in shards],
+            [bytes.fromhex(s["sha256"]) for s in shards],
+        )
     if all("offsets" in r for r in records):
         manifest["offsets"] = write_offsets(store.join(out_dir, OFFSETS), [r["offsets"] for r in records])
     else:  # records of an older build without offsets everywhere: inline, where there are some
@@ -501,28 +513,19 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
     return manifest
 
 
-def write_table(path: str, split: str, shards: list[dict]) -> dict:
-    """The split's shard table (:data:`SHARD_TABLE`); its manifest entry."""
+def write_table(path: str, split: str, samples, nbytes, digests) -> dict:
+    """The split's shard table (:data:`SHARD_TABLE`) from its columns (per shard: samples,
+    bytes, 32-byte sha256 digest); its manifest entry."""
     import numpy as np
 
-    columns = (
-        np.array([s["samples"] for s in shards], dtype="<i8"),
-        np.array([s["bytes"] for s in shards], dtype="<i8"),
-        np.array([bytes.fromhex(s["sha256"]) for s in shards], dtype="S32"),
-    )
+    columns = (np.asarray(samples, "<i8"), np.asarray(nbytes, "<i8"), np.asarray(digests, "S32"))
     entry = _write_binary(path, b"".join(c.tobytes() for c in columns))
-    return {
-        **entry,
-        "file": SHARD_TABLE,
-        "count": len(shards),
-        "names": shard_name(split, 0).replace("000000", "{:06d}"),
-    }
+    return {**entry, "file": SHARD_TABLE, "count": len(columns[0]), "names": shard_names(split)}
 
 
 def shard_entries(manifest: dict, directory: str) -> list[dict]:
     """The manifest's shards as JSON entries (name, samples, bytes, sha256), from its table
     if it has one (for ``--verify`` and ``--merge``: they visit every shard anyway)."""
-    import numpy as np
 
     entry = manifest.get("shard_table")
     if entry is None:
@@ -531,9 +534,9 @@ def shard_entries(manifest: dict, directory: str) -> list[dict]:
     data = store.read_bytes(path) if store.scheme(path) else open(path, "rb").read()
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise InputError(f"{path}: size or sha256 does not match the manifest")
-    n = entry["count"]
-    samples, sizes = np.frombuffer(data, "<i8", n), np.frombuffer(data, "<i8", n, 8 * n)
-    digests = np.frombuffer(data, "S32", n, 16 * n)
+    from pipeline.manifest import table_columns
+
+    samples, sizes, digests = table_columns(data, entry["count"])
     return [
         {"name": entry["names"].format(i), "samples": int(a), "bytes": int(b), "sha256": d.hex()}
         for i, (a, b, d) in enumerate(zip(samples, sizes, digests))

@@ -33,18 +33,18 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, demo_shards):
     assert "timm-eager" in summary and "ours-eager" in summary and "ours-triton-eager" in summary
 
 
+def _dry_run(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """``bench/<script> --dry-run`` in this interpreter, from the repository root."""
+    import sys
+
+    cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--dry-run"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_scale_bench_dry_run_prints_every_row():
     """bench/scale_bench.py at tiny sizes: every row of every data set, measured or
     projected (and said to be), with the machine named."""
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "scale_bench.py"), "--dry-run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _dry_run("scale_bench.py", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.startswith("machine: ")
@@ -60,15 +60,7 @@ def test_peer_bench_dry_run_prints_every_row_and_names_the_peers_it_skips():
     """bench/peer_bench.py at tiny sizes: every row for ours and plain WebDataset (both
     always installed), and for each optional peer (the [bench] extra) either its rows or
     its name in the line of skipped peers, never both."""
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "peer_bench.py"), "--dry-run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _dry_run("peer_bench.py", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("machine: ")
