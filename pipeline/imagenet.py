@@ -19,11 +19,12 @@ Validation layouts understood by :func:`list_split`:
 
 from __future__ import annotations
 
+import array
+import copy
 import csv
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
 
 from pipeline.errors import InputError
 
@@ -31,18 +32,102 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
 
 
-@dataclass(frozen=True)
-class Entry:
-    path: str  # absolute path of the source file
-    rel: str  # path relative to the data root, recorded in the manifest
-    cls: str  # class folder name / WNID
-    size: int  # bytes, read once at listing (shard planning and the inputs digest use it)
+class Listing:
+    """A split's image files as columns: no Python object per image.
 
+    ImageNet-21k's fall11 has 14.2M files in 21,841 class folders. One frozen dataclass
+    per file (path, rel, class, size) cost ~0.8 KB in a process; these columns cost
+    ~40 bytes (``bench/scale_bench.py --listing``). Files are added a folder at a time
+    (a *chunk*: one class folder, or a flat val folder), in the walk's order:
 
-@dataclass
-class SplitListing:
-    entries: list[Entry]  # image files with a class
-    ignored: list[tuple[str, str]]  # (rel path, reason): files that are not samples
+    * ``names``: each file's path relative to its chunk's folder, fs-encoded, NUL-ended
+      (no file name holds a NUL), back to back; ``ends[row]`` is where its NUL is;
+    * ``sizes``: bytes, read once at listing (shard planning and the inputs digest);
+    * ``labels``: the index of its class in ``classes``;
+    * ``order``: the rows in the order of their path relative to the data root, which
+      is the order the shard plan and the inputs digest sort by. It is put together
+      chunk by chunk: a chunk's paths share the prefix ``<folder>/``, so sorting the
+      chunks by that prefix and each chunk's names on their own sorts every path.
+
+    A subset (:meth:`take`) shares the columns and keeps its own ``order``.
+    """
+
+    def __init__(self, root: str):
+        self.root = root  # the data root: a file's path is root/rel
+        self.folders: list[str] = []  # per chunk: its folder relative to root
+        self.classes: list[str] = []  # label names, in the order first seen
+        self.ignored: list[tuple[str, str]] = []  # (rel path, reason): files that are not samples
+        self._class_index: dict[str, int] = {}
+        self._names = bytearray()
+        self._ends, self._sizes, self._labels = array.array("q"), array.array("q"), array.array("i")
+        self._starts = array.array("q")  # per chunk: its first row
+        self._pieces: list[tuple[str, array.array]] = []  # per chunk: (sort key, its rows in path order)
+        self.order = None
+
+    def add_chunk(self, folder: str, files: list[tuple[str, str, int]]) -> None:
+        """Append one folder's files, (name relative to the folder, class, size) each."""
+        if not files:
+            return
+        first = len(self._sizes)
+        folder = "" if folder == os.curdir else folder
+        self.folders.append(folder)
+        self._starts.append(first)
+        for name, cls, size in files:
+            self._names += os.fsencode(name) + b"\0"
+            self._ends.append(len(self._names) - 1)
+            self._sizes.append(size)
+            self._labels.append(self._label(cls))
+        rows = sorted(range(len(files)), key=lambda i: files[i][0])
+        self._pieces.append((folder and folder + os.sep, array.array("q", (first + i for i in rows))))
+
+    def _label(self, cls: str) -> int:
+        index = self._class_index.get(cls)
+        if index is None:
+            index = self._class_index[cls] = len(self.classes)
+            self.classes.append(cls)
+        return index
+
+    def close(self) -> Listing:
+        """Freeze the columns (numpy views, no copy) and put ``order`` together."""
+        import numpy as np
+
+        self.ends = np.frombuffer(self._ends, np.int64) if self._ends else np.zeros(0, np.int64)
+        self.sizes = np.frombuffer(self._sizes, np.int64) if self._sizes else np.zeros(0, np.int64)
+        self.labels = np.frombuffer(self._labels, np.int32) if self._labels else np.zeros(0, np.int32)
+        self.starts = np.frombuffer(self._starts, np.int64) if self._starts else np.zeros(0, np.int64)
+        order = array.array("q")
+        for _, rows in sorted(self._pieces, key=lambda p: p[0]):
+            order.extend(rows)
+        self.order = np.frombuffer(order, np.int64) if order else np.zeros(0, np.int64)
+        self._pieces = []
+        return self
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def take(self, order) -> Listing:
+        """The same files' columns with another ``order`` (a subset, for a cut split)."""
+        part = copy.copy(self)
+        part.order = order
+        return part
+
+    def rels(self, rows) -> list[str]:
+        """The paths relative to the root of ``rows`` (an integer array), in that order."""
+        import numpy as np
+
+        rows = np.asarray(rows, np.int64)
+        chunks = (self.starts.searchsorted(rows, "right") - 1).tolist()
+        begins = np.where(rows > 0, self.ends[rows - 1] + 1, 0).tolist()
+        names, folders = memoryview(self._names), self.folders
+        return [
+            os.path.join(folders[c], os.fsdecode(bytes(names[b:e])))
+            for c, b, e in zip(chunks, begins, self.ends[rows].tolist())
+        ]
+
+    def used_classes(self) -> set[str]:
+        import numpy as np
+
+        return {self.classes[i] for i in np.unique(self.labels[self.order])}
 
 
 def _timm_info_file(name: str) -> str | None:
@@ -78,21 +163,34 @@ def _is_image_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_class_folders(split_dir: str, data_root: str) -> SplitListing:
-    """Every file under ``split_dir/<class>/**``; the class is the top folder name."""
-    entries, ignored = [], []
+def list_class_folders(split_dir: str, data_root: str) -> Listing:
+    """Every file under ``split_dir/<class>/**``; the class is the top folder name. One
+    class folder is held as Python strings at a time (fall11's largest: ~3,000 files)."""
+    listing = Listing(data_root)
+    top, files = None, []
+
+    def close():
+        listing.add_chunk(os.path.relpath(os.path.join(split_dir, top), data_root), files)
+
     for path in _walk_files(split_dir):
         rel = os.path.relpath(path, data_root)
         parts = os.path.relpath(path, split_dir).split(os.sep)
         if len(parts) < 2:
-            ignored.append((rel, "file outside any class folder"))
-        elif os.path.basename(path).startswith("."):
-            ignored.append((rel, "hidden file"))
+            listing.ignored.append((rel, "file outside any class folder"))
+            continue
+        if parts[0] != top:
+            if files:
+                close()
+            top, files = parts[0], []
+        if os.path.basename(path).startswith("."):
+            listing.ignored.append((rel, "hidden file"))
         elif not _is_image_name(path):
-            ignored.append((rel, "not an image file extension"))
+            listing.ignored.append((rel, "not an image file extension"))
         else:
-            entries.append(Entry(path, rel, parts[0], os.path.getsize(path)))
-    return SplitListing(entries, ignored)
+            files.append((os.sep.join(parts[1:]), top, os.path.getsize(path)))
+    if files:
+        close()
+    return listing.close()
 
 
 def _read_id_to_wnid(path: str) -> list[str]:
@@ -148,7 +246,7 @@ def _flat_labels(val_dir: str, data_root: str) -> dict[str, str] | None:
     return None
 
 
-def list_flat_val(val_dir: str, data_root: str) -> SplitListing:
+def list_flat_val(val_dir: str, data_root: str) -> Listing:
     if not any(_is_image_name(p) for p in _walk_files(val_dir)):
         raise InputError(f"{val_dir} holds no images and no class folders")
     labels = _flat_labels(val_dir, data_root)
@@ -158,26 +256,27 @@ def list_flat_val(val_dir: str, data_root: str) -> SplitListing:
             "(LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt); looked in "
             + ", ".join(_label_dirs(val_dir, data_root))
         )
-    entries, ignored = [], []
+    listing, files = Listing(data_root), []
     for path in _walk_files(val_dir):
         rel = os.path.relpath(path, data_root)
         stem = os.path.splitext(os.path.basename(path))[0]
         if not _is_image_name(path):
             if not path.endswith((".csv", ".txt", ".mat")):
-                ignored.append((rel, "not an image file extension"))
+                listing.ignored.append((rel, "not an image file extension"))
         elif stem in labels:
-            entries.append(Entry(path, rel, labels[stem], os.path.getsize(path)))
+            files.append((os.path.relpath(path, val_dir), labels[stem], os.path.getsize(path)))
         else:
             match = _VAL_NUMBER.search(stem)
-            ignored.append((rel, "no ground-truth label" + ("" if match else " (unexpected file name)")))
-    return SplitListing(entries, ignored)
+            listing.ignored.append((rel, "no ground-truth label" + ("" if match else " (unexpected file name)")))
+    listing.add_chunk(os.path.relpath(val_dir, data_root), files)
+    return listing.close()
 
 
 def has_class_folders(split_dir: str) -> bool:
     return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(split_dir))
 
 
-def list_split(split_dir: str, data_root: str) -> SplitListing:
+def list_split(split_dir: str, data_root: str) -> Listing:
     """List the samples of one split, class-per-folder or flat val with ground truth."""
     if has_class_folders(split_dir):
         return list_class_folders(split_dir, data_root)

@@ -31,6 +31,7 @@ cannot be decoded are skipped and listed under ``skipped`` with the reason.
 from __future__ import annotations
 
 import argparse
+import array
 import dataclasses
 import glob
 import hashlib
@@ -54,7 +55,7 @@ if __package__ in (None, ""):  # run as a script: `python pipeline/shard.py`
 from pipeline import store
 from pipeline.atomic import replacing, write_atomic
 from pipeline.errors import InputError
-from pipeline.imagenet import Entry, has_class_folders, list_split, synset_mapping_names, synset_names
+from pipeline.imagenet import Listing, has_class_folders, list_split, synset_mapping_names, synset_names
 
 FORMAT = "tntpipe-shards/1"
 # Every shard's sample offsets, one binary file per split beside its manifest: int64
@@ -315,68 +316,118 @@ def find_splits(src: str, wanted: list[str] | None, single_name: str) -> list[tu
     return [(single_name, src)]
 
 
-def cut_validation(entries: list[Entry], fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
+def cut_validation(listing: Listing, fraction: float, seed: int) -> tuple[Listing, Listing]:
     """(train, val): per class, ``round(fraction x n)`` of its images drawn with ``seed``
-    (at least one of a class with two or more, never all of it), each part in listing
+    (at least one of a class with two or more, never all of it), each part in path
     order. For trees that ship no validation split, such as ImageNet-21k's fall11."""
-    by_class: dict[str, list[Entry]] = {}
-    for e in entries:
-        by_class.setdefault(e.cls, []).append(e)
-    val: set[str] = set()
-    for cls in sorted(by_class):
-        items = sorted(by_class[cls], key=lambda e: e.rel)
-        k = min(len(items) - 1, max(1 if len(items) >= 2 else 0, round(fraction * len(items))))
-        val.update(e.rel for e in random.Random(f"{seed}:{cls}").sample(items, k))  # a str seed: stable (sha512)
-    return [e for e in entries if e.rel not in val], [e for e in entries if e.rel in val]
+    import numpy as np
+
+    labels = listing.labels[listing.order]
+    grouped = np.argsort(labels, kind="stable")  # positions class by class, each class in path order
+    val = np.zeros(len(labels), bool)
+    for group in np.split(grouped, np.flatnonzero(np.diff(labels[grouped])) + 1) if len(labels) else []:
+        n = len(group)
+        k = min(n - 1, max(1 if n >= 2 else 0, round(fraction * n)))
+        cls = listing.classes[labels[group[0]]]
+        # Positions drawn as random.sample draws list items, so the cut is the one made
+        # when the listing held one object per file; a str seed is stable (sha512).
+        val[group[random.Random(f"{seed}:{cls}").sample(range(n), k)]] = True
+    return listing.take(listing.order[~val]), listing.take(listing.order[val])
 
 
-def class_list(splits: list[tuple[str, str]], listings: dict[str, list[Entry]]) -> list[str]:
+def class_list(splits: list[tuple[str, str]], listings: dict[str, Listing]) -> list[str]:
     """Sorted class folder names of the training split (WNID order for ImageNet)."""
     for name, directory in sorted(splits, key=lambda s: s[0] != "train"):
         if has_class_folders(directory):
-            return sorted({e.cls for e in listings[name]})
-    return sorted({e.cls for entries in listings.values() for e in entries})
+            return sorted(listings[name].used_classes())
+    return sorted(set().union(*(listing.used_classes() for listing in listings.values())))
 
 
-def plan_split(split: str, entries: list[Entry], classes: list[str], options: Options, out_dir: str, stage: str = ""):
-    """Deterministic shard plan: (jobs, samples not placed with their reasons). With an
-    object-store ``out_dir``, each shard is built under ``stage`` and then uploaded."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A split's shards as positions in one shuffled array of listing rows: position
+    ``i`` is the sample keyed ``<split>_<i:08d>``, shard ``k`` holds positions
+    ``bounds[k]:bounds[k + 1]``. Its jobs are made one at a time (:meth:`job`): a
+    Python object per sample exists only for the shards being built."""
+
+    split: str
+    listing: Listing
+    rows: object  # int64 array: listing rows, shuffled
+    bounds: object  # int64 array: len(self) + 1 positions
+    label_of: object  # int64 array: listing label -> index in classes (-1: not a class)
+    classes: list[str]
+    options: Options
+    out_dir: str
+    stage: str = ""  # where shards bound for an object store are built before upload
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def count(self, k: int) -> int:
+        return int(self.bounds[k + 1] - self.bounds[k])
+
+    def target(self, k: int) -> str:
+        """Where shard ``k`` ends up: its local path or its URL."""
+        return store.join(self.out_dir, shard_name(self.split, k))
+
+    def job(self, k: int) -> ShardJob:
+        name = shard_name(self.split, k)
+        start, stop = int(self.bounds[k]), int(self.bounds[k + 1])
+        rows = self.rows[start:stop]
+        labels = self.label_of[self.listing.labels[rows]].tolist()
+        samples = tuple(
+            Sample(f"{self.split}_{i:08d}", os.path.join(self.listing.root, rel), rel, label, self.classes[label])
+            for i, rel, label in zip(range(start, stop), self.listing.rels(rows), labels)
+        )
+        remote = store.join(self.out_dir, name) if self.stage else ""
+        return ShardJob(k, os.path.join(self.stage or self.out_dir, name), samples, self.options, remote)
+
+
+def plan_split(split: str, listing: Listing, classes: list[str], options: Options, out_dir: str, stage: str = ""):
+    """Deterministic shard plan: (plan, samples not placed with their reasons). With an
+    object-store ``out_dir``, each shard is built under ``stage`` and then uploaded.
+
+    The same shards as sorting one object per file by path, dropping what
+    ``--limit-per-class`` drops, ``random.Random(f"{seed}:{split}").shuffle`` and cutting
+    greedily by count and bytes: the shuffle permutes an array of rows with the same
+    draws, and the cut is vectorised per shard."""
+    import numpy as np
+
     index = {c: i for i, c in enumerate(classes)}
+    label_of = np.array([index.get(c, -1) for c in listing.classes] or [0], np.int64)
+    known = label_of[listing.labels[listing.order]] >= 0
+    unknown = np.sort(listing.order[~known])  # in listing (walk) order, as the files were found
     rejected = [
-        {"path": e.rel, "reason": f"class {e.cls!r} is not in the class list"} for e in entries if e.cls not in index
+        {"path": rel, "reason": f"class {listing.classes[label]!r} is not in the class list"}
+        for rel, label in zip(listing.rels(unknown), listing.labels[unknown].tolist())
     ]
-    entries = sorted((e for e in entries if e.cls in index), key=lambda e: e.rel)
+    kept = listing.order[known]
     if options.limit_per_class:
-        seen = Counter()
-        kept = []
-        for e in entries:
-            seen[e.cls] += 1
-            if seen[e.cls] <= options.limit_per_class:
-                kept.append(e)
-        entries = kept
-    random.Random(f"{options.seed}:{split}").shuffle(entries)
-    jobs, current, current_bytes = [], [], 0
-
-    def close():
-        name = shard_name(split, len(jobs))
-        remote = store.join(out_dir, name) if stage else ""
-        jobs.append(ShardJob(len(jobs), os.path.join(stage or out_dir, name), tuple(current), options, remote))
-
-    for i, e in enumerate(entries):
-        if current and (len(current) >= options.shard_size or current_bytes + e.size > options.shard_bytes):
-            close()
-            current, current_bytes = [], 0
-        current.append(Sample(f"{split}_{i:08d}", e.path, e.rel, index[e.cls], e.cls))
-        current_bytes += e.size
-    if current:
-        close()
-    return jobs, rejected
+        labels = listing.labels[kept]
+        grouped = np.argsort(labels, kind="stable")
+        sorted_labels = labels[grouped]
+        rank = np.arange(len(kept)) - np.searchsorted(sorted_labels, sorted_labels)  # within its class, in path order
+        keep = np.empty(len(kept), bool)
+        keep[grouped] = rank < options.limit_per_class
+        kept = kept[keep]
+    rows = array.array("q", kept.astype(np.int64).tobytes())
+    random.Random(f"{options.seed}:{split}").shuffle(rows)
+    rows = np.frombuffer(rows, np.int64) if rows else np.zeros(0, np.int64)
+    bounds, start = [0], 0
+    while start < len(rows):
+        window = np.cumsum(listing.sizes[rows[start : start + options.shard_size]])
+        start += max(1, int(np.searchsorted(window, options.shard_bytes, "right")))
+        bounds.append(start)
+    plan = Plan(split, listing, rows, np.array(bounds, np.int64), label_of, classes, options, out_dir, stage)
+    return plan, rejected
 
 
-def inputs_digest(entries: list[Entry]) -> str:
+def inputs_digest(listing: Listing, batch: int = 1 << 16) -> str:
     h = hashlib.sha256()
-    for e in sorted(entries, key=lambda e: e.rel):
-        h.update(f"{e.rel}\0{e.cls}\0{e.size}\n".encode())
+    for start in range(0, len(listing), batch):
+        rows = listing.order[start : start + batch]
+        lines = zip(listing.rels(rows), listing.labels[rows].tolist(), listing.sizes[rows].tolist())
+        h.update("".join(f"{rel}\0{listing.classes[c]}\0{size}\n" for rel, c, size in lines).encode())
     return h.hexdigest()
 
 
@@ -474,10 +525,9 @@ def shard_name(split: str, index: int) -> str:
     return shard_names(split).format(index)
 
 
-def write_manifest(out_dir: str, split: str, jobs, records, classes, names, options, source, extra_skipped) -> dict:
-    counts = Counter()
-    for r in records:
-        counts.update({int(k): v for k, v in r["labels"].items()})
+def write_manifest(out_dir: str, split: str, tally: Tally, classes, names, options, source, extra_skipped) -> dict:
+    records = tally.ordered()
+    counts = tally.counts.tolist()
     manifest = {
         "format": FORMAT,
         "split": split,
@@ -486,9 +536,7 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
         "num_shards": len(records),
         "total_bytes": sum(r["bytes"] for r in records),
         "num_classes": len(classes),
-        "classes": [
-            {"index": i, "id": c, "name": names.get(c, c), "count": counts.get(i, 0)} for i, c in enumerate(classes)
-        ],
+        "classes": [{"index": i, "id": c, "name": names.get(c, c), "count": counts[i]} for i, c in enumerate(classes)],
         "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256") if k in r} for r in records],
         "options": options.fingerprint(),
         "converted": [c for r in records for c in r["converted"]],
@@ -503,12 +551,13 @@ def write_manifest(out_dir: str, split: str, jobs, records, classes, names, opti
             [s["bytes"] for s in shards],
             [bytes.fromhex(s["sha256"]) for s in shards],
         )
-    if all("offsets" in r for r in records):
-        manifest["offsets"] = write_offsets(store.join(out_dir, OFFSETS), [r["offsets"] for r in records])
+    offsets = [tally.offsets.get(k) for k in sorted(tally.records)]
+    if all(o is not None for o in offsets):
+        manifest["offsets"] = write_offsets(store.join(out_dir, OFFSETS), offsets)
     else:  # records of an older build without offsets everywhere: inline, where there are some
-        for entry, r in zip(manifest["shards"], records):
-            if "offsets" in r:
-                entry["offsets"] = r["offsets"]
+        for entry, o in zip(manifest["shards"], offsets):
+            if o is not None:
+                entry["offsets"] = o.tolist()
     _write_text(store.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))  # last: the split is complete
     return manifest
 
@@ -563,47 +612,85 @@ def _write_binary(path: str, data: bytes) -> dict:
 # --------------------------------------------------------------------------- running
 
 
-def run_jobs(jobs: list[ShardJob], workers: int, desc: str, quiet: bool) -> tuple[list[dict], int]:
-    """Build the shards in ``jobs`` (skipping complete ones); return (records, images built)."""
+class Tally:
+    """A split's shard records as the manifest needs them, without their per-sample
+    lists. A record's offsets are a list of its samples + 1 ints and its labels a dict of
+    up to one key per sample; fall11's 14,200 records held whole would be ~2 GB. Here
+    the offsets are int64 arrays and the labels are summed into one count per class."""
+
+    def __init__(self, num_classes: int):
+        import numpy as np
+
+        self.counts = np.zeros(num_classes, np.int64)
+        self.records: dict[int, dict] = {}  # shard index -> the record less offsets and labels
+        self.offsets: dict[int, object] = {}  # shard index -> int64 array (absent: an older record)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.records
+
+    def add(self, index: int, record: dict) -> None:
+        import numpy as np
+
+        if index in self.records:
+            return
+        labels = record.pop("labels")
+        np.add.at(self.counts, np.array([int(k) for k in labels], np.int64), np.array(list(labels.values()), np.int64))
+        if "offsets" in record:
+            self.offsets[index] = np.array(record.pop("offsets"), "<i8")
+        self.records[index] = record
+
+    def ordered(self) -> list[dict]:
+        return [self.records[k] for k in sorted(self.records)]
+
+
+def run_jobs(plan: Plan, mine: list[int], tally: Tally, workers: int, desc: str, quiet: bool) -> int:
+    """Build the shards ``mine`` of ``plan`` (skipping complete ones) into ``tally``;
+    return the images built. Jobs are made as workers free up, two per worker ahead."""
     import webdataset  # noqa: F401  (imports torch, ~1 s: once here, inherited by forked workers)
     from tqdm import tqdm
 
-    records, todo = {}, []
-    for job in jobs:
-        for stale in glob.glob(glob.escape(job.path) + ".tmp-*"):
+    todo = []
+    for k in mine:
+        local = os.path.join(plan.stage or plan.out_dir, shard_name(plan.split, k))
+        for stale in glob.glob(glob.escape(local) + ".tmp-*"):
             os.remove(stale)  # left by a killed run: this task owns this shard
-        record = load_complete_record(job.remote or job.path)
+        record = load_complete_record(plan.target(k))
         if record is not None:
-            records[job.index] = record
+            tally.add(k, record)
         else:
-            todo.append(job)
-    total = sum(len(j.samples) for j in todo)
-    done_before = sum(len(j.samples) for j in jobs) - total
-    if done_before and not quiet:
-        print(f"{desc}: {len(records)} shard(s) already complete and verified, {len(todo)} to build")
+            todo.append(k)
+    total = sum(plan.count(k) for k in todo)
+    if len(todo) < len(mine) and not quiet:
+        print(f"{desc}: {len(mine) - len(todo)} shard(s) already complete and verified, {len(todo)} to build")
     bar = tqdm(total=total, desc=desc, unit="img", disable=quiet or not todo, dynamic_ncols=True, smoothing=0.1)
     counter = mp.Value("q", 0)
     if workers <= 1 or len(todo) <= 1:
         _init_worker(counter)
         try:
-            for job in todo:
-                records[job.index] = build_shard(job)
+            for k in todo:
+                tally.add(k, build_shard(plan.job(k)))
                 bar.update(counter.value - bar.n)
         finally:
             _init_worker(None)
     elif todo:
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = {job.index: pool.apply_async(build_shard, (job,)) for job in todo}
-            while pending:
-                for index in [i for i, r in pending.items() if r.ready()]:
-                    records[index] = pending.pop(index).get()
+            waiting, pending = iter(todo), {}
+            while True:
+                for k in waiting:
+                    pending[k] = pool.apply_async(build_shard, (plan.job(k),))
+                    if len(pending) >= 2 * workers:
+                        break
+                if not pending:
+                    break
+                for k in [k for k, r in pending.items() if r.ready()]:
+                    tally.add(k, pending.pop(k).get())
                 bar.update(counter.value - bar.n)
-                if pending:
+                if pending and not any(r.ready() for r in pending.values()):
                     next(iter(pending.values())).wait(0.25)
     bar.update(counter.value - bar.n)
     bar.close()
-    return [records[j.index] for j in jobs if j.index in records], total
+    return total
 
 
 def _stage_dir(url: str) -> str:
@@ -637,9 +724,9 @@ def shard_dataset(args) -> list[dict]:
     listings, ignored = {}, {}
     for split, directory in splits:
         listing = list_split(directory, src)
-        if not listing.entries:
+        if not len(listing):
             raise InputError(f"no images found in {directory}")
-        listings[split], ignored[split] = listing.entries, listing.ignored
+        listings[split], ignored[split] = listing, listing.ignored
     if args.val_fraction:
         if not 0 < args.val_fraction < 1:
             raise InputError(f"--val-fraction must be in (0, 1), not {args.val_fraction}")
@@ -658,28 +745,35 @@ def shard_dataset(args) -> list[dict]:
         out_dir = store.join(out_root, split)
         ensure_writable(out_dir)
         stage = _stage_dir(out_dir) if remote else ""
-        jobs, rejected = plan_split(split, listings[split], classes, options, out_dir, stage)
+        plan, rejected = plan_split(split, listings[split], classes, options, out_dir, stage)
         build = {
             "format": FORMAT,
             "options": options.fingerprint(),
             "classes": classes,
             "inputs_sha256": inputs_digest(listings[split]),
-            "num_shards": len(jobs),
+            "num_shards": len(plan),
         }
         check_build_dir(out_dir, build, args.overwrite)
-        mine = [] if args.merge else [j for j in jobs if j.index % args.num_tasks == args.task_index]
+        mine = [] if args.merge else list(range(args.task_index, len(plan), args.num_tasks))
         t0 = time.perf_counter()
         task = f" task {args.task_index}/{args.num_tasks}" if args.num_tasks > 1 else ""
-        records, built = run_jobs(mine, args.workers, f"{name}/{split}{task}", args.quiet)
+        tally = Tally(len(classes))
+        built = run_jobs(plan, mine, tally, args.workers, f"{name}/{split}{task}", args.quiet)
         elapsed = time.perf_counter() - t0
         extra = [{"path": p, "reason": r} for p, r in ignored[split]] + rejected
-        if len(mine) < len(jobs):  # other tasks own shards: merge once all are complete
-            records = [load_complete_record(j.remote or j.path) for j in jobs]
-            missing = [j for j, r in zip(jobs, records) if r is None]
+        if len(mine) < len(plan):  # other tasks own shards: merge once all are complete
+            missing = []
+            for k in range(len(plan)):
+                if k not in tally:
+                    record = load_complete_record(plan.target(k))
+                    if record is None:
+                        missing.append(k)
+                    else:
+                        tally.add(k, record)
             if missing and args.merge:
                 raise InputError(
                     f"cannot merge {split}: {len(missing)} shard(s) missing or incomplete, e.g. "
-                    f"{os.path.basename(missing[0].path)}; re-run the task that owns it"
+                    f"{shard_name(split, missing[0])}; re-run the task that owns it"
                 )
             if missing:
                 print(
@@ -687,7 +781,7 @@ def shard_dataset(args) -> list[dict]:
                     "the last task or `--merge` writes the manifest"
                 )
                 continue
-        manifest = write_manifest(out_dir, split, jobs, records, classes, names, options, src, extra)
+        manifest = write_manifest(out_dir, split, tally, classes, names, options, src, extra)
         manifest["_elapsed"] = elapsed
         manifest["_built"] = built
         manifest["_dir"] = out_dir
