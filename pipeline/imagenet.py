@@ -168,9 +168,10 @@ def list_class_folders(split_dir: str, data_root: str) -> Listing:
     class folder is held as Python strings at a time (fall11's largest: ~3,000 files)."""
     listing = Listing(data_root)
     top, files = None, []
+    base = os.path.relpath(split_dir, data_root)
 
     def close():
-        listing.add_chunk(os.path.relpath(os.path.join(split_dir, top), data_root), files)
+        listing.add_chunk(top if base == os.curdir else os.path.join(base, top), files)
 
     for path in _walk_files(split_dir):
         rel = os.path.relpath(path, data_root)

@@ -410,7 +410,9 @@ def plan_split(split: str, listing: Listing, classes: list[str], options: Option
         keep = np.empty(len(kept), bool)
         keep[grouped] = rank < options.limit_per_class
         kept = kept[keep]
-    rows = array.array("q", kept.astype(np.int64).tobytes())
+    rows = array.array("q")
+    rows.frombytes(memoryview(kept).cast("B"))  # a copy, shuffled in place below
+    del kept
     random.Random(f"{options.seed}:{split}").shuffle(rows)
     rows = np.frombuffer(rows, np.int64) if rows else np.zeros(0, np.int64)
     bounds, start = [0], 0

@@ -56,6 +56,20 @@ def test_scale_bench_dry_run_prints_every_row():
     assert out.count("(projected from") == 2  # the largest set: the inline load and the re-plan, said so
 
 
+def test_build_bench_dry_run_prints_every_row_beside_the_baseline():
+    """bench/build_bench.py at tiny sizes: the simulated listing at both sizes and the real
+    tree, each beside the baseline commit's code (extracted from this clone's history),
+    the larger size's baseline said to be projected."""
+    proc = _dry_run("build_bench.py", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("machine: ")
+    assert out.count("all of it: now ") == 2 and out.count("listing: now ") == 1
+    if "is not in this clone" not in out:  # (a shallow clone lacks the baseline commit)
+        assert out.count("| baseline ") == 3 and out.count("(projected from") == 1
+    assert out.count("bytes per image") == 2
+
+
 def test_peer_bench_dry_run_prints_every_row_and_names_the_peers_it_skips():
     """bench/peer_bench.py at tiny sizes: every row for ours and plain WebDataset (both
     always installed), and for each optional peer (the [bench] extra) either its rows or

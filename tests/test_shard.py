@@ -492,3 +492,115 @@ def test_val_fraction_cuts_a_seeded_stratified_val_split_from_train(imagenet_tre
     capsys.readouterr()
     assert run(imagenet_tree["root"], "--out", tmp_path / "d", "--val-fraction", "0.25") == 2  # a val folder exists
     assert "needs a train split and no val split" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- planning at fall11's size
+
+PREFIX_CLASSES = ["a", "a-b", "a.b", "a0", "b", "n01440764"]  # "a-b/" sorts before "a/": paths, not names
+
+
+def synthetic_listing(seed: int, per_class: int = 30):
+    """A listing of PREFIX_CLASSES' folders, made as a walk makes it (nested names, random
+    sizes and counts, names unsorted within a folder); with its files as (rel, class, size)
+    tuples, one per file, in walk order: what the listing held before 2026-12-07."""
+    from pipeline.imagenet import Listing
+
+    rng = np.random.default_rng(seed)
+    listing, files = Listing("/data"), []
+    for cls in PREFIX_CLASSES:
+        names = [f"{'sub/' if rng.random() < 0.2 else ''}{rng.integers(1e6):06d}_{i}.JPEG" for i in range(per_class)]
+        chunk = [(name, cls, int(rng.integers(1, 5000))) for name in names[: int(rng.integers(0, per_class))]]
+        listing.add_chunk(os.path.join("train", cls), chunk)
+        files += [(os.path.join("train", cls, name), c, size) for name, c, size in chunk]
+    return listing.close(), files
+
+
+def reference_plan(files, classes, options, split):
+    """The plan as made with one object per file: sort by path, keep --limit-per-class,
+    shuffle with the split's seed, cut greedily by count and bytes."""
+    import random
+    from collections import Counter
+
+    index = {c: i for i, c in enumerate(classes)}
+    entries, seen = [], Counter()
+    for f in sorted((f for f in files if f[1] in index), key=lambda f: f[0]):
+        seen[f[1]] += 1
+        if not options.limit_per_class or seen[f[1]] <= options.limit_per_class:
+            entries.append(f)
+    random.Random(f"{options.seed}:{split}").shuffle(entries)
+    shards, current, nbytes = [], [], 0
+    for i, (rel, cls, size) in enumerate(entries):
+        if current and (len(current) >= options.shard_size or nbytes + size > options.shard_bytes):
+            shards.append(current)
+            current, nbytes = [], 0
+        current.append((f"{split}_{i:08d}", "/data/" + rel, rel, index[cls], cls))
+        nbytes += size
+    return shards + ([current] if current else [])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        shard.Options(shard_size=7),
+        shard.Options(seed=3, shard_size=50, shard_bytes=9000),
+        shard.Options(seed=1, shard_size=4, limit_per_class=5),
+    ],
+    ids=["count", "bytes", "limit"],
+)
+def test_the_columnar_plan_is_the_plan_made_with_one_object_per_file(options):
+    """The listing's columns, the array shuffle and the per-shard cut place every sample
+    where sorting, shuffling and cutting one object per file placed it (bit-identical
+    shards for a build started before 2026-12-07); the --val-fraction cut and the inputs
+    digest too; a class missing from the class list is rejected, not placed."""
+    import random
+
+    listing, files = synthetic_listing(seed=options.seed + options.shard_size)
+    classes = PREFIX_CLASSES[1:]  # "a" is rejected, as a val class that train lacks
+    plan, rejected = shard.plan_split("train", listing, classes, options, "/out")
+    got = [[(s.key, s.path, s.rel, s.label, s.cls) for s in plan.job(k).samples] for k in range(len(plan))]
+    assert got == reference_plan(files, classes, options, "train")
+    assert [r["path"] for r in rejected] == [f[0] for f in files if f[1] == "a"]
+
+    train, val = shard.cut_validation(listing, 0.25, seed=options.seed)
+    picked = set()
+    for cls in PREFIX_CLASSES:
+        items = sorted((f for f in files if f[1] == cls), key=lambda f: f[0])
+        k = min(len(items) - 1, max(1 if len(items) >= 2 else 0, round(0.25 * len(items))))
+        picked.update(f[0] for f in random.Random(f"{options.seed}:{cls}").sample(items, k))
+    assert train.rels(train.order) == sorted(f[0] for f in files if f[0] not in picked)
+    assert val.rels(val.order) == sorted(picked)
+    expected = hashlib.sha256()
+    for rel, cls, size in sorted(files):
+        expected.update(f"{rel}\0{cls}\0{size}\n".encode())
+    assert shard.inputs_digest(listing, batch=7) == expected.hexdigest()
+
+
+def test_listing_and_planning_memory_grow_by_bytes_per_image_not_by_objects():
+    """fall11 (14.2M images, 21,841 classes) in bounded memory: the listing, the val cut,
+    the class index, the plan, the digest and one task's jobs for 4x the classes (fixed
+    images per class) add under 160 bytes of traced memory per extra image. One object
+    per image (the listing before 2026-12-07) cost ~650 (bench/build_bench.py)."""
+    import tracemalloc
+
+    from pipeline.imagenet import Listing
+
+    def peak(classes: int, per_class: int = 100) -> int:
+        tracemalloc.start()
+        try:
+            listing = Listing("/data")
+            for c in range(classes):
+                wnid = f"n{c:08d}"
+                listing.add_chunk(f"train/{wnid}", [(f"{wnid}_{i}.JPEG", wnid, 1000 + i) for i in range(per_class)])
+            train, val = shard.cut_validation(listing.close(), 0.02, 0)
+            names = sorted(train.used_classes())
+            plan, _ = shard.plan_split("train", train, names, shard.Options(shard_size=1000), "/out")
+            shard.inputs_digest(train)
+            assert sum(len(plan.job(k).samples) for k in range(0, len(plan), 16)) > 0  # a task's, one at a time
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(400), peak(1600)
+    per_image = (large - small) / (1200 * 100)
+    print(f"{per_image:.0f} bytes per image")
+    assert per_image < 160, f"{per_image:.0f} bytes per image"
