@@ -72,12 +72,15 @@ class Listing:
         folder = "" if folder == os.curdir else folder
         self.folders.append(folder)
         self._starts.append(first)
-        for name, cls, size in files:
-            self._names += os.fsencode(name) + b"\0"
-            self._ends.append(len(self._names) - 1)
-            self._sizes.append(size)
-            self._labels.append(self._label(cls))
-        rows = sorted(range(len(files)), key=lambda i: files[i][0])
+        names = [name for name, _, _ in files]
+        end = len(self._names) - 1
+        for name in names:
+            end += len(os.fsencode(name)) + 1
+            self._ends.append(end)
+        self._names += b"\0".join(map(os.fsencode, names)) + b"\0"
+        self._sizes.extend(size for _, _, size in files)
+        self._labels.extend(self._label(cls) for _, cls, _ in files)
+        rows = sorted(range(len(names)), key=names.__getitem__)
         self._pieces.append((folder and folder + os.sep, array.array("q", (first + i for i in rows))))
 
     def _label(self, cls: str) -> int:
@@ -88,18 +91,18 @@ class Listing:
         return index
 
     def close(self) -> Listing:
-        """Freeze the columns (numpy views, no copy) and put ``order`` together."""
-        import numpy as np
-
-        self.ends = np.frombuffer(self._ends, np.int64) if self._ends else np.zeros(0, np.int64)
-        self.sizes = np.frombuffer(self._sizes, np.int64) if self._sizes else np.zeros(0, np.int64)
-        self.labels = np.frombuffer(self._labels, np.int32) if self._labels else np.zeros(0, np.int32)
-        self.starts = np.frombuffer(self._starts, np.int64) if self._starts else np.zeros(0, np.int64)
+        """Freeze the columns, each in the narrowest type that holds it (fall11's names
+        end below 4 GiB, its sizes too, its 21,841 labels fit 16 bits: 10 bytes per image
+        less than int64), and put ``order`` together."""
+        self.ends, self._ends = _narrow(self._ends), None
+        self.sizes, self._sizes = _narrow(self._sizes), None
+        self.labels, self._labels = _narrow(self._labels), None
+        self.starts, self._starts = _narrow(self._starts, signed=True), None
         order = array.array("q")
         for _, rows in sorted(self._pieces, key=lambda p: p[0]):
             order.extend(rows)
-        self.order = np.frombuffer(order, np.int64) if order else np.zeros(0, np.int64)
         self._pieces = []
+        self.order = _narrow(order, signed=True)
         return self
 
     def __len__(self) -> int:
@@ -128,6 +131,21 @@ class Listing:
         import numpy as np
 
         return {self.classes[i] for i in np.unique(self.labels[self.order])}
+
+
+def _narrow(column: array.array, signed: bool = False):
+    """``column`` as a numpy array: uint16 or uint32 where its values fit, else int64
+    (a view, no copy). ``signed`` keeps int64: row numbers that are indexed and negated."""
+    import numpy as np
+
+    wide = np.frombuffer(column, np.int64 if column.itemsize == 8 else np.int32) if column else np.zeros(0, np.int64)
+    if signed or not len(wide):
+        return wide.astype(np.int64, copy=False)
+    top = int(wide.max())
+    for kind in (np.uint16, np.uint32):
+        if top <= np.iinfo(kind).max and int(wide.min()) >= 0:
+            return wide.astype(kind)
+    return wide.astype(np.int64, copy=False)
 
 
 def _timm_info_file(name: str) -> str | None:
@@ -173,9 +191,10 @@ def list_class_folders(split_dir: str, data_root: str) -> Listing:
     def close():
         listing.add_chunk(top if base == os.curdir else os.path.join(base, top), files)
 
+    skip = 0 if base == os.curdir else len(base) + 1  # rel less this is the path under split_dir
     for path in _walk_files(split_dir):
         rel = os.path.relpath(path, data_root)
-        parts = os.path.relpath(path, split_dir).split(os.sep)
+        parts = rel[skip:].split(os.sep)
         if len(parts) < 2:
             listing.ignored.append((rel, "file outside any class folder"))
             continue

@@ -354,7 +354,7 @@ class Plan:
     listing: Listing
     rows: object  # int64 array: listing rows, shuffled
     bounds: object  # int64 array: len(self) + 1 positions
-    label_of: object  # int64 array: listing label -> index in classes (-1: not a class)
+    label_of: object  # int32 array: listing label -> index in classes (-1: not a class)
     classes: list[str]
     options: Options
     out_dir: str
@@ -394,7 +394,7 @@ def plan_split(split: str, listing: Listing, classes: list[str], options: Option
     import numpy as np
 
     index = {c: i for i, c in enumerate(classes)}
-    label_of = np.array([index.get(c, -1) for c in listing.classes] or [0], np.int64)
+    label_of = np.array([index.get(c, -1) for c in listing.classes] or [0], np.int32)
     known = label_of[listing.labels[listing.order]] >= 0
     unknown = np.sort(listing.order[~known])  # in listing (walk) order, as the files were found
     rejected = [
@@ -424,7 +424,7 @@ def plan_split(split: str, listing: Listing, classes: list[str], options: Option
     return plan, rejected
 
 
-def inputs_digest(listing: Listing, batch: int = 1 << 16) -> str:
+def inputs_digest(listing: Listing, batch: int = 8192) -> str:
     h = hashlib.sha256()
     for start in range(0, len(listing), batch):
         rows = listing.order[start : start + batch]
