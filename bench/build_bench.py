@@ -5,8 +5,8 @@ of a baseline commit (``--baseline``, extracted with ``git archive`` in the same
     .venv/bin/python bench/build_bench.py            # fall11's shape: 21,841 classes, 14.2M images
     .venv/bin/python bench/build_bench.py --dry-run  # tiny sizes, every row (the test suite runs this)
 
-Rows, each from a fresh process (seconds, and the peak RSS the work adds over the
-process after its imports):
+Rows, each from fresh processes, the two codes interleaved, the best of --repeats
+(seconds, and the peak RSS the work adds over the process after its imports):
 - simulated listing: fall11's 21,841 class folders of --per-class images each, made in
   memory as the listing makes them from a walk (no files), then what a Slurm array task
   does before it builds: ``--val-fraction`` cut, class index, shard plan, inputs digest
@@ -96,6 +96,18 @@ def probe(code: str, mode: str, where: str, classes: int, per_class: int, tasks:
     return {**got, "mb": got["rss_kb"] / 1024}
 
 
+def best_of(repeats: int, code: str, old: str | None, mode: str, where: str, per_class: int, args):
+    """(now, before): the fastest of ``repeats`` runs of each code, interleaved, and the
+    smallest peak (before is None without the baseline's code)."""
+    runs: dict[str, list[dict]] = {"now": [], "before": []}
+    for _ in range(repeats):
+        runs["now"].append(probe(code, mode, where, args.classes, per_class, args.tasks))
+        if old is not None:
+            runs["before"].append(probe(old, mode, where, args.classes, per_class, args.tasks))
+    best = {k: {m: min(r[m] for r in got) for m in got[0]} if got else None for k, got in runs.items()}
+    return best["now"], best["before"]
+
+
 def baseline_code(rev: str, folder: str) -> str | None:
     """The pipeline package of ``rev``, extracted under ``folder``; None without git or that commit."""
     archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "pipeline"], capture_output=True)
@@ -122,18 +134,17 @@ def make_tree(root: str, classes: int, per_class: int) -> str:
     return train
 
 
-def row(name: str, before: dict | None, now: dict, projected: str = "") -> None:
+def row(name: str, now: dict, before: dict | None, baseline: str, projected: str = "") -> None:
     text = f"  {name}: now {now['seconds']:.2f} s, +{now['mb']:,.0f} MB"
     if before is not None:
         text += (
-            f" | {BASELINE_NAME} {before['seconds']:.2f} s, +{before['mb']:,.0f} MB{projected}"
+            f" | baseline {baseline} {before['seconds']:.2f} s, +{before['mb']:,.0f} MB{projected}"
             f" | {before['seconds'] / now['seconds']:.2f}x time, {before['mb'] / max(now['mb'], 1):.1f}x memory"
         )
     print(text)
 
 
 def main(argv=None) -> int:
-    global BASELINE_NAME
     p = argparse.ArgumentParser(
         prog="python bench/build_bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -146,12 +157,12 @@ def main(argv=None) -> int:
         "--before-scale", type=float, default=0.1, help="share of --per-class both codes run at (then projected)"
     )
     p.add_argument("--tree-per-class", type=int, default=4, help="files per class folder in the real tree")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each probe, interleaved; the best is printed")
     p.add_argument("--baseline", default=BASELINE, help="the commit whose code is 'before'")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, every row")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.classes, args.per_class, args.tasks, args.tree_per_class = 40, 30, 4, 3
-    BASELINE_NAME = f"baseline {args.baseline}"
+        args.classes, args.per_class, args.tasks, args.tree_per_class, args.repeats = 40, 30, 4, 3, 1
     small = max(1, round(args.per_class * args.before_scale))
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; baseline: {args.baseline}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,22 +176,21 @@ def main(argv=None) -> int:
                 f"simulated listing, {args.classes:,} classes x {per_class:,} = {n:,} images: "
                 "list, cut, plan, digest, task 0's jobs"
             )
-            now = probe(ROOT, "plan", where, args.classes, per_class, args.tasks)
-            before, projected = None, ""
-            if old is not None and per_class == small:
-                before = measured = probe(old, "plan", where, args.classes, per_class, args.tasks)
+            both = old is not None and per_class == small
+            now, before = best_of(args.repeats, ROOT, old if both else None, "plan", where, per_class, args)
+            projected = ""
+            if both:
+                measured = before
             elif old is not None:
-                scale = per_class / small
-                before = {k: measured[k] * scale for k in ("seconds", "mb")}
+                before = {k: measured[k] * per_class / small for k in ("seconds", "mb")}
                 projected = f" (projected from {args.classes * small:,})"
-            row("all of it", before, now, projected)
+            row("all of it", now, before, args.baseline, projected)
             print(f"    now: listing {now['list_s']:.2f} s; {now['mb'] * 2**20 / n:.0f} bytes per image")
         tree = make_tree(os.path.join(tmp, "tree"), args.classes, args.tree_per_class)
         n = args.classes * args.tree_per_class
         print(f"real tree, {args.classes:,} class folders x {args.tree_per_class} files = {n:,} files: the listing")
-        now = probe(ROOT, "tree", tree, args.classes, args.tree_per_class, args.tasks)
-        before = probe(old, "tree", tree, args.classes, args.tree_per_class, args.tasks) if old else None
-        row("listing", before, now)
+        now, before = best_of(args.repeats, ROOT, old, "tree", tree, args.tree_per_class, args)
+        row("listing", now, before, args.baseline)
     return 0
 
 
