@@ -603,3 +603,28 @@ def test_listing_and_planning_memory_grow_by_bytes_per_image_not_by_objects():
     small, large = peak(400), peak(1600)
     per_image = (large - small) / (1200 * 100)
     assert per_image < 100, f"{per_image:.0f} bytes per image"
+
+
+@pytest.mark.slow
+def test_a_fall11_shaped_tree_of_21841_class_folders_shards_as_a_two_task_array(tmp_path):
+    """fall11's layout end to end: 21,841 class folders (two small JPEGs each, no val
+    folder), --val-fraction cuts one image of every class, and a two-task array (as
+    SLURM_ARRAY_TASK_ID/COUNT set it) writes every shard once; the last task writes the
+    manifests, which list every class in WNID order, each class once in train and once
+    in val."""
+    src = tmp_path / "fall11"
+    data = [jpeg_bytes(img) for img in photo_crops(2, (16, 16))]
+    wnids = [f"n{i:08d}" for i in range(21_841)]
+    for wnid in wnids:
+        os.makedirs(src / wnid)
+        for i in range(2):
+            (src / wnid / f"{wnid}_{i}.JPEG").write_bytes(data[i])
+    out = tmp_path / "shards"
+    args = (src, "--out", out, "--val-fraction", "0.02", "--shard-size", 2000, "--workers", 2)
+    for task in (0, 1):
+        assert run(*args, "--num-tasks", 2, "--task-index", task) == 0
+    train, val = load_manifest(out, "train"), load_manifest(out, "val")
+    assert [c["id"] for c in train["classes"]] == wnids == [c["id"] for c in val["classes"]]
+    assert {c["count"] for c in train["classes"]} == {1} == {c["count"] for c in val["classes"]}
+    assert train["num_shards"] == val["num_shards"] == 11
+    assert run("--verify", out) == 0
