@@ -117,8 +117,8 @@ def baseline_code(rev: str, folder: str) -> str | None:
     path = os.path.join(folder, "archive.tar")
     with open(path, "wb") as f:
         f.write(archive.stdout)
-    with tarfile.open(path) as tar:
-        tar.extractall(folder, filter="data")
+    with tarfile.open(path) as tar:  # this repository's own files ("data": where Python has the filter)
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return folder
 
 
