@@ -23,6 +23,7 @@ import array
 import copy
 import csv
 import importlib.util
+import itertools
 import os
 import re
 
@@ -74,11 +75,10 @@ class Listing:
         self.folders.append(folder)
         self._starts.append(first)
         names = [name for name, _, _ in files]
-        end = len(self._names) - 1
-        for name in names:
-            end += len(os.fsencode(name)) + 1
-            self._ends.append(end)
-        self._names += b"\0".join(map(os.fsencode, names)) + b"\0"
+        encoded = [os.fsencode(name) + b"\0" for name in names]
+        before = len(self._names) - 1  # each name's NUL: here plus the lengths up to and with it
+        self._ends.extend(before + n for n in itertools.accumulate(map(len, encoded)))
+        self._names += b"".join(encoded)
         self._sizes.extend(size for _, _, size in files)
         self._labels.extend(self._label(cls) for _, cls, _ in files)
         rows = sorted(range(len(names)), key=names.__getitem__)
@@ -140,12 +140,11 @@ def _narrow(column: array.array, signed: bool = False):
     import numpy as np
 
     wide = np.frombuffer(column, np.int64 if column.itemsize == 8 else np.int32) if column else np.zeros(0, np.int64)
-    if signed or not len(wide):
-        return wide.astype(np.int64, copy=False)
-    top = int(wide.max())
-    for kind in (np.uint16, np.uint32):
-        if top <= np.iinfo(kind).max and int(wide.min()) >= 0:
-            return wide.astype(kind)
+    if not signed and len(wide) and wide.min() >= 0:
+        top = int(wide.max())
+        for kind in (np.uint16, np.uint32):
+            if top <= np.iinfo(kind).max:
+                return wide.astype(kind)
     return wide.astype(np.int64, copy=False)
 
 
@@ -189,7 +188,7 @@ def list_class_folders(split_dir: str, data_root: str) -> Listing:
     top, files = None, []
     base = os.path.relpath(split_dir, data_root)
 
-    def close():
+    def flush():  # one class folder's files into the listing
         listing.add_chunk(top if base == os.curdir else os.path.join(base, top), files)
 
     skip = 0 if base == os.curdir else len(base) + 1  # rel less this is the path under split_dir
@@ -201,7 +200,7 @@ def list_class_folders(split_dir: str, data_root: str) -> Listing:
             continue
         if parts[0] != top:
             if files:
-                close()
+                flush()
             top, files = parts[0], []
         if os.path.basename(path).startswith("."):
             listing.ignored.append((rel, "hidden file"))
@@ -210,7 +209,7 @@ def list_class_folders(split_dir: str, data_root: str) -> Listing:
         else:
             files.append((os.sep.join(parts[1:]), top, os.path.getsize(path)))
     if files:
-        close()
+        flush()
     return listing.close()
 
 

@@ -373,8 +373,11 @@ class Plan:
         """Where shard ``k`` ends up: its local path or its URL."""
         return store.join(self.out_dir, shard_name(self.split, k))
 
+    def local(self, k: int) -> str:
+        """Where shard ``k`` is written: its target, or its place in ``stage`` before upload."""
+        return os.path.join(self.stage or self.out_dir, shard_name(self.split, k))
+
     def job(self, k: int) -> ShardJob:
-        name = shard_name(self.split, k)
         start, stop = int(self.bounds[k]), int(self.bounds[k + 1])
         rows = self.rows[start:stop]
         labels = self.label_of[self.listing.labels[rows]].tolist()
@@ -382,8 +385,7 @@ class Plan:
             Sample(f"{self.split}_{i:08d}", os.path.join(self.listing.root, rel), rel, label, self.classes[label])
             for i, rel, label in zip(range(start, stop), self.listing.rels(rows), labels)
         )
-        remote = store.join(self.out_dir, name) if self.stage else ""
-        return ShardJob(k, os.path.join(self.stage or self.out_dir, name), samples, self.options, remote)
+        return ShardJob(k, self.local(k), samples, self.options, self.target(k) if self.stage else "")
 
 
 def plan_split(split: str, listing: Listing, classes: list[str], options: Options, out_dir: str, stage: str = ""):
@@ -397,7 +399,7 @@ def plan_split(split: str, listing: Listing, classes: list[str], options: Option
     import numpy as np
 
     index = {c: i for i, c in enumerate(classes)}
-    label_of = np.array([index.get(c, -1) for c in listing.classes] or [0], np.int32)
+    label_of = np.array([index.get(c, -1) for c in listing.classes], np.int32)
     known = label_of[listing.labels[listing.order]] >= 0
     unknown = np.sort(listing.order[~known])  # in listing (walk) order, as the files were found
     rejected = [
@@ -656,8 +658,7 @@ def run_jobs(plan: Plan, mine: list[int], tally: Tally, workers: int, desc: str,
 
     todo = []
     for k in mine:
-        local = os.path.join(plan.stage or plan.out_dir, shard_name(plan.split, k))
-        for stale in glob.glob(glob.escape(local) + ".tmp-*"):
+        for stale in glob.glob(glob.escape(plan.local(k)) + ".tmp-*"):
             os.remove(stale)  # left by a killed run: this task owns this shard
         record = load_complete_record(plan.target(k))
         if record is not None:
