@@ -21,6 +21,7 @@ Rows, each from fresh processes, the two codes interleaved, the best of --repeat
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -48,6 +49,7 @@ reset_peak()
 mode, where, classes, per_class, tasks = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 columns = hasattr(imagenet, "Listing")  # this checkout; the baseline held one Entry per image
 wnids = [f"n{i:08d}" for i in range(classes)]
+size = lambda i: 80_000 + i * 7919 % 60_000  # noqa: E731  (sizes spread around ImageNet's mean)
 t = time.perf_counter()
 if mode == "tree":
     listing = imagenet.list_split(where, os.path.dirname(where))
@@ -55,14 +57,14 @@ elif columns:
     listing = imagenet.Listing(os.path.dirname(where))
     for w in wnids:
         folder = os.path.join("train", w)
-        listing.add_chunk(folder, [(f"{w}_{i}.JPEG", w, 80_000 + i * 7919 % 60_000) for i in range(per_class)])
+        listing.add_chunk(folder, [(f"{w}_{i}.JPEG", w, size(i)) for i in range(per_class)])
     listing.close()
 else:  # what the baseline's list_class_folders made per file
     entries = []
     for w in wnids:
         for i in range(per_class):
-            rel, size = os.path.join("train", w, f"{w}_{i}.JPEG"), 80_000 + i * 7919 % 60_000
-            entries.append(imagenet.Entry(os.path.join(where, rel), rel, rel.split(os.sep)[1], size))
+            rel = os.path.join("train", w, f"{w}_{i}.JPEG")
+            entries.append(imagenet.Entry(os.path.join(where, rel), rel, rel.split(os.sep)[1], size(i)))
     listing = imagenet.SplitListing(entries, [])
 listed = time.perf_counter() - t
 if mode == "plan":
@@ -73,12 +75,13 @@ if mode == "plan":
         train, val = shard.cut_validation(items, 0.02, 0)
         classes = shard.class_list([("train", tmp)], {"train": train, "val": val})
         plan, _ = shard.plan_split("train", train, classes, options, tmp)
-        digest = shard.inputs_digest(train)
+        shard.inputs_digest(train)
+        # the task's jobs as its run makes them: now one at a time as workers free up
+        # (shard.run_jobs), the baseline's all made by its plan
         if columns:
-            jobs = [plan.job(k) for k in range(0, len(plan), tasks)]
+            sum(len(plan.job(k).samples) for k in range(0, len(plan), tasks))
         else:
-            jobs = [j for j in plan if j.index % tasks == 0]
-        samples = sum(len(j.samples) for j in jobs)
+            sum(len(j.samples) for j in plan if j.index % tasks == 0)
 took = time.perf_counter() - t
 print(json.dumps({"list_s": listed, "seconds": took, "rss_kb": peak_kb()}))
 """
@@ -113,11 +116,8 @@ def baseline_code(rev: str, folder: str) -> str | None:
     archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "pipeline"], capture_output=True)
     if archive.returncode:
         return None
-    os.makedirs(folder)
-    path = os.path.join(folder, "archive.tar")
-    with open(path, "wb") as f:
-        f.write(archive.stdout)
-    with tarfile.open(path) as tar:  # this repository's own files ("data": where Python has the filter)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:  # this repository's own files
+        # ("data": where Python has the filter; 3.11.2 has not)
         tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return folder
 
